@@ -1,0 +1,131 @@
+"""Console entry points: parse arguments, call one function, print the outcome.
+
+Bad input raises ``InputError``; every entry point prints it (file, problem, fix) and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import paths
+from .errors import InputError, input_error
+
+
+def _entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            code = main(argv) or 0
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            code = 130
+        if argv is None:
+            sys.exit(code)
+        return code
+    return wrapper
+
+
+@_entry_point
+def make_synthetic_main(argv: list[str] | None = None) -> int:
+    from .datasets.synthetic import SyntheticConfig, make_synthetic
+
+    defaults = SyntheticConfig()
+    parser = argparse.ArgumentParser(prog="versemi_make_synthetic",
+                                     description="Write the two seeded demo datasets (DemoLA: MRI-like, "
+                                                 "DemoPancreas: CT-like) in the raw layout.")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="raw root (default: $VERSEMI_RAW or "
+                                                                         "$VERSEMI_ROOT/raw)")
+    parser.add_argument("--num-labeled", type=int, default=defaults.num_labeled)
+    parser.add_argument("--num-unlabeled", type=int, default=defaults.num_unlabeled)
+    parser.add_argument("--num-test", type=int, default=defaults.num_test)
+    parser.add_argument("--shape-la", type=int, nargs=3, default=list(defaults.shape_la), metavar=("X", "Y", "Z"))
+    parser.add_argument("--shape-pancreas", type=int, nargs=3, default=list(defaults.shape_pancreas),
+                        metavar=("X", "Y", "Z"))
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("-np", "--num-processes", type=int, default=2)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing demo dataset folders")
+    args = parser.parse_args(argv)
+    config = SyntheticConfig(num_labeled=args.num_labeled, num_unlabeled=args.num_unlabeled, num_test=args.num_test,
+                             shape_la=tuple(args.shape_la), shape_pancreas=tuple(args.shape_pancreas), seed=args.seed)
+    written = make_synthetic(args.output or paths.raw_root(), config, overwrite=args.overwrite,
+                             num_processes=args.num_processes)
+    for folder in written:
+        print(f"wrote {folder}")
+    return 0
+
+
+@_entry_point
+def convert_main(argv: list[str] | None = None) -> int:
+    from .datasets.converters import CONVERTERS, convert
+
+    parser = argparse.ArgumentParser(prog="versemi_convert",
+                                     description="Convert a public dataset's own layout into the raw layout.")
+    parser.add_argument("kind", choices=sorted(CONVERTERS), help="source layout")
+    parser.add_argument("source", type=Path, help="folder in the source layout")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="dataset folder to write, e.g. RAW/LA")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="voxel spacing in mm where the source stores none (la-h5: default 0.625 isotropic)")
+    parser.add_argument("--labels", type=Path, help="pancreas-nih: folder of label00NN.nii.gz files")
+    args = parser.parse_args(argv)
+    options = {k: v for k, v in (("spacing", tuple(args.spacing) if args.spacing else None),
+                                 ("labels", args.labels)) if v is not None}
+    written = convert(args.kind, args.source, args.output, overwrite=args.overwrite, **options)
+    print(f"wrote {written}")
+    return 0
+
+
+def _parse_limits(values: list[str]) -> dict[str, int]:
+    limits = {}
+    for value in values:
+        name, _, number = value.partition("=")
+        if not number.isdigit():
+            raise input_error(f"--labeled {value}", "expected NAME=N", "write e.g. --labeled LA=8")
+        limits[name] = int(number)
+    return limits
+
+
+@_entry_point
+def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
+    from .plans.experiment import ExperimentRequest, plan_and_preprocess, verify
+    from .plans.planner import PlanSettings
+
+    parser = argparse.ArgumentParser(prog="versemi_plan_and_preprocess",
+                                     description="Check the datasets, fingerprint them, write ONE joint plan and "
+                                                 "fill the preprocessing cache.")
+    parser.add_argument("-d", "--datasets", nargs="+", required=True, help="dataset names, e.g. LA Pancreas")
+    parser.add_argument("-e", "--experiment", help="experiment name (default: from the dataset names)")
+    parser.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--verify-only", action="store_true", help="only run the integrity check; write nothing")
+    parser.add_argument("--labeled", nargs="+", default=[], metavar="NAME=N",
+                        help="use only the first N labeled cases of a dataset (case order of its dataset.json); "
+                             "the rest are used as unlabeled, e.g. --labeled LA=8")
+    parser.add_argument("--memory-gb", type=float, default=8.0, help="GPU memory budget for patch and batch size")
+    parser.add_argument("--architecture", choices=("unet", "vnet"), default="unet")
+    parser.add_argument("--no-preprocess", action="store_true", help="write fingerprints and plans only")
+    parser.add_argument("--overwrite-plans", action="store_true", help="replace an existing, different plans.json")
+    parser.add_argument("--raw", type=Path, help="raw root (default: $VERSEMI_RAW or $VERSEMI_ROOT/raw)")
+    parser.add_argument("--plans-root", type=Path, help="(default: $VERSEMI_PLANS or $VERSEMI_ROOT/versemi_plans)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    request = ExperimentRequest(
+        dataset_names=args.datasets, raw_root=args.raw or paths.raw_root(), plans_root=args.plans_root or paths.plans_root(),
+        experiment=args.experiment, labeled_limits=_parse_limits(args.labeled), num_processes=args.num_processes,
+        settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture),
+        overwrite_plans=args.overwrite_plans, show_progress=not args.quiet)
+    if args.verify_only:
+        verify(request)
+        print(f"verified {', '.join(args.datasets)}: no problems found")
+        return 0
+    summary = plan_and_preprocess(request, preprocess=not args.no_preprocess)
+    print(f"experiment {summary['experiment']}: plans {summary['plans']}")
+    if "folder" in summary:
+        print(f"cache {summary['folder']}: {summary['preprocessed']} case(s) preprocessed, "
+              f"{summary['already_cached']} already up to date")
+    return 0

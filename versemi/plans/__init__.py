@@ -1,0 +1,1 @@
+"""Dataset fingerprints and the joint experiment plan (the card's versemi_plans)."""

@@ -1,0 +1,116 @@
+"""``versemi_plan_and_preprocess``: verify, fingerprint, plan and preprocess one experiment."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..atomic import read_json, write_json
+from ..datasets.integrity import resolve_datasets
+from ..datasets.layout import RawDataset
+from ..errors import InputError, Problem, input_error
+from ..preprocessing.cache import preprocess_experiment
+from .fingerprint import compute_fingerprint, fingerprint_folder, load_or_compute_fingerprint, save_fingerprint
+from .planner import CONFIGURATION, PlanSettings, plan_experiment
+
+PLANS_FILE = "plans.json"
+
+
+@dataclass
+class ExperimentRequest:
+    dataset_names: list[str]
+    raw_root: Path
+    plans_root: Path
+    experiment: str | None = None
+    labeled_limits: dict[str, int] = field(default_factory=dict)
+    num_processes: int = 2
+    settings: PlanSettings = field(default_factory=PlanSettings)
+    overwrite_plans: bool = False
+    show_progress: bool = True
+
+    @property
+    def experiment_name(self) -> str:
+        if self.experiment:
+            return self.experiment
+        parts = [n if n not in self.labeled_limits else f"{n}-{self.labeled_limits[n]}labeled"
+                 for n in self.dataset_names]
+        return "_".join(parts)
+
+
+def plans_path(plans_root: Path, experiment: str) -> Path:
+    return plans_root / experiment / PLANS_FILE
+
+
+def verify(request: ExperimentRequest) -> list[RawDataset]:
+    """Check every dataset fully (reading every file); raise one InputError listing all problems."""
+    datasets, problems = _load(request)
+    for dataset in datasets:
+        try:
+            compute_fingerprint(dataset, request.num_processes, request.show_progress)
+        except InputError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise InputError(problems)
+    return datasets
+
+
+def _load(request: ExperimentRequest) -> tuple[list[RawDataset], list[Problem]]:
+    datasets, problems = resolve_datasets(request.raw_root, request.dataset_names)
+    by_request_name = dict(zip(request.dataset_names, datasets)) if len(datasets) == len(request.dataset_names) else {}
+    for name, limit in request.labeled_limits.items():
+        if name not in request.dataset_names:
+            problems.append(Problem(f"--labeled {name}={limit}", f"dataset {name!r} is not among -d {request.dataset_names}",
+                                    "name one of the planned datasets"))
+        elif name in by_request_name and not 1 <= limit <= len(by_request_name[name].labeled_cases()):
+            available = len(by_request_name[name].labeled_cases())
+            problems.append(Problem(f"--labeled {name}={limit}", f"{name} has {available} labeled cases",
+                                    f"give a number from 1 to {available}"))
+    return datasets, problems
+
+
+def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> dict:
+    """Fingerprint (reused when raw data is unchanged), plan, write plans.json, fill the cache."""
+    datasets, problems = _load(request)
+    if problems:
+        raise InputError(problems)
+    results, problems = {}, []
+    for dataset in datasets:
+        try:
+            # fingerprints are written only once every dataset has passed its checks
+            results[dataset.name] = load_or_compute_fingerprint(dataset, request.plans_root, request.num_processes,
+                                                                request.show_progress, write=False)
+        except InputError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise InputError(problems)
+    for dataset in datasets:
+        save_fingerprint(fingerprint_folder(request.plans_root, dataset.name), *results[dataset.name])
+    limits = {d.name: request.labeled_limits.get(requested) for requested, d in zip(request.dataset_names, datasets)}
+    plans = plan_experiment(request.experiment_name,
+                            {d.name: results[d.name][0] for d in datasets},
+                            {d.name: d.is_ct for d in datasets}, limits,
+                            {d.name: d.meta.get("case_order") or [] for d in datasets},
+                            {d.name: results[d.name][1] for d in datasets}, request.settings)
+    _write_plans(plans, plans_path(request.plans_root, plans["experiment"]), request.overwrite_plans)
+    summary = {"experiment": plans["experiment"], "plans": str(plans_path(request.plans_root, plans["experiment"]))}
+    if preprocess:
+        summary.update(preprocess_experiment(plans, {d.name: d for d in datasets}, request.plans_root, CONFIGURATION,
+                                             request.num_processes, request.show_progress))
+    return summary
+
+
+def _write_plans(plans: dict, path: Path, overwrite: bool) -> None:
+    """Write plans.json; an existing, different plan (perhaps edited by hand) is kept unless asked."""
+    normalized = json.loads(json.dumps(plans))
+    if path.is_file():
+        try:
+            existing = read_json(path)
+        except ValueError:
+            existing = None
+        if existing == normalized:
+            return
+        if not overwrite:
+            raise input_error(path, "an experiment of this name was already planned differently (edited by hand, "
+                                    "or the raw data or settings changed)",
+                              "pass --overwrite-plans to replace it, or choose another name with -e")
+    write_json(normalized, path)

@@ -1,0 +1,170 @@
+"""The joint experiment plan: per-dataset spacing and normalization, one shared network.
+
+Datasets planned together share the backbone and are CutMix-ed together during training, so
+they share one patch size (in voxels), batch size, network topology and prompt table; each keeps
+its own target spacing and intensity normalization. The plan is written as readable JSON to
+``<plans root>/<experiment>/plans.json``; README.md documents every field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__
+from .fingerprint import intensity_statistics
+from .topology import plan_batch_size, plan_patch_and_topology
+
+PLANS_VERSION = 1
+NUM_FOLDS = 5
+SPLIT_SEED = 12345
+ANISOTROPY_RATIO = 3.0  # nnU-Net: an axis this much coarser than the others is "anisotropic"
+CONFIGURATION = "3d_fullres"
+
+
+@dataclass
+class PlanSettings:
+    memory_gb: float = 8.0
+    architecture: str = "unet"
+
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[float], int | None]:
+    """Median spacing; an anisotropic axis takes its 10th percentile instead (nnU-Net's rule).
+
+    Returns (spacing in (z, y, x), index of the anisotropic axis or None).
+    """
+    target = np.percentile(spacings, 50, axis=0)
+    median_shape = np.percentile(shapes, 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    aniso_spacing = target[worst] > ANISOTROPY_RATIO * max(target[others])
+    aniso_voxels = median_shape[worst] * ANISOTROPY_RATIO < min(median_shape[others])
+    if not (aniso_spacing and aniso_voxels):
+        return [float(s) for s in target], None
+    along = np.percentile(spacings[:, worst], 10)
+    if along < max(target[others]):
+        along = max(max(target[others]), along) + 1e-5
+    target[worst] = along
+    return [float(s) for s in target], worst
+
+
+def normalization_plan(fingerprint: dict, is_ct: bool, labeled_ids: list[str], stored_samples: dict,
+                       uses_all_labels: bool) -> list[dict]:
+    """Per channel: CT clip + dataset z-score, else per-image z-score (masked if cropping shrank a lot)."""
+    channels = fingerprint["channel_names"]
+    plan = []
+    for c, name in enumerate(channels):
+        if is_ct and name.strip().lower() == "ct":
+            if uses_all_labels:
+                stats = fingerprint["foreground_intensity_properties_per_channel"][str(c)]
+                source = "all labeled cases"
+            else:
+                # only the experiment's labeled cases may inform it: the others act as unlabeled
+                pooled = np.concatenate([stored_samples[cid][c] for cid in labeled_ids if cid in stored_samples])
+                stats = intensity_statistics(pooled)
+                source = f"the {len(labeled_ids)} labeled cases of this experiment"
+            plan.append({"channel": name, "scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
+                         "mean": stats["mean"], "std": stats["std"], "statistics_from": source})
+        else:
+            # nnU-Net normalizes inside the nonzero mask when cropping removed a quarter or more
+            masked = fingerprint["median_relative_size_after_cropping"] < 0.75
+            plan.append({"channel": name, "scheme": "zscore", "use_nonzero_mask": bool(masked)})
+    return plan
+
+
+def plan_dataset(fingerprint: dict, is_ct: bool, labeled_limit: int | None, case_order: list[str],
+                 stored_samples: dict) -> dict:
+    """Target spacing, normalization and resampled median shape of one dataset in the experiment."""
+    spacings = np.array(fingerprint["spacings"], dtype=float)
+    shapes = np.array(fingerprint["shapes_after_crop"], dtype=float)
+    spacing, aniso_axis = target_spacing(spacings, shapes)
+    resampled = np.round(shapes * spacings / np.array(spacing))
+    labeled = [c["case_id"] for c in fingerprint["cases"] if c["labeled"]]
+    ordered = [cid for cid in case_order if cid in labeled] + sorted(set(labeled) - set(case_order))
+    kept = ordered if labeled_limit is None else ordered[:labeled_limit]
+    return {
+        "channel_names": fingerprint["channel_names"],
+        "labels": fingerprint["labels"],
+        "modality": "CT" if is_ct else "other",
+        "target_spacing": spacing,
+        "anisotropic_axis": aniso_axis,
+        "median_shape_after_resampling": [int(v) for v in np.median(resampled, axis=0)],
+        "normalization": normalization_plan(fingerprint, is_ct, kept, stored_samples, labeled_limit is None),
+        "labeled_limit": labeled_limit,
+        "labeled_cases": kept,
+        "unlabeled_cases": [c["case_id"] for c in fingerprint["cases"] if c["case_id"] not in kept],
+        "raw_digest": fingerprint["raw_digest"],
+    }
+
+
+def prompt_table(dataset_plans: dict[str, dict]) -> list[dict]:
+    """One prompt per (dataset, foreground label), then the synthetic prompt last."""
+    prompts = []
+    for name, plan in dataset_plans.items():
+        for label_name, value in sorted(plan["labels"].items(), key=lambda kv: kv[1]):
+            if value != 0:
+                prompts.append({"index": len(prompts), "dataset": name, "label": label_name, "label_value": value})
+    prompts.append({"index": len(prompts), "dataset": None, "label": "synthetic", "label_value": None})
+    return prompts
+
+
+def cross_validation_splits(dataset_plans: dict[str, dict], seed: int = SPLIT_SEED) -> list[dict]:
+    """5 folds over labeled cases, stratified by dataset; unlabeled cases are always in training.
+
+    Case keys are ``Dataset/case_id``. Each dataset's labeled cases are shuffled with ``seed`` and
+    dealt round-robin to the folds, so every fold gets a share of every dataset.
+    """
+    folds = [{"train_labeled": [], "val": [], "train_unlabeled": []} for _ in range(NUM_FOLDS)]
+    for name, plan in dataset_plans.items():
+        keys = [f"{name}/{cid}" for cid in plan["labeled_cases"]]
+        order = np.random.default_rng(seed).permutation(len(keys))
+        for position, index in enumerate(order):
+            for fold_index, fold in enumerate(folds):
+                target = "val" if position % NUM_FOLDS == fold_index else "train_labeled"
+                fold[target].append(keys[index])
+        for fold in folds:
+            fold["train_unlabeled"].extend(f"{name}/{cid}" for cid in plan["unlabeled_cases"])
+    for fold in folds:
+        for key in fold:
+            fold[key].sort()
+    return folds
+
+
+def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: dict[str, bool],
+                    labeled_limits: dict[str, int | None], case_orders: dict[str, list[str]],
+                    stored_samples: dict[str, dict], settings: PlanSettings = PlanSettings()) -> dict:
+    """The whole plan for the datasets of one experiment (see README: "plans.json, field by field")."""
+    datasets = {name: plan_dataset(fp, ct_flags[name], labeled_limits.get(name), case_orders[name],
+                                   stored_samples[name]) for name, fp in fingerprints.items()}
+    in_channels = len(next(iter(datasets.values()))["channel_names"])
+    # one patch for all: take the topology spacing as the median of the datasets' target spacings
+    # and cap the patch by the largest median shape, so no dataset is forced into tiny patches
+    spacing = np.median([d["target_spacing"] for d in datasets.values()], axis=0)
+    cap_shape = np.max([d["median_shape_after_resampling"] for d in datasets.values()], axis=0)
+    topology = plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb)
+    dataset_voxels = sum(np.prod(d["median_shape_after_resampling"]) * (len(d["labeled_cases"]) + len(d["unlabeled_cases"]))
+                         for d in datasets.values())
+    batch_size = plan_batch_size(topology, in_channels, settings.memory_gb, dataset_voxels)
+    prompts = prompt_table(datasets)
+    return {
+        "plans_version": PLANS_VERSION,
+        "versemi_version": __version__,
+        "experiment": experiment,
+        "dataset_names": list(datasets),
+        "datasets": datasets,
+        "in_channels": in_channels,
+        "prompts": prompts,
+        "num_prompts": len(prompts),
+        "synthetic_prompt": len(prompts) - 1,
+        "memory_budget_gb": settings.memory_gb,
+        "configurations": {
+            CONFIGURATION: {
+                "data_identifier": CONFIGURATION,
+                "patch_size": topology.patch_size,
+                "batch_size": batch_size,
+                "topology_spacing": [float(s) for s in spacing],
+                "network": topology.network_plan(settings.architecture),
+            }
+        },
+        "splits": {"seed": SPLIT_SEED, "folds": cross_validation_splits(datasets)},
+    }

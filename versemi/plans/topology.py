@@ -1,0 +1,110 @@
+"""Network topology and patch size from spacing and shape, following nnU-Net v2's planner.
+
+``pool_and_conv_props`` is nnU-Net's ``get_pool_and_conv_props``: pool an axis only while its
+feature map stays >= 2 x ``min_feature_map_size`` and its spacing is within 2x of the finest;
+use 1-wide kernels along an axis until its spacing has caught up (anisotropic data).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_FEATURE_MAP_SIZE = 4
+BASE_FEATURES, MAX_FEATURES = 32, 320
+MAX_STAGES = 6
+# Reference: nnU-Net's default 3d_fullres network (128^3 patch, 6 stages 32..320, batch 2) fits an
+# 8 GB GPU; ``estimate_memory`` is scaled so that this network costs exactly 8 GB.
+REFERENCE_BUDGET_GB = 8.0
+
+
+@dataclass
+class Topology:
+    patch_size: list[int]
+    strides: list[list[int]]       # per stage, stage 0 is [1, 1, 1]
+    kernel_sizes: list[list[int]]  # per stage
+    features: list[int]
+
+    @property
+    def divisor(self) -> list[int]:
+        return [int(np.prod([s[a] for s in self.strides])) for a in range(len(self.patch_size))]
+
+    def network_plan(self, architecture: str = "unet") -> dict:
+        return {"architecture": architecture, "features": self.features, "kernel_sizes": self.kernel_sizes,
+                "strides": self.strides, "norm": "instance", "deep_supervision": False}
+
+
+def pool_and_conv_props(spacing, patch_size, max_stages: int = MAX_STAGES) -> Topology:
+    """nnU-Net's pooling/kernel schedule for a patch; the patch is padded to be divisible."""
+    dim = len(spacing)
+    current_spacing, current_size = list(map(float, spacing)), list(map(float, patch_size))
+    strides, kernels = [[1] * dim], []
+    kernel = [1] * dim
+    while len(strides) < max_stages:
+        valid = [a for a in range(dim) if current_size[a] >= 2 * MIN_FEATURE_MAP_SIZE]
+        if not valid:
+            break
+        finest = min(current_spacing[a] for a in valid)
+        valid = [a for a in valid if current_spacing[a] / finest < 2]
+        if len(valid) == 1 and current_size[valid[0]] < 3 * MIN_FEATURE_MAP_SIZE:
+            break
+        for a in range(dim):
+            if kernel[a] != 3 and current_spacing[a] / min(current_spacing) < 2:
+                kernel[a] = 3
+        stride = [2 if a in valid else 1 for a in range(dim)]
+        for a in valid:
+            current_spacing[a] *= 2
+            current_size[a] = np.ceil(current_size[a] / 2)
+        strides.append(stride)
+        kernels.append(list(kernel))
+    kernels.append([3] * dim)  # the bottleneck always uses full 3x3x3 kernels
+    divisor = [int(np.prod([s[a] for s in strides])) for a in range(dim)]
+    padded = [int(np.ceil(p / d) * d) for p, d in zip(patch_size, divisor)]
+    features = [min(BASE_FEATURES * 2 ** i, MAX_FEATURES) for i in range(len(strides))]
+    return Topology(padded, strides, kernels, features)
+
+
+def estimate_memory(topology: Topology, in_channels: int, batch_size: int) -> float:
+    """Relative training memory: feature-map voxels over encoder and decoder (2 convs each)."""
+    size = np.array(topology.patch_size, dtype=float)
+    total = in_channels * np.prod(size)
+    for stage, (stride, features) in enumerate(zip(topology.strides, topology.features)):
+        size = np.ceil(size / np.array(stride))
+        convs = 2 if stage == len(topology.strides) - 1 else 4  # bottleneck only once
+        total += convs * features * np.prod(size)
+    return float(total * batch_size)
+
+
+def _reference_cost() -> float:
+    reference = pool_and_conv_props([1.0, 1.0, 1.0], [128, 128, 128])
+    return estimate_memory(reference, 1, 2)
+
+
+def plan_patch_and_topology(spacing, median_shape, in_channels: int, memory_gb: float) -> Topology:
+    """Largest nnU-Net-style patch (aspect from spacing, capped by the median shape) fitting the budget."""
+    spacing = np.asarray(spacing, dtype=float)
+    median_shape = np.asarray(median_shape, dtype=float)
+    inverse = 1.0 / spacing
+    initial = inverse * (256 ** 3 / np.prod(inverse)) ** (1 / 3)
+    patch = np.minimum(np.round(initial), median_shape).astype(int)
+    topology = pool_and_conv_props(spacing, patch)
+    budget = _reference_cost() * memory_gb / REFERENCE_BUDGET_GB
+    while estimate_memory(topology, in_channels, 2) > budget:
+        # shrink the axis that is largest relative to the median shape, by one divisor step
+        ratios = np.array(topology.patch_size) / median_shape
+        axis = int(np.argmax(ratios))
+        patch = np.array(topology.patch_size)
+        patch[axis] -= topology.divisor[axis]
+        if patch[axis] < MIN_FEATURE_MAP_SIZE:
+            break
+        topology = pool_and_conv_props(spacing, patch)
+    return topology
+
+
+def plan_batch_size(topology: Topology, in_channels: int, memory_gb: float, dataset_voxels: float) -> int:
+    """nnU-Net's rule: fill the budget, at least 2, covering at most 5 % of the dataset's voxels."""
+    budget = _reference_cost() * memory_gb / REFERENCE_BUDGET_GB
+    per_sample = estimate_memory(topology, in_channels, 1)
+    batch = int(np.floor(budget / per_sample))
+    cap = int(np.floor(0.05 * dataset_voxels / np.prod(topology.patch_size)))
+    return int(max(2, min(batch, cap)))

@@ -1,0 +1,1 @@
+"""Preprocessing: crop to the nonzero region, normalize, resample, and the on-disk cache."""
