@@ -67,6 +67,8 @@ def check_case(case: RawCase, dataset: RawDataset) -> tuple[list[Problem], np.nd
                                                              np.ndarray | None, Geometry | None]:
     """Read one case and return (problems, image, label, geometry); arrays are None when unreadable."""
     problems: list[Problem] = []
+    if len(case.images) != dataset.num_channels:
+        return [], None, None, None  # reported by check_dataset_listing
     try:
         image, geometry = read_image(case.images)
     except InputError as exc:
@@ -76,7 +78,7 @@ def check_case(case: RawCase, dataset: RawDataset) -> tuple[list[Problem], np.nd
         problems.append(Problem(str(case.images[0]), f"{count} voxel(s) are NaN or infinite",
                                 "repair or replace the image (e.g. set those voxels to the background value)"))
     label = None
-    if case.label is not None:
+    if case.label is not None and case.label.is_file():  # a missing label is a listing problem
         try:
             label, label_geometry = read_label(case.label)
         except InputError as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -73,10 +74,53 @@ def read_sitk(path: str | Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
-        raise input_error(path, f"cannot be read as an image ({first_line[:200]})",
-                          "replace it with an intact copy in a format SimpleITK reads "
-                          f"({', '.join(SUPPORTED_ENDINGS)})") from exc
+        raise _unreadable(path, exc) from exc
+
+
+def _read_voxels(path: Path) -> tuple[np.ndarray, Geometry, int, int]:
+    """Voxels in (z, y, x) order, geometry, dimension and components per voxel of one file.
+
+    NIfTI voxels are read with nibabel: SimpleITK's NIfTI reader silently turns NaN and infinite
+    voxels into 0, which would hide exactly the damage the integrity check looks for. The
+    geometry still comes from SimpleITK's reading of the header, so it is identical either way.
+    """
+    if file_ending(path) in (".nii", ".nii.gz"):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+            voxels = np.asanyarray(nib.load(str(path)).dataobj)
+        except (RuntimeError, OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError) as exc:
+            raise _unreadable(path, exc) from exc
+        geometry = Geometry(tuple(reader.GetSpacing())[:3], tuple(reader.GetOrigin())[:3],
+                            tuple(reader.GetDirection()) if reader.GetDimension() == 3 else ())
+        components = reader.GetNumberOfComponents()
+        if voxels.ndim == 3:
+            voxels = voxels.transpose(2, 1, 0)
+        return voxels, geometry, reader.GetDimension(), components
+    image = read_sitk(path)
+    return sitk.GetArrayFromImage(image), Geometry.of(image) if image.GetDimension() == 3 else None, \
+        image.GetDimension(), image.GetNumberOfComponentsPerPixel()
+
+
+def _read_3d(path: Path) -> tuple[np.ndarray, Geometry, int, int]:
+    if not path.is_file():
+        raise input_error(path, "file does not exist", "check the path, or re-create the dataset folder")
+    voxels, geometry, dimension, components = _read_voxels(path)
+    if dimension != 3 or components != 1:
+        raise input_error(path, f"is not a single-channel 3D image (dimension {dimension}, "
+                                f"{components} components per voxel)",
+                          "store each channel as its own 3D file CASE_0000, CASE_0001, ... "
+                          "(versemi_convert msd splits 4D files)")
+    return voxels, geometry, dimension, components
+
+
+def _unreadable(path: Path, exc: Exception):
+    lines = str(exc).strip().splitlines()
+    detail = lines[-1] if lines else type(exc).__name__
+    return input_error(path, f"cannot be read as an image ({detail[:200]})",
+                       "replace it with an intact copy in a format SimpleITK reads "
+                       f"({', '.join(SUPPORTED_ENDINGS)})")
 
 
 def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
@@ -85,15 +129,9 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     All channels must share shape and geometry; the geometry of the first channel is returned.
     """
     arrays, geometry = [], None
-    for path in paths:
-        image = read_sitk(path)
-        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-            raise input_error(path, f"is not a single-channel 3D image (dimension {image.GetDimension()}, "
-                                    f"{image.GetNumberOfComponentsPerPixel()} components per voxel)",
-                              "store each channel as its own 3D file CASE_0000, CASE_0001, ... "
-                              "(versemi_convert msd splits 4D files)")
-        g = Geometry.of(image)
-        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    for path in map(Path, paths):
+        voxels, g, dimension, components = _read_3d(path)
+        array = voxels.astype(np.float32, copy=False)
         if geometry is None:
             geometry = g
         elif array.shape != arrays[0].shape or not g.matches(geometry):
@@ -107,18 +145,14 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a segmentation as an integer ``(z, y, x)`` array and its geometry."""
-    image = read_sitk(path)
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise input_error(path, "a segmentation must be a single-channel 3D image",
-                          "store labels as one 3D integer image per case")
-    array = sitk.GetArrayFromImage(image)
+    array, geometry, _, _ = _read_3d(Path(path))
     if np.issubdtype(array.dtype, np.floating):
         rounded = np.rint(array)
         if not np.array_equal(rounded, array):
             raise input_error(path, "segmentation holds non-integer values",
                               "store labels as integers 0, 1, 2, ... as declared in dataset.json")
         array = rounded
-    return array.astype(np.int16, copy=False), Geometry.of(image)
+    return array.astype(np.int16, copy=False), geometry
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:

@@ -71,9 +71,7 @@ def _load(request: ExperimentRequest) -> tuple[list[RawDataset], list[Problem]]:
 def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> dict:
     """Fingerprint (reused when raw data is unchanged), plan, write plans.json, fill the cache."""
     datasets, problems = _load(request)
-    if problems:
-        raise InputError(problems)
-    results, problems = {}, []
+    results = {}
     for dataset in datasets:
         try:
             # fingerprints are written only once every dataset has passed its checks

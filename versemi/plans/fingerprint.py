@@ -108,7 +108,7 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 2, show_progre
     problems = [p for r in results for p in r.problems]
     if problems:
         raise InputError(problems)
-    records = [r.record for r in results]
+    records = [r.record for r in results if r.record is not None]
     with_samples = [r for r in results if r.samples is not None]
     pooled = np.concatenate([r.samples for r in with_samples], axis=1) if with_samples else np.zeros((1, 0))
     fingerprint = {
