@@ -16,7 +16,7 @@ BIN = Path(sys.executable).parent
 def _cli(name: str, *args: str, env: dict) -> subprocess.CompletedProcess:
     exe = shutil.which(name, path=str(BIN)) or shutil.which(name)
     assert exe, f"{name} is not installed: run `pip install -e .`"
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([exe, *args], capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
 
 
 def test_synthetic_to_plans_and_cache(tmp_path):

@@ -103,7 +103,7 @@ def test_kill_and_rerun_redoes_only_missing_or_damaged_cases(toy_raw, tmp_path, 
     reference_root, killed_root = tmp_path / "reference", tmp_path / "killed"
     assert _run(toy_raw, reference_root) == 0
     args = ["--raw", str(toy_raw), "--plans-root", str(killed_root), "--quiet", "-np", "1", "-d", "DemoLA", "DemoPancreas"]
-    child = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_CASE, *args], capture_output=True, text=True)
+    child = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_CASE, *args], capture_output=True, encoding="utf-8", errors="replace")
     assert child.returncode == -9, child.stderr
     cache = killed_root / "DemoLA_DemoPancreas" / "3d_fullres"
     assert len(list(cache.rglob("*.json"))) == 2
