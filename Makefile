@@ -18,7 +18,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/versemi_make_synthetic -o "$(VERSEMI_ROOT)/raw" --overwrite
+	test -d "$(VERSEMI_ROOT)/raw/DemoLA" || $(BIN)/versemi_make_synthetic -o "$(VERSEMI_ROOT)/raw"
 	$(BIN)/versemi_plan_and_preprocess -d DemoLA DemoPancreas -np 2
 
 test: venv

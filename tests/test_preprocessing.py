@@ -122,3 +122,15 @@ def test_kill_and_rerun_redoes_only_missing_or_damaged_cases(toy_raw, tmp_path, 
     assert _run(toy_raw, killed_root) == 0
     assert f"1 case(s) preprocessed, {total - 1} already up to date" in capsys.readouterr().out
     assert np.array_equal(read_array(damaged), reference[damaged.relative_to(cache).as_posix()])
+
+
+def test_changed_raw_file_redoes_only_its_case_and_keeps_the_plan(toy_raw, tmp_path, capsys):
+    assert _run(toy_raw, tmp_path) == 0
+    plans_file = tmp_path / "DemoLA_DemoPancreas" / "plans.json"
+    before = plans_file.read_text()
+    image = load_dataset(toy_raw / "DemoLA").labeled_cases()[1].images[0]
+    image.write_bytes(image.read_bytes())  # same content, new modification time
+    capsys.readouterr()
+    assert _run(toy_raw, tmp_path) == 0
+    assert "1 case(s) preprocessed, 13 already up to date" in capsys.readouterr().out
+    assert plans_file.read_text() == before

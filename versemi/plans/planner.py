@@ -93,7 +93,6 @@ def plan_dataset(fingerprint: dict, is_ct: bool, labeled_limit: int | None, case
         "labeled_limit": labeled_limit,
         "labeled_cases": kept,
         "unlabeled_cases": [c["case_id"] for c in fingerprint["cases"] if c["case_id"] not in kept],
-        "raw_digest": fingerprint["raw_digest"],
     }
 
 

@@ -50,7 +50,7 @@ def cache_folder(plans_root: Path, experiment: str, configuration: str) -> Path:
 
 def settings_digest(dataset_plan: dict) -> str:
     """Digest of everything that changes a dataset's cached arrays."""
-    relevant = {k: dataset_plan[k] for k in ("target_spacing", "normalization", "labels", "raw_digest")}
+    relevant = {k: dataset_plan[k] for k in ("target_spacing", "normalization", "labels")}
     relevant["cache_version"] = CACHE_VERSION
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -60,11 +60,18 @@ def file_checksum(path: Path) -> dict:
     return {"bytes": len(data), "crc32": zlib.crc32(data)}
 
 
-def case_is_complete(properties_path: Path, digest: str) -> bool:
-    """True when the case's JSON, arrays and checksums are intact and made with ``digest``."""
+def source_stamp(case: RawCase) -> list[list]:
+    """Name, size and modification time of the raw files a case was made from."""
+    files = case.images + ([case.label] if case.label is not None else [])
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def case_is_complete(properties_path: Path, digest: str, case: RawCase) -> bool:
+    """True when the case's JSON, arrays and checksums are intact and made with ``digest``
+    from the raw files as they are now."""
     try:
         props = read_json(properties_path)
-        if props.get("settings_digest") != digest:
+        if props.get("settings_digest") != digest or props.get("source_stamp") != source_stamp(case):
             return False
         for entry in props["files"].values():
             if file_checksum(properties_path.parent / entry["name"]) != entry["checksum"]:
@@ -128,6 +135,7 @@ def preprocess_case(job: CaseJob, dataset_plan: dict, folder: Path, digest: str)
         props["class_locations"] = sample_class_locations(seg, np.random.default_rng(job.seed))
     props["files"] = files
     props["settings_digest"] = digest
+    props["source_stamp"] = source_stamp(case)
     write_json(props, folder / f"{case.case_id}.json")
     return {"case": f"{job.dataset}/{case.case_id}", "shape": props["shape"]}
 
@@ -157,12 +165,11 @@ def preprocess_experiment(plans: dict, datasets: dict[str, RawDataset], plans_ro
         by_id = {c.case_id: c for c in raw.labeled_cases() + raw.unlabeled_cases()}
         labeled = set(plan["labeled_cases"])
         for index, case_id in enumerate(plan["labeled_cases"] + plan["unlabeled_cases"]):
-            if case_is_complete(root / name / f"{case_id}.json", digests[name]):
+            case = by_id[case_id] if case_id in labeled else RawCase(case_id, by_id[case_id].images)
+            if case_is_complete(root / name / f"{case_id}.json", digests[name], case):
                 skipped += 1
                 continue
-            case = by_id[case_id]
-            jobs.append(CaseJob(name, case if case_id in labeled else RawCase(case_id, case.images),
-                                case_id in labeled, seed=index))
+            jobs.append(CaseJob(name, case, case_id in labeled, seed=index))
     work = partial(_run_job, plans=plans, root=root, digests=digests)
     done = map_with_progress(work, jobs, num_processes, f"preprocess {plans['experiment']}", show_progress)
     return {"preprocessed": len(done), "already_cached": skipped, "folder": str(root)}
