@@ -129,3 +129,10 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
         print(f"cache {summary['folder']}: {summary['preprocessed']} case(s) preprocessed, "
               f"{summary['already_cached']} already up to date")
     return 0
+
+
+@_entry_point
+def train_main(argv: list[str] | None = None) -> int:
+    from .training.run import train
+
+    return train(argv)

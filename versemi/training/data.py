@@ -1,0 +1,173 @@
+"""Training batches from the preprocessing cache.
+
+``CaseStore`` opens cached cases (checking that the cache matches the plan); ``BatchSource``
+builds batch number ``i`` of a stream as a pure function of (seed, stream, i): datasets are
+drawn uniformly (balanced across datasets), then a case, then a patch (a share of them centred
+on a foreground voxel), then augmentation. Because a batch depends only on its number, the
+loader can run in background workers in any order and a resumed run continues with exactly the
+batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..atomic import read_json
+from ..errors import InputError, Problem
+from ..preprocessing.cache import cache_folder, settings_digest
+from .augmentation import AugmentationSettings, build_transforms, source_patch_size
+
+
+class CaseStore:
+    """The cached cases of an experiment, by key ``Dataset/case_id``."""
+
+    def __init__(self, plans: dict, plans_root: Path, configuration: str, keys: list[str]):
+        self.root = cache_folder(plans_root, plans["experiment"], configuration)
+        self.properties: dict[str, dict] = {}
+        self._open: dict[str, tuple] = {}
+        problems = []
+        digests = {name: settings_digest(p) for name, p in plans["datasets"].items()}
+        for key in keys:
+            dataset, case_id = key.split("/", 1)
+            path = self.root / dataset / f"{case_id}.json"
+            if not path.is_file():
+                problems.append(Problem(str(path), "cached case missing",
+                                        f"run versemi_plan_and_preprocess -d {' '.join(plans['dataset_names'])} "
+                                        f"-e {plans['experiment']} to fill the cache"))
+                continue
+            props = read_json(path)
+            if props.get("settings_digest") != digests[dataset]:
+                problems.append(Problem(str(path), "cached case was made with other settings than plans.json",
+                                        f"rerun versemi_plan_and_preprocess -e {plans['experiment']} to update it"))
+            self.properties[key] = props
+        if problems:
+            raise InputError(problems)
+
+    def arrays(self, key: str) -> tuple[blosc2.NDArray, blosc2.NDArray | None]:
+        """Lazily opened (data, seg) arrays; slicing them reads only the chunks needed."""
+        if key not in self._open:
+            props, folder = self.properties[key], self.root / key.split("/", 1)[0]
+            files = props["files"]
+            data = blosc2.open(str(folder / files["data"]["name"]), mode="r")
+            seg = blosc2.open(str(folder / files["seg"]["name"]), mode="r") if "seg" in files else None
+            self._open[key] = (data, seg)
+        return self._open[key]
+
+    def __getstate__(self):  # open handles are per process
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+
+@dataclass
+class StreamSettings:
+    batch_size: int
+    patch_size: list[int]
+    labeled: bool
+    oversample_foreground: float = 0.33
+    augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
+
+
+def _stream_seed(seed: int, stream: str, iteration: int) -> int:
+    return zlib.crc32(f"{seed}/{stream}/{iteration}".encode())
+
+
+def crop_with_padding(array, center, size) -> np.ndarray:
+    """Region of ``size`` around ``center`` (spatial axes), zero-padded where it leaves the array."""
+    shape = array.shape[1:]
+    lo = [int(c) - s // 2 for c, s in zip(center, size)]
+    src = tuple(slice(max(0, l), min(dim, l + s)) for l, s, dim in zip(lo, size, shape))
+    out = np.zeros((array.shape[0], *size), dtype=array.dtype)
+    dst = tuple(slice(sl.start - l, sl.stop - l) for sl, l in zip(src, lo))
+    out[(slice(None),) + dst] = array[(slice(None),) + src]
+    return out
+
+
+class BatchSource(Dataset):
+    """Map-style dataset whose item ``i`` is the whole batch number ``i`` of one stream."""
+
+    def __init__(self, store: CaseStore, keys: list[str], plans: dict, settings: StreamSettings,
+                 seed: int, stream: str):
+        if not keys:
+            raise ValueError(f"stream {stream!r} has no cases")
+        self.store, self.settings, self.seed, self.stream = store, settings, seed, stream
+        self.by_dataset: dict[str, list[str]] = {}
+        for key in sorted(keys):
+            self.by_dataset.setdefault(key.split("/", 1)[0], []).append(key)
+        self.datasets = sorted(self.by_dataset)
+        # prompts of each dataset: (prompt index, label value)
+        self.prompts = {name: [(p["index"], p["label_value"]) for p in plans["prompts"] if p["dataset"] == name]
+                        for name in plans["dataset_names"]}
+        self.dataset_index = {name: i for i, name in enumerate(plans["dataset_names"])}
+        self.source_size = source_patch_size(settings.patch_size, settings.augmentation)
+        self.transforms = build_transforms(settings.patch_size, settings.augmentation)
+
+    def __len__(self) -> int:  # batches are made on demand; the sampler decides how many
+        return 2 ** 62
+
+    def _center(self, key: str, rng: np.random.Generator, foreground: bool) -> list[int]:
+        props = self.store.properties[key]
+        locations = props.get("class_locations") or {}
+        if foreground and locations:
+            label = rng.choice(sorted(locations))
+            points = locations[label]
+            if points:
+                return list(points[rng.integers(len(points))])
+        # a random patch inside the image; an image smaller than the patch sits at a random offset
+        lows = [rng.integers(0, s - p + 1) if s >= p else -rng.integers(0, p - s + 1)
+                for s, p in zip(props["shape"], self.settings.patch_size)]
+        return [int(lo) + p // 2 for lo, p in zip(lows, self.settings.patch_size)]
+
+    def __getitem__(self, iteration: int) -> dict:
+        seed = _stream_seed(self.seed, self.stream, iteration)
+        rng = np.random.default_rng(seed)
+        s = self.settings
+        data, seg, prompts, datasets, keys = [], [], [], [], []
+        for sample in range(s.batch_size):
+            dataset = self.datasets[rng.integers(len(self.datasets))]
+            key = self.by_dataset[dataset][rng.integers(len(self.by_dataset[dataset]))]
+            # the last samples of a batch are forced foreground, as nnU-Net does
+            foreground = s.labeled and (sample >= round(s.batch_size * (1 - s.oversample_foreground)))
+            center = self._center(key, rng, foreground)
+            image, labels = self.store.arrays(key)
+            data.append(crop_with_padding(image, center, self.source_size))
+            if s.labeled:
+                seg.append(crop_with_padding(labels, center, self.source_size))
+                prompts.append(self.prompts[dataset][rng.integers(len(self.prompts[dataset]))])
+            datasets.append(self.dataset_index[dataset])
+            keys.append(key)
+        batch = {"data": np.stack(data).astype(np.float32)}
+        if s.labeled:
+            batch["seg"] = np.stack(seg).astype(np.float32)
+        batch = self._augment(batch, seed)
+        out = {"data": torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32)),
+               "dataset": torch.tensor(datasets), "keys": keys, "iteration": iteration}
+        if s.labeled:
+            labels = np.rint(batch["seg"]).astype(np.int64)
+            values = torch.tensor([v for _, v in prompts]).view(-1, 1, 1, 1, 1)
+            labels = torch.from_numpy(labels)
+            out["prompt"] = torch.tensor([p for p, _ in prompts])
+            out["target"] = (labels == values).float()   # the sample's own prompt's label
+            out["foreground"] = (labels > 0).float()     # union of its dataset's labels (synthetic task)
+        return out
+
+    def _augment(self, batch: dict, seed: int) -> dict:
+        if self.transforms is None:
+            return batch
+        np.random.seed(seed % 2 ** 32)  # batchgenerators draws from the global generators
+        random.seed(seed)
+        return self.transforms(**batch)
+
+
+def batch_loader(source: BatchSource, start: int, stop: int, num_workers: int) -> DataLoader:
+    """Batches ``start`` .. ``stop - 1`` of a stream, made by ``num_workers`` background processes."""
+    return DataLoader(source, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
+                      persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                      pin_memory=torch.cuda.is_available())

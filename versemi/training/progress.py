@@ -1,0 +1,53 @@
+"""Training log: a text file, and progress.png with losses, Dice and learning rate per epoch."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..atomic import atomic_path  # noqa: E402
+
+
+class TrainingLog:
+    def __init__(self, folder: Path, history: dict | None = None):
+        self.file = folder / "training_log.txt"
+        self.png = folder / "progress.png"
+        self.history = history or {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "dice": [],
+                                    "ema_dice": [], "epoch_seconds": [], "iteration_losses": []}
+
+    def write(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}"
+        with open(self.file, "a") as f:
+            f.write(line + "\n")
+
+    def record(self, **values) -> None:
+        for key, value in values.items():
+            self.history[key].append(value)
+
+    def plot(self) -> None:
+        h = self.history
+        if not h["epoch"]:
+            return
+        fig, (ax_loss, ax_dice, ax_lr) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+        ax_loss.plot(h["epoch"], h["train_loss"], label="train loss")
+        ax_loss.plot(h["epoch"], h["val_loss"], label="validation loss")
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend()
+        prompts = sorted({k for d in h["dice"] for k in d})
+        for prompt in prompts:
+            ax_dice.plot(h["epoch"], [d.get(prompt, float("nan")) for d in h["dice"]], label=f"pseudo-Dice {prompt}")
+        ax_dice.plot(h["epoch"], h["ema_dice"], "k--", label="mean (EMA)")
+        ax_dice.set_ylabel("Dice")
+        ax_dice.set_ylim(0, 1)
+        ax_dice.legend(fontsize=8)
+        ax_lr.plot(h["epoch"], h["lr"])
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_xlabel("epoch")
+        fig.tight_layout()
+        with atomic_path(self.png, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=80)
+        plt.close(fig)

@@ -1,0 +1,125 @@
+"""``versemi_train``: pick the experiment, fold and trainer, then run the loop."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import paths
+from ..atomic import read_json
+from ..errors import input_error
+from .augmentation import AugmentationSettings
+from .config import TrainingConfig
+from .trainer import distributed_device
+from .trainers import find_trainer
+
+FOLDS = [str(i) for i in range(5)] + ["all"]
+
+
+def parse_fold(text: str) -> str:
+    fold = text[4:] if text.startswith("fold") else text
+    if fold not in FOLDS:
+        raise input_error(f"fold {text!r}", "is not a fold", "use fold0 .. fold4, 0 .. 4 or all")
+    return fold
+
+
+def find_experiment(plans_root: Path, name: str | None) -> str:
+    planned = sorted(p.parent.name for p in plans_root.glob("*/plans.json")) if plans_root.is_dir() else []
+    if name:
+        if name not in planned:
+            raise input_error(plans_root / name / "plans.json", f"experiment {name!r} was not planned "
+                                                                f"(planned: {', '.join(planned) or 'none'})",
+                              "run versemi_plan_and_preprocess first, or pick a planned experiment with -e")
+        return name
+    if len(planned) == 1:
+        return planned[0]
+    raise input_error(plans_root, f"{'no experiment is' if not planned else 'several experiments are'} planned "
+                                  f"({', '.join(planned) or 'none'})",
+                      "run versemi_plan_and_preprocess first" if not planned else "choose one with -e NAME")
+
+
+def output_folder(experiment: str, trainer: str, configuration: str, fold: str) -> Path:
+    return paths.results_root() / experiment / f"{trainer}__{configuration}" / f"fold_{fold}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="versemi_train", description="Train one fold of a planned experiment.")
+    p.add_argument("configuration", help="e.g. 3d_fullres")
+    p.add_argument("fold", help="fold0 .. fold4, 0 .. 4, or all")
+    p.add_argument("-e", "--experiment", help="planned experiment (needed when several exist)")
+    p.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
+    p.add_argument("--continue", dest="resume", action="store_true", help="resume from the latest checkpoint")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--iterations-per-epoch", type=int)
+    p.add_argument("--val-iterations", type=int)
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int, help="background processes per data stream (default 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-gpus", type=int, default=1, help="start this many DDP processes (same as torchrun)")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA)")
+    p.add_argument("--no-augmentation", action="store_true")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="override the plan (quick runs)")
+    p.add_argument("--batch-size", type=int, help="override the plan (quick runs)")
+    p.add_argument("--features", type=int, nargs="+", help="override the plan's features per stage (quick runs)")
+    p.add_argument("--method", default="{}", help='method settings as JSON, e.g. \'{"stage1_fraction": 0.5}\'')
+    p.add_argument("--plans-root", type=Path)
+    return p
+
+
+def make_config(args, saved: dict | None) -> TrainingConfig:
+    config = TrainingConfig.from_dict(saved) if saved else TrainingConfig()
+    for name in ("epochs", "iterations_per_epoch", "val_iterations", "optimizer", "lr", "seed", "num_workers",
+                 "batch_size", "features"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if args.patch_size:
+        config.patch_size = list(args.patch_size)
+    if args.no_amp:
+        config.amp = False
+    if args.compile:
+        config.compile = True
+    if args.no_augmentation:
+        config.augmentation = AugmentationSettings(enabled=False)
+    try:
+        config.method.update(json.loads(args.method))
+    except ValueError as exc:
+        raise input_error("--method", f"is not JSON ({exc})", 'write e.g. --method \'{"stage1_fraction": 0.5}\'')
+    return config
+
+
+def train(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from torch.distributed.run import main as torchrun
+        torchrun(["--standalone", f"--nproc_per_node={args.num_gpus}", "-m", "versemi.train",
+                  *[a for a in (argv if argv is not None else sys.argv[1:])]])
+        return 0
+    fold = parse_fold(args.fold)
+    plans_root = args.plans_root or paths.plans_root()
+    experiment = find_experiment(plans_root, args.experiment)
+    plans = read_json(plans_root / experiment / "plans.json")
+    if args.configuration not in plans["configurations"]:
+        raise input_error(plans_root / experiment / "plans.json", f"has no configuration {args.configuration!r}",
+                          f"use one of {', '.join(plans['configurations'])}")
+    trainer_class = find_trainer(args.trainer)
+    folder = output_folder(experiment, args.trainer, args.configuration, fold)
+    saved = None
+    if args.resume and (folder / "checkpoint_latest.pth").is_file():
+        from .checkpoint import load_checkpoint
+        saved = load_checkpoint(folder / "checkpoint_latest.pth")["config"]
+    elif not args.resume and (folder / "checkpoint_latest.pth").is_file():
+        raise input_error(folder, "this fold was already trained (checkpoints exist)",
+                          "resume it with --continue, or move the folder away to start over")
+    device = distributed_device(args.device)
+    trainer = trainer_class(plans, plans_root, args.configuration, fold, folder, make_config(args, saved), device)
+    trainer.run(resume=args.resume)
+    if trainer.is_main:
+        print(f"trained {args.trainer} fold {fold}: {folder}")
+    return 0

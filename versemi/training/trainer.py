@@ -1,0 +1,289 @@
+"""The fold-based training loop, written once. Methods are subclasses that override hooks.
+
+A subclass sets ``uses_unlabeled`` and overrides ``train_step`` (and, if it needs to,
+``build_network`` or ``on_train_start``); the loop does the rest: data streams in background
+workers, optimizer and poly LR, AMP, checkpoints, resume, validation, logging, DDP.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..errors import input_error
+from ..nets import build_network
+from ..plans.topology import pool_and_conv_props
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainingConfig
+from .data import BatchSource, CaseStore, StreamSettings, batch_loader
+from .losses import DiceCE
+from .progress import TrainingLog
+from .validation import pseudo_dice_counts, sliding_window_validation
+
+EMA_DICE_MOMENTUM = 0.9
+
+
+def fold_split(plans: dict, fold: str) -> dict:
+    """Case keys of one fold (``0``..``4``) or of ``all`` (every labeled case trains; no validation)."""
+    folds = plans["splits"]["folds"]
+    if fold == "all":
+        labeled = sorted({k for f in folds for k in f["train_labeled"] + f["val"]})
+        return {"train_labeled": labeled, "val": [], "train_unlabeled": folds[0]["train_unlabeled"]}
+    return folds[int(fold)]
+
+
+class Trainer:
+    """Supervised-loss plumbing shared by all methods; see ``SupervisedTrainer`` for the simplest."""
+
+    uses_unlabeled = False
+
+    def __init__(self, plans: dict, plans_root: Path, configuration: str, fold: str, output_folder: Path,
+                 config: TrainingConfig, device: str | torch.device = "cpu"):
+        self.plans, self.plans_root, self.configuration, self.fold = plans, plans_root, configuration, fold
+        self.output_folder, self.config = Path(output_folder), config
+        self.device = torch.device(device)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.is_main = self.rank == 0
+        plan = plans["configurations"][configuration]
+        self.patch_size = list(config.patch_size or plan["patch_size"])
+        self.batch_size = max(1, (config.batch_size or plan["batch_size"]) // self.world_size)
+        self.num_prompts = plans["num_prompts"]
+        self.synthetic_prompt = plans["synthetic_prompt"]
+        self.real_prompts = [p["index"] for p in plans["prompts"] if p["dataset"] is not None]
+        self.prompt_names = {p["index"]: f"{p['dataset']}/{p['label']}" for p in plans["prompts"]}
+        self.split = fold_split(plans, fold)
+        self.loss = DiceCE()
+        self.epoch, self.best_ema = 0, -1.0
+        self.log = TrainingLog(self.output_folder)
+
+    # ----- hooks a method may override -----
+    def network_plan(self) -> dict:
+        """The plan's network; a patch-size override re-derives the topology, a features override
+        sets the features per stage (the last value repeats for deeper stages)."""
+        plan = self.plans["configurations"][self.configuration]
+        network = dict(plan["network"])
+        if self.config.patch_size:
+            topology = pool_and_conv_props(plan["topology_spacing"], self.config.patch_size)
+            network.update(strides=topology.strides, kernel_sizes=topology.kernel_sizes, features=topology.features)
+        if self.config.features:
+            wanted = list(self.config.features)
+            network["features"] = [wanted[min(i, len(wanted) - 1)] for i in range(len(network["strides"]))]
+        return network
+
+    def build_network(self) -> torch.nn.Module:
+        return build_network(self.network_plan(), self.plans["in_channels"], self.num_prompts)
+
+    def on_train_start(self) -> None:
+        """Called once the network, optimizer and data exist (e.g. to create a teacher)."""
+
+    def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
+        """Losses of one iteration; ``loss`` is the one optimized. Supervised Dice + CE by default."""
+        logits = self.network(labeled["data"], labeled["prompt"])
+        return {"loss": self.loss(logits, labeled["target"])}
+
+    def extra_state(self) -> dict:
+        """Method state to checkpoint besides network and optimizer (e.g. a teacher)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ----- setup -----
+    def setup(self) -> None:
+        torch.manual_seed(self.config.seed)
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        keys = self.split["train_labeled"] + self.split["val"] + (self.split["train_unlabeled"] if self.uses_unlabeled else [])
+        self.store = CaseStore(self.plans, self.plans_root, self.configuration, keys)
+        self.model = self.build_network().to(self.device)
+        divisor = getattr(self.model, "divisor", (1, 1, 1))
+        if any(p % d for p, d in zip(self.patch_size, divisor)):
+            raise input_error("--patch-size", f"patch {self.patch_size} is not divisible by the network's "
+                                              f"downsampling {list(divisor)}", "choose multiples of it")
+        self.network = self.model
+        if self.world_size > 1:
+            self.network = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.config.compile and self.device.type == "cuda":
+            self.network = torch.compile(self.network)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: (1 - min(epoch, self.config.epochs - 1) / self.config.epochs) ** self.config.poly_exponent)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp)
+        seed = self.config.seed * 1000 + self.rank
+        self.labeled_source = BatchSource(self.store, self.split["train_labeled"], self.plans,
+                                          self._stream(True, augment=True), seed, "labeled")
+        self.unlabeled_source = BatchSource(self.store, self.split["train_unlabeled"], self.plans,
+                                            self._stream(False, augment=True), seed, "unlabeled") \
+            if self.uses_unlabeled and self.split["train_unlabeled"] else None
+        self.val_source = BatchSource(self.store, self.split["val"], self.plans, self._stream(True, augment=False),
+                                      self.config.seed, "validation") if self.split["val"] else None
+        self.on_train_start()
+
+    def _stream(self, labeled: bool, augment: bool) -> StreamSettings:
+        augmentation = self.config.augmentation if augment else type(self.config.augmentation)(enabled=False)
+        return StreamSettings(self.batch_size, self.patch_size, labeled, self.config.oversample_foreground, augmentation)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(self.model.parameters(), lr=c.learning_rate, momentum=c.momentum,
+                                   weight_decay=c.weight_decay, nesterov=True)
+        if c.optimizer == "adam":
+            return torch.optim.Adam(self.model.parameters(), lr=c.learning_rate, betas=tuple(c.adam_betas),
+                                    weight_decay=c.weight_decay)
+        raise input_error("--optimizer", f"unknown optimizer {c.optimizer!r}", "use sgd or adam")
+
+    @property
+    def _amp(self) -> bool:
+        return self.config.amp and self.device.type == "cuda"
+
+    # ----- checkpoints -----
+    def checkpoint_path(self, kind: str) -> Path:
+        return self.output_folder / f"checkpoint_{kind}.pth"
+
+    def save(self, kind: str) -> None:
+        if not self.is_main:
+            return
+        save_checkpoint(self.checkpoint_path(kind), {
+            "trainer": type(self).__name__, "fold": self.fold, "configuration": self.configuration,
+            "epoch": self.epoch, "network": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "best_ema": self.best_ema, "history": self.log.history, "config": self.config.to_dict(),
+            "plans": self.plans, "extra": self.extra_state(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        })
+
+    def resume(self) -> bool:
+        """Continue from checkpoint_latest (or final); False when there is none yet."""
+        for kind in ("latest", "final"):
+            path = self.checkpoint_path(kind)
+            if path.is_file():
+                state = load_checkpoint(path, self.device)
+                break
+        else:
+            return False
+        self.model.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best_ema = state["epoch"], state["best_ema"]
+        self.log.history = state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.load_extra_state(state["extra"])
+        return True
+
+    # ----- the loop -----
+    def seed_iteration(self, iteration: int) -> None:
+        """Seed every generator from the iteration number: a resumed run repeats the same draws."""
+        seed = zlib.crc32(f"{self.config.seed}/{self.rank}/{iteration}".encode())
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+    def run(self, resume: bool = False) -> None:
+        self.setup()
+        if resume and self.resume() and self.is_main:
+            self.log.write(f"resumed at epoch {self.epoch}")
+        elif self.is_main:
+            self.log.write(f"{type(self).__name__} fold {self.fold}: patch {self.patch_size}, batch {self.batch_size} "
+                           f"x {self.world_size} process(es), {self.config.epochs} epochs on {self.device}")
+        while self.epoch < self.config.epochs:
+            started = time.time()
+            train_loss, iteration_losses = self.train_epoch()
+            val_loss, dice = self.validate_epoch()
+            self.epoch += 1
+            self.scheduler.step()
+            self._record_epoch(train_loss, iteration_losses, val_loss, dice, time.time() - started)
+        self.save("final")
+        if self.is_main and self.split["val"]:
+            summary = sliding_window_validation(self)
+            self.log.write(f"validation summary: mean Dice {summary['mean_dice']}")
+        if self.is_main:
+            self.log.write("training done")
+
+    def train_epoch(self) -> tuple[float, list[float]]:
+        self.network.train()
+        n = self.config.iterations_per_epoch
+        start = self.epoch * n
+        loaders = [batch_loader(self.labeled_source, start, start + n, self.config.num_workers)]
+        if self.unlabeled_source is not None:
+            loaders.append(batch_loader(self.unlabeled_source, start, start + n, self.config.num_workers))
+        losses = []
+        bar = tqdm(zip(*loaders), total=n, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not self.is_main, dynamic_ncols=True, leave=False)
+        for offset, batches in enumerate(bar):
+            self.seed_iteration(start + offset)
+            labeled = self._to_device(batches[0])
+            unlabeled = self._to_device(batches[1]) if len(batches) > 1 else None
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=self._amp):
+                terms = self.train_step(labeled, unlabeled)
+            self.scaler.scale(terms["loss"]).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            losses.append(float(terms["loss"].detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        return float(np.mean(losses)), losses
+
+    @torch.no_grad()
+    def validate_epoch(self) -> tuple[float, dict[str, float]]:
+        """Validation loss and pseudo-Dice per prompt on patches of the fold's validation cases."""
+        if self.val_source is None or not self.is_main:
+            return float("nan"), {}
+        self.network.eval()
+        counts, losses = {}, []
+        for batch in batch_loader(self.val_source, 0, self.config.val_iterations, 0):
+            batch = self._to_device(batch)
+            logits = self.model(batch["data"], batch["prompt"])
+            losses.append(float(self.loss(logits, batch["target"])))
+            pseudo_dice_counts(logits, batch, counts)
+        dice = {self.prompt_names[p]: 2 * tp / max(2 * tp + fp + fn, 1) for p, (tp, fp, fn) in sorted(counts.items())}
+        return float(np.mean(losses)), dice
+
+    def _record_epoch(self, train_loss, iteration_losses, val_loss, dice, seconds) -> None:
+        if not self.is_main:
+            return
+        mean_dice = float(np.mean(list(dice.values()))) if dice else float("nan")
+        previous = self.log.history["ema_dice"][-1] if self.log.history["ema_dice"] else None
+        ema = mean_dice if previous is None or math.isnan(previous) else \
+            EMA_DICE_MOMENTUM * previous + (1 - EMA_DICE_MOMENTUM) * mean_dice
+        self.log.record(epoch=self.epoch, train_loss=train_loss, val_loss=val_loss, dice=dice, ema_dice=ema,
+                        lr=self.optimizer.param_groups[0]["lr"], epoch_seconds=seconds, iteration_losses=iteration_losses)
+        remaining = seconds * (self.config.epochs - self.epoch)
+        self.log.write(f"epoch {self.epoch}/{self.config.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                       f"pseudo-Dice {({k: round(v, 4) for k, v in dice.items()})}, {seconds:.1f} s, "
+                       f"ETA {remaining / 60:.1f} min")
+        if not math.isnan(ema) and ema > self.best_ema:
+            self.best_ema = ema
+            self.save("best")
+        self.save("latest")
+        self.log.plot()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def distributed_device(requested: str) -> str:
+    """Join the process group when started by torchrun; returns this process's device."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or dist.is_initialized():
+        return requested
+    use_cuda = requested.startswith("cuda") and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
