@@ -108,6 +108,8 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
                              "the rest are used as unlabeled, e.g. --labeled LA=8")
     parser.add_argument("--memory-gb", type=float, default=8.0, help="GPU memory budget for patch and batch size")
     parser.add_argument("--architecture", choices=("unet", "vnet"), default="unet")
+    parser.add_argument("--spacing-scale", type=float, default=1.0,
+                        help="plan at this multiple of the target spacing (2 = half resolution, for CPU runs)")
     parser.add_argument("--no-preprocess", action="store_true", help="write fingerprints and plans only")
     parser.add_argument("--overwrite-plans", action="store_true", help="replace an existing, different plans.json")
     parser.add_argument("--raw", type=Path, help="raw root (default: $VERSEMI_RAW or $VERSEMI_ROOT/raw)")
@@ -117,7 +119,8 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
     request = ExperimentRequest(
         dataset_names=args.datasets, raw_root=args.raw or paths.raw_root(), plans_root=args.plans_root or paths.plans_root(),
         experiment=args.experiment, labeled_limits=_parse_limits(args.labeled), num_processes=args.num_processes,
-        settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture),
+        settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture,
+                              spacing_scale=args.spacing_scale),
         overwrite_plans=args.overwrite_plans, show_progress=not args.quiet)
     if args.verify_only:
         verify(request)

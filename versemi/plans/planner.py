@@ -26,6 +26,8 @@ CONFIGURATION = "3d_fullres"
 class PlanSettings:
     memory_gb: float = 8.0
     architecture: str = "unet"
+    # > 1 plans every dataset at a coarser spacing (e.g. 2 = half resolution) for quick CPU runs
+    spacing_scale: float = 1.0
 
 
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[float], int | None]:
@@ -73,11 +75,12 @@ def normalization_plan(fingerprint: dict, is_ct: bool, labeled_ids: list[str], s
 
 
 def plan_dataset(fingerprint: dict, is_ct: bool, labeled_limit: int | None, case_order: list[str],
-                 stored_samples: dict) -> dict:
+                 stored_samples: dict, spacing_scale: float = 1.0) -> dict:
     """Target spacing, normalization and resampled median shape of one dataset in the experiment."""
     spacings = np.array(fingerprint["spacings"], dtype=float)
     shapes = np.array(fingerprint["shapes_after_crop"], dtype=float)
     spacing, aniso_axis = target_spacing(spacings, shapes)
+    spacing = [s * spacing_scale for s in spacing]
     resampled = np.round(shapes * spacings / np.array(spacing))
     labeled = [c["case_id"] for c in fingerprint["cases"] if c["labeled"]]
     ordered = [cid for cid in case_order if cid in labeled] + sorted(set(labeled) - set(case_order))
@@ -134,7 +137,7 @@ def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: di
                     stored_samples: dict[str, dict], settings: PlanSettings = PlanSettings()) -> dict:
     """The whole plan for the datasets of one experiment (see README: "plans.json, field by field")."""
     datasets = {name: plan_dataset(fp, ct_flags[name], labeled_limits.get(name), case_orders[name],
-                                   stored_samples[name]) for name, fp in fingerprints.items()}
+                                   stored_samples[name], settings.spacing_scale) for name, fp in fingerprints.items()}
     in_channels = len(next(iter(datasets.values()))["channel_names"])
     # one patch for all: take the topology spacing as the median of the datasets' target spacings
     # and cap the patch by the largest median shape, so no dataset is forced into tiny patches

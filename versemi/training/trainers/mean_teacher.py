@@ -32,18 +32,25 @@ class MeanTeacherTrainer(Trainer):
     def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
         s = self.settings
         self._update_teacher()  # the teacher follows the weights of the previous step
-        logits = self.network(labeled["data"], labeled["prompt"])
-        terms = {"supervised": self.loss(logits, labeled["target"])}
-        if unlabeled is not None:
-            prompts = torch.tensor([self.dataset_prompts[int(d)][0] for d in unlabeled["dataset"]],
-                                   device=unlabeled["data"].device)
-            x = unlabeled["data"]
-            student = foreground_probability(self.network(x, prompts))
-            with torch.no_grad():
-                noisy = x + torch.clamp(torch.randn_like(x) * s["teacher_noise"], -0.2, 0.2)
-                teacher = foreground_probability(self.teacher(noisy, prompts))
-            weight = s["weight_consistency"] * sigmoid_rampup(self.epoch / max(1.0, s["rampup_fraction"] * self.config.epochs))
-            terms["consistency"] = weight * torch.mean((student - teacher) ** 2)
+        if unlabeled is None:
+            return self._with_total({"supervised": self.loss(self.network(labeled["data"], labeled["prompt"]),
+                                                             labeled["target"])})
+        x = unlabeled["data"]
+        prompts = torch.tensor([self.dataset_prompts[int(d)][0] for d in unlabeled["dataset"]], device=x.device)
+        # one student pass over labeled and unlabeled images (one forward per step also suits DDP)
+        logits = self.network(torch.cat([labeled["data"], x]), torch.cat([labeled["prompt"], prompts]))
+        n = labeled["data"].shape[0]
+        terms = {"supervised": self.loss(logits[:n], labeled["target"])}
+        student = foreground_probability(logits[n:])
+        with torch.no_grad():
+            noisy = x + torch.clamp(torch.randn_like(x) * s["teacher_noise"], -0.2, 0.2)
+            teacher = foreground_probability(self.teacher(noisy, prompts))
+        weight = s["weight_consistency"] * sigmoid_rampup(self.epoch / max(1.0, s["rampup_fraction"] * self.config.epochs))
+        terms["consistency"] = weight * torch.mean((student - teacher) ** 2)
+        return self._with_total(terms)
+
+    @staticmethod
+    def _with_total(terms: dict) -> dict:
         terms["loss"] = sum(terms.values())
         return terms
 

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ...errors import input_error
 from ..cutmix import box_mask, mix
 from ..losses import foreground_probability, soft_dice_loss
 from ..trainer import Trainer
@@ -45,6 +46,12 @@ class VerSemiTrainer(Trainer):
     @property
     def settings(self) -> dict:
         return {**DEFAULTS, **self.config.method}
+
+    def on_train_start(self) -> None:
+        if self.batch_size < 2:
+            raise input_error("--batch-size", f"VerSemiTrainer needs at least 2 labeled samples per process to "
+                                              f"CutMix (got {self.batch_size} per process)",
+                              "raise the batch size (with several GPUs: at least 2 per GPU)")
 
     @property
     def stage(self) -> int:
@@ -95,8 +102,6 @@ class VerSemiTrainer(Trainer):
         s = self.settings
         x = labeled["data"]
         half = x.shape[0] // 2
-        if half == 0:
-            raise ValueError("VerSemiTrainer needs a labeled batch of at least 2 to CutMix its halves")
         if self.stage == 1:
             ratio = s["stage1_box_ratio"]
         else:
