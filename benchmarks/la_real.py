@@ -6,7 +6,10 @@ last 20 are a development test set never seen in training. Both trainers get the
 each is trained on all 60 training cases (``all``: no validation split, final checkpoint) and
 scored on the 20 test cases at full resolution (probabilities resampled back, Dice per case).
 
-    python benchmarks/la_real.py [--iterations 1500] [--trainers VerSemiTrainer SupervisedTrainer]
+    python benchmarks/la_real.py [--minutes 20] [--trainers VerSemiTrainer SupervisedTrainer]
+
+Equal budget means equal wall time: each trainer's seconds per iteration are measured in a short
+calibration run first, and its iteration count set to fill ``--minutes``.
 
 Writes ``benchmarks/_work/la_real/results.json`` and prints a table. Not a test.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -86,9 +90,27 @@ def predict_dice(checkpoint: Path, raw: Path) -> list[dict]:
     return results
 
 
+def train_command(name: str, epochs: int, iterations_per_epoch: int) -> list[str]:
+    return [str(BIN / "versemi_train"), "3d_fullres", "all", "-e", "LA8_half", "-tr", name,
+            "--epochs", str(epochs), "--iterations-per-epoch", str(iterations_per_epoch),
+            "--patch-size", *PATCH, "--batch-size", "2", "--features", *FEATURES,
+            "--optimizer", "adam", "--lr", "3e-3", "--num-workers", "1",
+            "--method", json.dumps({"stage1_fraction": 0.2})]
+
+
+def calibrate(name: str, work: Path, env: dict) -> float:
+    """Seconds per training iteration of ``name`` (second epoch of a short run, after warm-up)."""
+    from versemi.training.checkpoint import load_checkpoint
+    scratch = work / "calibration"
+    shutil.rmtree(scratch, ignore_errors=True)
+    run(train_command(name, 2, 8), {**env, "VERSEMI_RESULTS": str(scratch)})
+    history = load_checkpoint(scratch / "LA8_half" / f"{name}__3d_fullres" / "fold_all" / "checkpoint_final.pth")["history"]
+    return history["epoch_seconds"][-1] / 8
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=1500, help="training iterations per trainer")
+    parser.add_argument("--minutes", type=float, default=20.0, help="training wall time per trainer")
     parser.add_argument("--trainers", nargs="+", default=["VerSemiTrainer", "SupervisedTrainer"])
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "la_real")
     parser.add_argument("--threads", type=int, default=2)
@@ -102,19 +124,17 @@ def main() -> None:
     run([str(BIN / "versemi_plan_and_preprocess"), "-d", "LA", "--labeled", "LA=8", "-e", "LA8_half",
          "--spacing-scale", "2", "-np", "2", "--quiet"], env)
     epochs = 10
-    report = {"iterations": args.iterations, "patch": PATCH, "features": FEATURES, "trainers": {}}
+    report = {"minutes": args.minutes, "patch": PATCH, "features": FEATURES, "trainers": {}}
     for name in args.trainers:
         folder = args.work / "results" / "LA8_half" / f"{name}__3d_fullres" / "fold_all"
-        seconds = None
+        seconds, iterations = None, None
         if not (folder / "checkpoint_final.pth").is_file():
-            seconds = run([str(BIN / "versemi_train"), "3d_fullres", "all", "-e", "LA8_half", "-tr", name,
-                           "--epochs", str(epochs), "--iterations-per-epoch", str(args.iterations // epochs),
-                           "--patch-size", *PATCH, "--batch-size", "2", "--features", *FEATURES,
-                           "--optimizer", "adam", "--lr", "3e-3", "--num-workers", "1",
-                           "--method", json.dumps({"stage1_fraction": 0.2})], env)
+            per_iteration = calibrate(name, args.work, env)
+            iterations = max(epochs, int(args.minutes * 60 / per_iteration))
+            seconds = run(train_command(name, epochs, iterations // epochs), env)
         cases = predict_dice(folder / "checkpoint_final.pth", raw)
-        report["trainers"][name] = {"train_seconds": seconds, "mean_dice": float(np.mean([c["dice"] for c in cases])),
-                                    "cases": cases}
+        report["trainers"][name] = {"train_seconds": seconds, "iterations": iterations,
+                                    "mean_dice": float(np.mean([c["dice"] for c in cases])), "cases": cases}
         print(f"{name}: mean Dice {report['trainers'][name]['mean_dice']:.4f} on {len(cases)} test cases, "
               f"training {seconds if seconds is None else round(seconds)} s")
     (args.work / "results.json").write_text(json.dumps(report, indent=2))
