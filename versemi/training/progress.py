@@ -33,18 +33,18 @@ class TrainingLog:
         if not h["epoch"]:
             return
         fig, (ax_loss, ax_dice, ax_lr) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
-        ax_loss.plot(h["epoch"], h["train_loss"], label="train loss")
-        ax_loss.plot(h["epoch"], h["val_loss"], label="validation loss")
+        ax_loss.plot(h["epoch"], h["train_loss"], "o-", ms=3, label="train loss")
+        ax_loss.plot(h["epoch"], h["val_loss"], "o-", ms=3, label="validation loss")
         ax_loss.set_ylabel("loss")
         ax_loss.legend()
         prompts = sorted({k for d in h["dice"] for k in d})
         for prompt in prompts:
-            ax_dice.plot(h["epoch"], [d.get(prompt, float("nan")) for d in h["dice"]], label=f"pseudo-Dice {prompt}")
+            ax_dice.plot(h["epoch"], [d.get(prompt, float("nan")) for d in h["dice"]], "o-", ms=3, label=f"pseudo-Dice {prompt}")
         ax_dice.plot(h["epoch"], h["ema_dice"], "k--", label="mean (EMA)")
         ax_dice.set_ylabel("Dice")
         ax_dice.set_ylim(0, 1)
         ax_dice.legend(fontsize=8)
-        ax_lr.plot(h["epoch"], h["lr"])
+        ax_lr.plot(h["epoch"], h["lr"], "o-", ms=3)
         ax_lr.set_ylabel("learning rate")
         ax_lr.set_xlabel("epoch")
         fig.tight_layout()

@@ -202,9 +202,10 @@ class Trainer:
             started = time.time()
             train_loss, iteration_losses = self.train_epoch()
             val_loss, dice = self.validate_epoch()
+            lr = self.optimizer.param_groups[0]["lr"]
             self.epoch += 1
             self.scheduler.step()
-            self._record_epoch(train_loss, iteration_losses, val_loss, dice, time.time() - started)
+            self._record_epoch(train_loss, iteration_losses, val_loss, dice, lr, time.time() - started)
         self.save("final")
         if self.is_main and self.split["val"]:
             summary = sliding_window_validation(self)
@@ -253,7 +254,7 @@ class Trainer:
         dice = {self.prompt_names[p]: 2 * tp / max(2 * tp + fp + fn, 1) for p, (tp, fp, fn) in sorted(counts.items())}
         return float(np.mean(losses)), dice
 
-    def _record_epoch(self, train_loss, iteration_losses, val_loss, dice, seconds) -> None:
+    def _record_epoch(self, train_loss, iteration_losses, val_loss, dice, lr, seconds) -> None:
         if not self.is_main:
             return
         mean_dice = float(np.mean(list(dice.values()))) if dice else float("nan")
@@ -261,7 +262,7 @@ class Trainer:
         ema = mean_dice if previous is None or math.isnan(previous) else \
             EMA_DICE_MOMENTUM * previous + (1 - EMA_DICE_MOMENTUM) * mean_dice
         self.log.record(epoch=self.epoch, train_loss=train_loss, val_loss=val_loss, dice=dice, ema_dice=ema,
-                        lr=self.optimizer.param_groups[0]["lr"], epoch_seconds=seconds, iteration_losses=iteration_losses)
+                        lr=lr, epoch_seconds=seconds, iteration_losses=iteration_losses)
         remaining = seconds * (self.config.epochs - self.epoch)
         self.log.write(f"epoch {self.epoch}/{self.config.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                        f"pseudo-Dice {({k: round(v, 4) for k, v in dice.items()})}, {seconds:.1f} s, "
