@@ -139,3 +139,90 @@ def train_main(argv: list[str] | None = None) -> int:
     from .training.run import train
 
     return train(argv)
+
+
+@_entry_point
+def evaluate_main(argv: list[str] | None = None) -> int:
+    from .evaluation import EMPTY_CONVENTIONS, evaluate_folders, format_table_row
+
+    parser = argparse.ArgumentParser(prog="versemi_evaluate",
+                                     description="Score a folder of predicted segmentations against reference "
+                                                 "labels: Dice, Jaccard, 95th-percentile Hausdorff distance, "
+                                                 "average surface distance (MedPy conventions) per case and label; "
+                                                 "writes summary.json, summary.csv and summary.png.")
+    parser.add_argument("-r", "--reference", type=Path, required=True, help="folder of reference label files")
+    parser.add_argument("-p", "--predictions", type=Path, required=True, help="folder of predicted label files "
+                                                                              "(same case names)")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="folder for the summary files "
+                                                                        "(default: PREDICTIONS/summary)")
+    parser.add_argument("--voxel-units", action="store_true",
+                        help="distances in voxels (the LA/Pancreas literature's convention) instead of mm")
+    parser.add_argument("--labels", type=int, nargs="+", default=None,
+                        help="label values to evaluate (default: every nonzero value in the references)")
+    parser.add_argument("--empty", choices=EMPTY_CONVENTIONS, default="nan",
+                        help="missed / false-positive-only cases: 'nan' (default) leaves HD95/ASD undefined and "
+                             "counts them; 'literature' scores them (0, 0, 0, 0) like the UA-MT scripts")
+    args = parser.parse_args(argv)
+    summary = evaluate_folders(args.reference, args.predictions, voxel_units=args.voxel_units, labels=args.labels,
+                               empty_convention=args.empty, output_dir=args.output)
+    print(f"{summary['num_cases']} case(s), distances in {summary['units']}, empty convention '{args.empty}'")
+    for label in summary["labels"]:
+        counts = summary["counts"][str(label)]
+        notes = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("missed", "false_positive_only",
+                                                                          "both_empty") if counts[k])
+        print(f"label {label}: {format_table_row(summary, label)}" + (f"   ({notes})" if notes else ""))
+    if summary["ignored_predictions"]:
+        print(f"note: {len(summary['ignored_predictions'])} prediction(s) without a reference ignored: "
+              f"{', '.join(summary['ignored_predictions'])}")
+    if summary["labels_not_evaluated"]:
+        print(f"note: label value(s) {summary['labels_not_evaluated']} present but not evaluated")
+    for path in summary["files"].values():
+        print(f"wrote {path}")
+    return 0
+
+
+@_entry_point
+def predict_main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from .inference.predictor import CHECKPOINT_KINDS, find_experiment_dir, load_models, predict_cases, resolve_prompt
+
+    parser = argparse.ArgumentParser(prog="versemi_predict",
+                                     description="Segment images with the trained folds of an experiment (one "
+                                                 "prompt), written in each input's own file format and geometry.")
+    parser.add_argument("-i", "--input", type=Path, nargs="+", required=True,
+                        help="a folder of CASE_0000.ext files (one per channel), or image files")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for CASE.ext (not the input folder)")
+    parser.add_argument("-p", "--prompt", required=True,
+                        help="the task: a dataset (its single label), or DATASET:LABEL / DATASET/LABEL")
+    parser.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
+    parser.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-f", "--folds", nargs="+", help="folds to ensemble: 0 .. 4 or all (default: every fold "
+                                                         "folder present)")
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
+    parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring (8x faster)")
+    parser.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch "
+                                                                "(0.5: windows overlap by half)")
+    parser.add_argument("--lcc", action="store_true", help="keep only the largest connected component")
+    parser.add_argument("--save-probabilities", action="store_true", help="also write CASE_prob.npz (float32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--plans-root", type=Path, help="where to look for the planned experiment (default: "
+                                                        "$VERSEMI_PLANS or $VERSEMI_ROOT/versemi_plans)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if not 0 < args.step <= 1:
+        raise input_error(f"--step {args.step}", "must lie in (0, 1]", "use e.g. 0.5 (nnU-Net's default)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise input_error(f"--device {args.device}", "CUDA is not available here", "use --device cpu")
+    experiment_dir = find_experiment_dir(args.experiment, args.plans_root)
+    ensemble = load_models(experiment_dir, args.folds, args.trainer, args.configuration, args.checkpoint, args.device)
+    prompt = resolve_prompt(ensemble.plans, args.prompt)
+    print(f"{experiment_dir.name}: {args.trainer}__{ensemble.configuration} fold(s) {', '.join(ensemble.folds)}, "
+          f"prompt {prompt['dataset']}/{prompt['label']}, on {ensemble.device}")
+    written = predict_cases(args.input, args.output, prompt, ensemble, step=args.step, mirroring=not args.no_mirroring,
+                            lcc=args.lcc, save_probabilities=args.save_probabilities, overwrite=args.overwrite,
+                            show_progress=not args.quiet)
+    print(f"wrote {len(written)} segmentation(s) to {args.output}")
+    return 0
