@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 H5 = REPO.parent / "shared" / "data" / "la2018_h5"
 BIN = Path(sys.executable).parent
 PATCH = ["48", "64", "80"]
-FEATURES = ["16", "32", "64", "128", "256"]
+FEATURES = ["16", "32", "64", "128"]  # the last value repeats for deeper stages
 
 
 def run(command: list[str], env: dict) -> float:
