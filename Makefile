@@ -25,7 +25,10 @@ demo: venv
 	  $(BIN)/versemi_train 3d_fullres fold0 --epochs 4 --iterations-per-epoch 15 --val-iterations 5 \
 	    --patch-size 32 48 48 --batch-size 2 --features 8 16 32 64 --optimizer adam --lr 3e-3 --num-workers 1
 	@echo "training curves: $(VERSEMI_ROOT)/results/DemoLA_DemoPancreas/VerSemiTrainer__3d_fullres/fold_0/progress.png"
-	@cat "$(VERSEMI_ROOT)/results/DemoLA_DemoPancreas/VerSemiTrainer__3d_fullres/fold_0/validation/summary.json"
+	$(BIN)/versemi_predict -i "$(VERSEMI_ROOT)/raw/DemoLA/imagesTs" -o "$(VERSEMI_ROOT)/predictions/DemoLA" -p DemoLA --overwrite
+	$(BIN)/versemi_evaluate -r "$(VERSEMI_ROOT)/raw/DemoLA/labelsTs" -p "$(VERSEMI_ROOT)/predictions/DemoLA"
+	$(BIN)/versemi_predict -i "$(VERSEMI_ROOT)/raw/DemoPancreas/imagesTs" -o "$(VERSEMI_ROOT)/predictions/DemoPancreas" -p DemoPancreas --overwrite
+	$(BIN)/versemi_evaluate -r "$(VERSEMI_ROOT)/raw/DemoPancreas/labelsTs" -p "$(VERSEMI_ROOT)/predictions/DemoPancreas"
 
 test: venv
 	$(BIN)/python -m pytest -q
