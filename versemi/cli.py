@@ -205,6 +205,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch "
                                                                 "(0.5: windows overlap by half)")
     parser.add_argument("--lcc", action="store_true", help="keep only the largest connected component")
+    parser.add_argument("--postprocessing", choices=("auto",), default=None,
+                        help="auto: keep the largest connected component where cross-validation found it helps "
+                             "(the decision versemi_find_postprocessing wrote for this prompt)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE_prob.npz (float32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -219,10 +222,105 @@ def predict_main(argv: list[str] | None = None) -> int:
     experiment_dir = find_experiment_dir(args.experiment, args.plans_root)
     ensemble = load_models(experiment_dir, args.folds, args.trainer, args.configuration, args.checkpoint, args.device)
     prompt = resolve_prompt(ensemble.plans, args.prompt)
+    lcc = args.lcc
+    if args.postprocessing == "auto":
+        from .inference.find_postprocessing import load_lcc_decision
+
+        if args.lcc:
+            raise input_error("--lcc --postprocessing auto", "contradict each other",
+                              "give --lcc to always keep the largest component, or --postprocessing auto to follow "
+                              "the cross-validation decision")
+        decision = load_lcc_decision(experiment_dir, args.trainer, ensemble.configuration, prompt)
+        lcc = bool(decision["apply_lcc"])
+        print(f"postprocessing auto: largest connected component {'on' if lcc else 'off'} (cross-validation Dice "
+              f"{100 * decision['dice_with']:.2f} with, {100 * decision['dice_without']:.2f} without, "
+              f"{decision['cases']} case(s); {decision['file']})")
     print(f"{experiment_dir.name}: {args.trainer}__{ensemble.configuration} fold(s) {', '.join(ensemble.folds)}, "
           f"prompt {prompt['dataset']}/{prompt['label']}, on {ensemble.device}")
     written = predict_cases(args.input, args.output, prompt, ensemble, step=args.step, mirroring=not args.no_mirroring,
-                            lcc=args.lcc, save_probabilities=args.save_probabilities, overwrite=args.overwrite,
+                            lcc=lcc, save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                             show_progress=not args.quiet)
     print(f"wrote {len(written)} segmentation(s) to {args.output}")
+    return 0
+
+
+@_entry_point
+def find_postprocessing_main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from .inference.find_postprocessing import find_postprocessing, format_decisions
+    from .inference.predictor import CHECKPOINT_KINDS, find_experiment_dir
+
+    parser = argparse.ArgumentParser(prog="versemi_find_postprocessing",
+                                     description="From cross-validation, decide per prompt whether keeping the "
+                                                 "largest connected component does not lower the mean Dice "
+                                                 "(nnU-Net's rule); writes postprocessing.json for versemi_predict "
+                                                 "--postprocessing auto.")
+    parser.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
+    parser.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-f", "--folds", nargs="+", help="cross-validation folds 0 .. 4 (default: every trained one)")
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
+    parser.add_argument("--raw", type=Path, help="raw root holding the datasets (default: $VERSEMI_RAW or "
+                                                 "$VERSEMI_ROOT/raw)")
+    parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring (8x faster)")
+    parser.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plans-root", type=Path, help="where to look for the planned experiment")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if not 0 < args.step <= 1:
+        raise input_error(f"--step {args.step}", "must lie in (0, 1]", "use e.g. 0.5 (nnU-Net's default)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise input_error(f"--device {args.device}", "CUDA is not available here", "use --device cpu")
+    experiment_dir = find_experiment_dir(args.experiment, args.plans_root)
+    result = find_postprocessing(experiment_dir, args.trainer, args.configuration, args.folds, args.checkpoint,
+                                 args.raw, args.device, args.step, not args.no_mirroring,
+                                 show_progress=not args.quiet)
+    print(f"{experiment_dir.name}: {args.trainer}__{args.configuration}, folds {', '.join(result['folds'])}, "
+          f"{len(result['cases'])} validation case(s) in their original geometry")
+    print(format_decisions(result))
+    print(f"wrote {result['file']}")
+    return 0
+
+
+@_entry_point
+def benchmark_main(argv: list[str] | None = None) -> int:
+    from .benchmark_protocol import main
+
+    return main(argv)
+
+
+@_entry_point
+def export_bundle_main(argv: list[str] | None = None) -> int:
+    from .bundles.export import BUNDLE_VERSION, export_bundle
+    from .inference.predictor import CHECKPOINT_KINDS
+
+    parser = argparse.ArgumentParser(prog="versemi_export_bundle",
+                                     description="Export one prompt of a trained experiment as a MONAI bundle that "
+                                                 "runs without versemi (python -m monai.bundle run --config_file "
+                                                 "OUT/configs/inference.json --dataset_dir IN --output_dir PRED).")
+    parser.add_argument("-p", "--prompt", required=True,
+                        help="the task: a dataset (its single label), or DATASET:LABEL / DATASET/LABEL")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="bundle folder (default: $VERSEMI_BUNDLES/<experiment>_<dataset>_<label>)")
+    parser.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
+    parser.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-f", "--folds", nargs="+", help="folds to ensemble: 0 .. 4 or all (default: every fold "
+                                                         "folder present)")
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
+    parser.add_argument("--version", default=BUNDLE_VERSION, help=f"bundle version (default {BUNDLE_VERSION})")
+    parser.add_argument("--authors", default="VerSemi contributors", help="metadata.json 'authors'")
+    parser.add_argument("--copyright", default="Copyright (c) VerSemi contributors", help="metadata.json 'copyright'")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument("--plans-root", type=Path, help="where to look for the planned experiment (default: "
+                                                        "$VERSEMI_PLANS or $VERSEMI_ROOT/versemi_plans)")
+    args = parser.parse_args(argv)
+    folder = export_bundle(args.output, args.prompt, args.experiment, args.folds, args.trainer, args.configuration,
+                           args.checkpoint, overwrite=args.overwrite, version=args.version, authors=args.authors,
+                           copyright_=args.copyright, plans_root=args.plans_root)
+    print(f"wrote {folder}")
+    print(f"run it: python -m monai.bundle run --config_file {folder / 'configs' / 'inference.json'} "
+          "--dataset_dir IN --output_dir OUT")
     return 0

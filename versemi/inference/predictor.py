@@ -427,12 +427,19 @@ def _is_oom(exc: Exception) -> bool:
 @torch.no_grad()
 def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, prompt_index: int, patch_size,
                                  device: torch.device, step: float = 0.5, mirroring: bool = True,
-                                 batch_size: int = 2) -> torch.Tensor:
+                                 batch_size: int = 2, *, overlap: float | Sequence[float] | None = None,
+                                 blend: str = "gaussian") -> torch.Tensor:
     """Foreground probabilities (Z, Y, X) of one prompt on a preprocessed (C, Z, Y, X) image: Gaussian
     sliding window, windows ``step`` x patch apart (overlap 1 - step), each window averaged over
-    the mirror flips. On CUDA the stitched output moves to the CPU if GPU memory runs out."""
+    the mirror flips. On CUDA the stitched output moves to the CPU if GPU memory runs out.
+
+    ``overlap`` (a fraction of the window, one value or one per axis) replaces ``1 - step``;
+    ``blend`` "constant" averages overlapping windows with equal weight instead of Gaussian weights."""
     if not 0 < step <= 1:
         raise ValueError(f"step must lie in (0, 1]; got {step}")
+    if blend not in ("gaussian", "constant"):
+        raise ValueError(f"blend must be 'gaussian' or 'constant'; got {blend!r}")
+    overlap = 1.0 - step if overlap is None else (float(overlap) if np.isscalar(overlap) else [float(o) for o in overlap])
     device = torch.device(device)
     image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
     prompt = torch.tensor([[int(prompt_index)]], device=device)
@@ -452,7 +459,7 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
 
     def run(output_device):
         return sliding_window_inference(image, list(patch_size), sw_batch_size=batch_size, predictor=predictor,
-                                        overlap=1.0 - step, mode="gaussian", sw_device=device,
+                                        overlap=overlap, mode=blend, sw_device=device,
                                         device=output_device)[0, 0]
 
     if device.type != "cuda":
@@ -467,12 +474,14 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
 
 
 def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, prompt_index: int, step: float = 0.5,
-                           mirroring: bool = True) -> torch.Tensor:
-    """The mean over the ensemble's folds of ``sliding_window_probabilities``."""
+                           mirroring: bool = True, *, patch_size=None, overlap: float | Sequence[float] | None = None,
+                           blend: str = "gaussian") -> torch.Tensor:
+    """The mean over the ensemble's folds of ``sliding_window_probabilities`` (``patch_size`` None:
+    each fold's own patch)."""
     total = None
     for model in ensemble.models:
-        p = sliding_window_probabilities(model.network, data, prompt_index, model.patch_size, ensemble.device, step,
-                                         mirroring)
+        p = sliding_window_probabilities(model.network, data, prompt_index, patch_size or model.patch_size,
+                                         ensemble.device, step, mirroring, overlap=overlap, blend=blend)
         total = p if total is None else total + p.to(total.device)
     return total / len(ensemble.models)
 
@@ -501,8 +510,12 @@ class CasePrediction:
 
 
 def predict_case(ensemble: Ensemble, files: Sequence[str | Path], prompt: str | dict, step: float = 0.5,
-                 mirroring: bool = True, lcc: bool = False, keep_probabilities: bool = False) -> CasePrediction:
-    """Segment one case (its channel files) with one prompt, in the input's own voxel grid."""
+                 mirroring: bool = True, lcc: bool = False, keep_probabilities: bool = False, *, patch_size=None,
+                 overlap: float | Sequence[float] | None = None, blend: str = "gaussian") -> CasePrediction:
+    """Segment one case (its channel files) with one prompt, in the input's own voxel grid.
+
+    ``patch_size`` (window (z, y, x) in the plan's grid; None: the checkpoint's patch), ``overlap``
+    and ``blend`` choose another sliding window (see ``sliding_window_probabilities``)."""
     prompt = resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt
     plan = ensemble.plans["datasets"][prompt["dataset"]]
     image, geometry = read_image(files)
@@ -516,7 +529,8 @@ def predict_case(ensemble: Ensemble, files: Sequence[str | Path], prompt: str | 
     cropped_shape = cropped.shape[1:]
     data = resample_image(normalize(cropped, plan["normalization"]), geometry.spacing_zyx, plan["target_spacing"])
     del cropped
-    probabilities = resize_probabilities(ensemble_probabilities(ensemble, data, prompt["index"], step, mirroring),
+    probabilities = resize_probabilities(ensemble_probabilities(ensemble, data, prompt["index"], step, mirroring,
+                                                                patch_size=patch_size, overlap=overlap, blend=blend),
                                          cropped_shape)
     del data
     region = bounding_box_to_slice(bbox)
