@@ -1,0 +1,373 @@
+"""MONAI bundle export: the spec's metadata, the network's I/O, a bundle that runs without versemi
+and agrees with versemi_predict voxel for voxel, model-file integrity, reproducible configs and
+clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from versemi.bundles import export as bundle_export
+from versemi.cli import export_bundle_main, train_main
+from versemi.datasets.io import Geometry, write_image
+from versemi.errors import InputError
+from versemi.inference import load_models, predict_cases
+from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+from versemi.preprocessing.resampling import resample_image
+
+EXPERIMENT = "DemoLA_DemoPancreas"
+TRAINER = "SupervisedTrainer"
+# tiny, but trained long enough (Adam) to draw a real boundary: agreement is then a real test
+TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
+        "--val-iterations", "1", "--epochs", "1", "--no-augmentation", "-tr", TRAINER, "--optimizer", "adam",
+        "--lr", "0.01"]
+ITERATIONS = {"0": "60", "1": "60"}
+# the MONAI bundle spec's mandatory metadata keys and their JSON types (meta_schema_20240725.json)
+MANDATORY = {"schema": str, "version": str, "monai_version": str, "pytorch_version": str, "numpy_version": str,
+             "required_packages_version": dict, "task": str, "description": str, "authors": str, "copyright": str,
+             "network_data_format": dict}
+# ... and of each tensor in network_data_format (required by the schema, plus the optional ones we fill)
+TENSOR = {"type": str, "format": str, "num_channels": int, "spatial_shape": list, "dtype": str, "value_range": list,
+          "is_patch_data": bool, "channel_def": dict}
+OFFICIAL_SCHEMA = os.environ.get("VERSEMI_MONAI_META_SCHEMA", "")  # a local copy of meta_schema_20240725.json
+_cz, _sz, _cx, _sx = np.cos(np.pi / 6), np.sin(np.pi / 6), np.cos(np.pi / 9), np.sin(np.pi / 9)
+OBLIQUE = tuple((np.array([[1, 0, 0], [0, _cx, -_sx], [0, _sx, _cx]])
+                 @ np.array([[_cz, -_sz, 0], [_sz, _cz, 0], [0, 0, 1]])).ravel().tolist())
+# runs `python -m monai.bundle ...` in a process where `import versemi` raises ImportError
+WITHOUT_VERSEMI = textwrap.dedent("""
+    import runpy, sys
+    sys.modules["versemi"] = None  # import versemi (and versemi.*) now raises ImportError
+    try:
+        import versemi
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("versemi is still importable")
+    sys.argv = ["monai.bundle"] + sys.argv[1:]
+    try:
+        runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+    finally:
+        loaded = sorted(m for m, v in sys.modules.items() if m.startswith("versemi") and v is not None)
+        assert not loaded, loaded
+""")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions: one thread is fastest, and stays fast on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread, toy_raw_master, tmp_path_factory):
+    """The toy experiment planned, folds 0 and 1 of a tiny SupervisedTrainer, and the DemoLA bundle."""
+    root = tmp_path_factory.mktemp("bundle")
+    env = pytest.MonkeyPatch()
+    env.setenv("VERSEMI_PLANS", str(root / "plans"))
+    env.setenv("VERSEMI_RESULTS", str(root / "results"))
+    env.setenv("VERSEMI_BUNDLES", str(root / "bundles"))
+    plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, root / "plans",
+                                          num_processes=1, show_progress=False))
+    for fold, iterations in ITERATIONS.items():
+        assert train_main(["3d_fullres", fold, *TINY, "--iterations-per-epoch", iterations]) == 0
+    assert _export("-p", "DemoLA", "-f", "0", "1", "-o", str(root / "bundles" / "la")) == 0
+    yield SimpleNamespace(root=root, raw=toy_raw_master, bundle=root / "bundles" / "la",
+                          experiment=root / "results" / EXPERIMENT)
+    env.undo()
+
+
+def _export(*args: str) -> int:
+    return export_bundle_main(["-e", EXPERIMENT, "-tr", TRAINER, *args])
+
+
+def _monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ARGS`` without versemi, one thread, from ``cwd``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, "-c", WITHOUT_VERSEMI, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _run_in_process(bundle: Path, dataset_dir: Path, output_dir: Path) -> None:
+    """The bundle's workflow in this process (faster than a subprocess), bundle_root given explicitly."""
+    from monai.bundle import run
+
+    search_path = list(sys.path)  # the workflow puts the bundle folder on sys.path
+    try:
+        run(config_file=str(bundle / "configs" / "inference.json"), logging_file=False, bundle_root=str(bundle),
+            dataset_dir=str(dataset_dir), output_dir=str(output_dir))
+    finally:
+        sys.path[:] = search_path
+
+
+def _test_image(raw: Path, dataset: str) -> Path:
+    return sorted((raw / dataset / "imagesTs").glob("*_0000.nii.gz"))[0]
+
+
+def _versemi_predictions(trained, inputs: Path, output: Path, prompt: str) -> Path:
+    ensemble = load_models(trained.experiment, ["0", "1"], TRAINER)
+    predict_cases([inputs], output, prompt, ensemble, show_progress=False)
+    return output
+
+
+def _assert_same_segmentation(bundle_output: Path, reference: Path) -> float:
+    """Same grid (size, spacing, origin, direction; NIfTI affine), uint8 0/1; returns the Dice."""
+    out, ref = sitk.ReadImage(str(bundle_output)), sitk.ReadImage(str(reference))
+    assert out.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert out.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_allclose(nib.load(str(bundle_output)).affine, nib.load(str(reference)).affine, atol=1e-5)
+    a, b = sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(ref)
+    assert set(np.unique(a)) <= {0, 1}
+    a, b = a.astype(bool), b.astype(bool)
+    assert b.any() and not b.all(), "the reference should have a real boundary to compare"
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+# ----- layout and metadata -----
+def test_bundle_has_the_standard_layout(trained):
+    files = sorted(str(p.relative_to(trained.bundle)) for p in trained.bundle.rglob("*") if p.is_file())
+    assert files == ["LICENSE", "configs/inference.json", "configs/logging.conf", "configs/metadata.json",
+                     "docs/README.md", "models/checksums.json", "models/model.pt", "models/model.ts",
+                     "scripts/__init__.py", "scripts/inference.py"]
+    assert (trained.bundle / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]
+    card = (trained.bundle / "docs" / "README.md").read_text()
+    for words in ("not a medical device", "DemoLA", "DemoPancreas", "Cross-validation", "Input requirements",
+                  "Version history", "left_atrium"):
+        assert words in card
+    assert not list(trained.root.glob("bundles/.*")), "no partial export left behind"
+
+
+def test_metadata_has_the_mandatory_keys_of_the_bundle_spec(trained):
+    meta = json.loads((trained.bundle / "configs" / "metadata.json").read_text())
+    for key, kind in MANDATORY.items():
+        assert isinstance(meta.get(key), kind), f"{key}: {meta.get(key)!r} is not a {kind.__name__}"
+    assert meta["schema"].endswith("meta_schema_20240725.json")
+    assert meta["version"] in meta["changelog"]
+    fmt = meta["network_data_format"]
+    image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
+    for tensor in (image, pred):
+        for key, kind in TENSOR.items():
+            assert isinstance(tensor.get(key), kind), f"{key}: {tensor.get(key)!r} is not a {kind.__name__}"
+        assert all(isinstance(s, (int, str)) for s in tensor["spatial_shape"])
+        assert all(isinstance(v, (int, float)) for v in tensor["value_range"])
+    assert image == {"type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1,
+                     "spatial_shape": [32, 32, 16], "dtype": "float32", "value_range": [], "is_patch_data": True,
+                     "channel_def": {"0": "MRI"}}  # the trained patch (z, y, x) = (16, 32, 32) in MONAI's order
+    assert pred == {"type": "image", "format": "segmentation", "num_channels": 2, "spatial_shape": [32, 32, 16],
+                    "dtype": "float32", "value_range": [0, 1], "is_patch_data": True,
+                    "channel_def": {"0": "background", "1": "left_atrium"}}
+    assert meta["versemi"]["folds"] == ["0", "1"] and meta["versemi"]["prompt"]["dataset"] == "DemoLA"
+    fold_dice = json.loads((trained.experiment / f"{TRAINER}__3d_fullres" / "fold_0" / "validation" /
+                            "summary.json").read_text())["mean_dice"]["DemoLA/left_atrium"]
+    assert meta["eval_metrics"]["fold_0_dice"] == pytest.approx(fold_dice)
+
+
+def test_metadata_verifies_with_monai_offline(trained, tmp_path):
+    """``verify_metadata`` against a schema of the spec's mandatory keys written here (the official
+    one cannot be downloaded offline: see the next test)."""
+    pytest.importorskip("jsonschema")
+    from monai.bundle import verify_metadata
+
+    tensor = {"type": "object", "required": list(TENSOR),
+              "properties": {k: {"type": {str: "string", int: "integer", list: "array", bool: "boolean",
+                                          dict: "object"}[v]} for k, v in TENSOR.items()}}
+    network_io = {"type": "object", "required": ["inputs", "outputs"],
+                  "properties": {"inputs": {"type": "object", "additionalProperties": tensor},
+                                 "outputs": {"type": "object", "additionalProperties": tensor}}}
+    schema = {"type": "object", "required": list(MANDATORY), "properties": {"network_data_format": network_io}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    meta_file = str(trained.bundle / "configs" / "metadata.json")
+    verify_metadata(meta_file=meta_file, filepath=str(tmp_path / "schema.json"))
+    bad = json.loads(Path(meta_file).read_text())
+    del bad["copyright"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(Exception, match="copyright"):
+        verify_metadata(meta_file=str(tmp_path / "bad.json"), filepath=str(tmp_path / "schema.json"))
+
+
+def test_metadata_verifies_against_the_official_schema(trained, tmp_path):
+    """``python -m monai.bundle verify_metadata`` with a local copy of meta_schema_20240725.json."""
+    pytest.importorskip("jsonschema")
+    meta_file = str(trained.bundle / "configs" / "metadata.json")
+    if not Path(OFFICIAL_SCHEMA).is_file():
+        pytest.skip("official metadata schema not checked: it cannot be downloaded offline; set "
+                    "VERSEMI_MONAI_META_SCHEMA to a local copy of meta_schema_20240725.json to check it")
+    result = _monai_bundle("verify_metadata", "--meta_file", meta_file, "--filepath", OFFICIAL_SCHEMA,
+                           cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ----- the network -----
+def test_network_verifies_in_and_out_and_weights_load_safely(trained, tmp_path):
+    bundle = trained.bundle
+    result = _monai_bundle("verify_net_in_out", "--net_id", "network_def", "--meta_file",
+                           str(bundle / "configs" / "metadata.json"), "--config_file",
+                           str(bundle / "configs" / "inference.json"), "--n", "1", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "verified with no error" in result.stdout + result.stderr
+    weights = torch.load(bundle / "models" / "model.pt", weights_only=True)  # plain tensors only
+    assert sorted({k.split(".")[1] for k in weights}) == ["0", "1"]  # networks.<fold index>.*
+    traced = torch.jit.load(str(bundle / "models" / "model.ts"))
+    traced.load_state_dict(weights)  # model.pt is exactly the state of model.ts's module
+    code = "\n".join(getattr(module, "code", "") for _, module in traced.named_modules())
+    assert "forward" in code and "cpu" not in code, "no device baked into the trace: it must run on a GPU too"
+    x = torch.rand(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        p = traced(x)
+    assert p.shape == (2, 2, 32, 32, 16) and p.dtype == torch.float32
+    torch.testing.assert_close(p.sum(dim=1), torch.ones(2, 32, 32, 16))
+
+
+def test_bundle_resampling_is_versemis():
+    """scripts/inference.py repeats versemi's resampling (the bundle must not import versemi): keep them equal."""
+    from monai.data import MetaTensor
+
+    code = runpy.run_path(str(bundle_export.TEMPLATES / "scripts" / "inference.py"))
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 9, 14, 11)).astype(np.float32)  # (c, z, y, x)
+    cases = [((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)), ((1.1, 0.8, 1.3), (1.0, 1.0, 1.0)),
+             ((2.2, 0.9, 0.6), (1.0, 1.0, 1.0)), ((1.0, 0.7, 0.7), (2.5, 0.8, 0.8)), ((2.5, 2.5, 0.7), (1, 1, 1))]
+    for spacing_zyx, target_zyx in cases:
+        expected = resample_image(image.copy(), spacing_zyx, target_zyx)
+        affine = np.diag([*reversed(spacing_zyx), 1.0])
+        data = {"image": MetaTensor(torch.from_numpy(image.transpose(0, 3, 2, 1).copy()), affine=affine)}
+        transform = code["ResampleToSpacingd"](keys="image", pixdim=list(reversed(target_zyx)))
+        out = transform(data)
+        np.testing.assert_allclose(out["image"].numpy().transpose(0, 3, 2, 1), expected, atol=1e-5)
+        back = transform.inverse(out)["image"]
+        assert back.shape == data["image"].shape
+        np.testing.assert_allclose(back.affine.numpy(), affine)
+
+
+def test_bundle_finds_cases_like_versemi_predict(tmp_path):
+    code = runpy.run_path(str(bundle_export.TEMPLATES / "scripts" / "inference.py"))
+    for name in ("b_0000.nii.gz", "a_0000.nii.gz", "c.nii", ".partial_0000.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert code["find_images"](str(tmp_path), 1) == [{"image": str(tmp_path / n)} for n in
+                                                     ("a_0000.nii.gz", "b_0000.nii.gz", "c.nii")]
+    with pytest.raises(ValueError, match=r"case a: .* 2 channel"):
+        code["find_images"](str(tmp_path), 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no NIfTI images"):
+        code["find_images"](str(tmp_path / "empty"), 1)
+    with pytest.raises(ValueError, match="is not a folder"):
+        code["find_images"](str(tmp_path / "missing"), 1)
+
+
+# ----- running the bundle -----
+def test_bundle_runs_without_versemi_and_matches_versemi_predict(trained, tmp_path):
+    """`python -m monai.bundle run` where versemi cannot be imported, on the DemoLA test image and on
+    a resampled copy with an oblique, anisotropic geometry: the same masks as versemi_predict."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = _test_image(trained.raw, "DemoLA")
+    shutil.copy(image, inputs / image.name)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
+    write_image(array, Geometry((0.6, 0.9, 2.2), (-12.5, 30.25, 7.0), OBLIQUE), inputs / "oblique_0000.nii.gz")
+    write_image(array, Geometry((1.3, 0.8, 1.1), (3.0, -2.0, 1.0), OBLIQUE), inputs / "mild_0000.nii.gz")
+    config = trained.bundle / "configs" / "inference.json"
+    result = _monai_bundle("run", "--config_file", str(config), "--dataset_dir", str(inputs), "--output_dir",
+                           str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = _versemi_predictions(trained, inputs, tmp_path / "versemi", "DemoLA")
+    names = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names  # CASE_0000.nii.gz -> CASE.nii.gz
+    for name in names:
+        assert _assert_same_segmentation(tmp_path / "out" / name, reference / name) >= 0.99, name
+
+
+def test_ct_bundle_matches_versemi_predict(trained, tmp_path):
+    """The CT prompt (clipping + global z-score, anisotropic spacing), run in this process."""
+    bundle = trained.root / "bundles" / "pancreas"
+    assert _export("-p", "DemoPancreas:pancreas", "-f", "0", "1", "-o", str(bundle)) == 0
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = _test_image(trained.raw, "DemoPancreas")
+    shutil.copy(image, inputs / image.name)
+    _run_in_process(bundle, inputs, tmp_path / "out")
+    reference = _versemi_predictions(trained, inputs, tmp_path / "versemi", "DemoPancreas")
+    name = image.name.replace("_0000", "")
+    assert _assert_same_segmentation(tmp_path / "out" / name, reference / name) >= 0.99
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    image_format = meta["network_data_format"]["inputs"]["image"]
+    assert image_format["modality"] == "CT" and len(image_format["value_range"]) == 2
+
+
+def test_tampered_model_is_refused(trained, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained.bundle, bundle)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(_test_image(trained.raw, "DemoLA"), inputs)
+    model = bundle / "models" / "model.ts"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(Exception) as caught:
+        _run_in_process(bundle, inputs, tmp_path / "out")
+    chain, error = [], caught.value
+    while error is not None:  # MONAI's config parser wraps the bundle's own error
+        chain.append(error)
+        error = error.__cause__
+    assert any(type(e).__name__ == "BundleIntegrityError" and "models/model.ts: SHA-256" in str(e)
+               for e in chain), chain
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ----- export: reproducible, and clear errors -----
+def test_reexport_gives_identical_configs(trained, tmp_path):
+    again = tmp_path / "again"
+    assert _export("-p", "DemoLA", "-f", "0", "1", "-o", str(again)) == 0
+    for relative in ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "docs/README.md",
+                     "LICENSE", "scripts/inference.py", "models/model.pt"):
+        assert (again / relative).read_bytes() == (trained.bundle / relative).read_bytes(), relative
+    assert _export("-p", "DemoLA", "-f", "0", "1", "-o", str(again), "--overwrite") == 0  # replaced in place
+    assert (again / "configs/inference.json").read_bytes() == (trained.bundle / "configs/inference.json").read_bytes()
+
+
+def test_bad_input_is_refused_with_nothing_written(trained, tmp_path, capsys, monkeypatch):
+    target = tmp_path / "bundle"
+    assert _export("-p", "DemoLA", "-f", "3", "-o", str(target)) == 2
+    assert "fold 3 was never trained" in capsys.readouterr().err
+    assert _export("-p", "Nope", "-f", "0", "-o", str(target)) == 2
+    assert "unknown prompt" in capsys.readouterr().err
+    assert not target.exists()
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    assert _export("-p", "DemoLA", "-f", "0", "-o", str(target)) == 2
+    err = capsys.readouterr().err
+    assert "exists already" in err and "--overwrite" in err
+    assert _export("-p", "DemoLA", "-f", "0", "-o", str(target), "--overwrite") == 2  # not a bundle: kept
+    assert "is not a bundle" in capsys.readouterr().err
+    assert (target / "notes.txt").read_text() == "keep me"
+
+    def fail_after_some_files(folder, relative, data):
+        if relative == "docs/README.md":
+            raise OSError("disk full")
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+
+    with pytest.raises(InputError, match="single-channel"):
+        bundle_export.normalization_transforms([{"scheme": "zscore"}, {"scheme": "zscore"}])
+
+    monkeypatch.setattr(bundle_export, "_write", fail_after_some_files)
+    with pytest.raises(OSError, match="disk full"):
+        bundle_export.export_bundle(tmp_path / "half", "DemoLA", EXPERIMENT, ["0"], TRAINER)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"], "nothing half-written"
