@@ -29,6 +29,10 @@ demo: venv
 	$(BIN)/versemi_evaluate -r "$(VERSEMI_ROOT)/raw/DemoLA/labelsTs" -p "$(VERSEMI_ROOT)/predictions/DemoLA"
 	$(BIN)/versemi_predict -i "$(VERSEMI_ROOT)/raw/DemoPancreas/imagesTs" -o "$(VERSEMI_ROOT)/predictions/DemoPancreas" -p DemoPancreas --overwrite
 	$(BIN)/versemi_evaluate -r "$(VERSEMI_ROOT)/raw/DemoPancreas/labelsTs" -p "$(VERSEMI_ROOT)/predictions/DemoPancreas"
+	$(BIN)/versemi_export_bundle -p DemoLA -o "$(VERSEMI_ROOT)/bundles/demola_versemi" --overwrite
+	$(BIN)/python -m monai.bundle run --config_file "$(VERSEMI_ROOT)/bundles/demola_versemi/configs/inference.json" \
+	  --dataset_dir "$(VERSEMI_ROOT)/raw/DemoLA/imagesTs" --output_dir "$(VERSEMI_ROOT)/bundle_predictions/DemoLA"
+	@echo "bundle output: $(VERSEMI_ROOT)/bundle_predictions/DemoLA"
 
 test: venv
 	$(BIN)/python -m pytest -q
