@@ -111,6 +111,7 @@ def calibrate(name: str, work: Path, env: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="training wall time per trainer")
+    parser.add_argument("--iterations", type=int, help="train this many iterations instead of calibrating to --minutes")
     parser.add_argument("--trainers", nargs="+", default=["VerSemiTrainer", "SupervisedTrainer"])
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "la_real")
     parser.add_argument("--threads", type=int, default=2)
@@ -129,15 +130,14 @@ def main() -> None:
         folder = args.work / "results" / "LA8_half" / f"{name}__3d_fullres" / "fold_all"
         seconds, iterations = None, None
         if not (folder / "checkpoint_final.pth").is_file():
-            per_iteration = calibrate(name, args.work, env)
-            iterations = max(epochs, int(args.minutes * 60 / per_iteration))
+            iterations = args.iterations or max(epochs, int(args.minutes * 60 / calibrate(name, args.work, env)))
             seconds = run(train_command(name, epochs, iterations // epochs), env)
         cases = predict_dice(folder / "checkpoint_final.pth", raw)
         report["trainers"][name] = {"train_seconds": seconds, "iterations": iterations,
                                     "mean_dice": float(np.mean([c["dice"] for c in cases])), "cases": cases}
         print(f"{name}: mean Dice {report['trainers'][name]['mean_dice']:.4f} on {len(cases)} test cases, "
               f"training {seconds if seconds is None else round(seconds)} s")
-    (args.work / "results.json").write_text(json.dumps(report, indent=2))
+    (args.work / f"results_{'_'.join(args.trainers)}.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
