@@ -29,6 +29,8 @@ class CaseStore:
     """The cached cases of an experiment, by key ``Dataset/case_id``."""
 
     def __init__(self, plans: dict, plans_root: Path, configuration: str, keys: list[str]):
+        # a blosc2 thread pool does not survive fork() into loader workers; patches are small anyway
+        blosc2.set_nthreads(1)
         self.root = cache_folder(plans_root, plans["experiment"], configuration)
         self.properties: dict[str, dict] = {}
         self._open: dict[str, tuple] = {}
@@ -167,7 +169,11 @@ class BatchSource(Dataset):
 
 
 def batch_loader(source: BatchSource, start: int, stop: int, num_workers: int) -> DataLoader:
-    """Batches ``start`` .. ``stop - 1`` of a stream, made by ``num_workers`` background processes."""
+    """Batches ``start`` .. ``stop - 1`` of a stream, made by ``num_workers`` background processes.
+
+    Workers are forked from the training process, so they exit with it (even on SIGKILL); the
+    trainer starts them once per run, and blosc2 runs single-threaded (``CaseStore``), so no
+    fork ever copies a busy decompression thread pool (which deadlocked workers).
+    """
     return DataLoader(source, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
-                      persistent_workers=False, prefetch_factor=2 if num_workers else None,
-                      pin_memory=torch.cuda.is_available())
+                      prefetch_factor=2 if num_workers else None, pin_memory=torch.cuda.is_available())

@@ -6,6 +6,7 @@ workers, optimizer and poly LR, AMP, checkpoints, resume, validation, logging, D
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -198,6 +199,7 @@ class Trainer:
         elif self.is_main:
             self.log.write(f"{type(self).__name__} fold {self.fold}: patch {self.patch_size}, batch {self.batch_size} "
                            f"x {self.world_size} process(es), {self.config.epochs} epochs on {self.device}")
+        self.training_batches = self._batch_stream()
         while self.epoch < self.config.epochs:
             started = time.time()
             train_loss, iteration_losses = self.train_epoch()
@@ -213,15 +215,25 @@ class Trainer:
         if self.is_main:
             self.log.write("training done")
 
+    def _batch_stream(self):
+        """(labeled, unlabeled or None) batches from the current epoch to the end of training.
+
+        The background workers are started once per run, not per epoch: fewer process starts, and
+        no fork after validation has used the data in this process.
+        """
+        n = self.config.iterations_per_epoch
+        start, stop = self.epoch * n, self.config.epochs * n
+        loaders = [batch_loader(self.labeled_source, start, stop, self.config.num_workers)]
+        if self.unlabeled_source is not None:
+            loaders.append(batch_loader(self.unlabeled_source, start, stop, self.config.num_workers))
+        return zip(*loaders)
+
     def train_epoch(self) -> tuple[float, list[float]]:
         self.network.train()
         n = self.config.iterations_per_epoch
         start = self.epoch * n
-        loaders = [batch_loader(self.labeled_source, start, start + n, self.config.num_workers)]
-        if self.unlabeled_source is not None:
-            loaders.append(batch_loader(self.unlabeled_source, start, start + n, self.config.num_workers))
         losses = []
-        bar = tqdm(zip(*loaders), total=n, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+        bar = tqdm(itertools.islice(self.training_batches, n), total=n, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.is_main, dynamic_ncols=True, leave=False)
         for offset, batches in enumerate(bar):
             self.seed_iteration(start + offset)
