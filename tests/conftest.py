@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,45 @@ def write_tiny_dataset(folder: Path, num_cases: int = 3, shape=(6, 8, 10), spaci
                 write_image(label, geometry, folder / "labelsTr" / f"{prefix}{i}{ending}")
     write_dataset_json(folder, channels, {"background": 0, "target": 1}, num_cases, ending)
     return folder
+
+
+TOY_EXPERIMENT = "DemoLA_DemoPancreas"
+TINY_TRAINING = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16",
+                 "--num-workers", "0", "--val-iterations", "1", "--epochs", "1", "--iterations-per-epoch", "2",
+                 "--no-augmentation"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions: one thread is fastest, and stays fast on a CPU shared with other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def toy_experiment(raw: Path, root: Path, folds: dict[str, list[str]], **env_vars: str):
+    """Plan the toy datasets under ``root`` and train each fold with TINY_TRAINING + its extra args.
+
+    Yields the experiment's results folder; VERSEMI_PLANS / VERSEMI_RESULTS (and ``env_vars``)
+    point into ``root`` until the block ends.
+    """
+    from versemi.cli import train_main
+    from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+
+    env = pytest.MonkeyPatch()
+    env.setenv("VERSEMI_PLANS", str(root / "plans"))
+    env.setenv("VERSEMI_RESULTS", str(root / "results"))
+    for name, value in env_vars.items():
+        env.setenv(name, value)
+    try:
+        plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], raw, root / "plans", num_processes=1,
+                                              show_progress=False))
+        for fold, extra in folds.items():
+            assert train_main(["3d_fullres", fold, *TINY_TRAINING, *extra]) == 0
+        yield root / "results" / TOY_EXPERIMENT
+    finally:
+        env.undo()

@@ -20,19 +20,18 @@ import SimpleITK as sitk
 import torch
 
 from versemi.bundles import export as bundle_export
-from versemi.cli import export_bundle_main, train_main
+from versemi.cli import export_bundle_main
 from versemi.datasets.io import Geometry, write_image
 from versemi.errors import InputError
 from versemi.inference import load_models, predict_cases
-from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
 from versemi.preprocessing.resampling import resample_image
+
+from conftest import toy_experiment
 
 EXPERIMENT = "DemoLA_DemoPancreas"
 TRAINER = "SupervisedTrainer"
 # tiny, but trained long enough (Adam) to draw a real boundary: agreement is then a real test
-TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
-        "--val-iterations", "1", "--epochs", "1", "--no-augmentation", "-tr", TRAINER, "--optimizer", "adam",
-        "--lr", "0.01"]
+TRAINING = ["-tr", TRAINER, "--optimizer", "adam", "--lr", "0.01"]  # added to conftest's TINY_TRAINING
 ITERATIONS = {"0": "60", "1": "60"}
 # the MONAI bundle spec's mandatory metadata keys and their JSON types (meta_schema_20240725.json)
 MANDATORY = {"schema": str, "version": str, "monai_version": str, "pytorch_version": str, "numpy_version": str,
@@ -64,31 +63,17 @@ WITHOUT_VERSEMI = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is fastest, and stays fast on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(one_thread, toy_raw_master, tmp_path_factory):
     """The toy experiment planned, folds 0 and 1 of a tiny SupervisedTrainer, and the DemoLA bundle."""
     root = tmp_path_factory.mktemp("bundle")
-    env = pytest.MonkeyPatch()
-    env.setenv("VERSEMI_PLANS", str(root / "plans"))
-    env.setenv("VERSEMI_RESULTS", str(root / "results"))
-    env.setenv("VERSEMI_BUNDLES", str(root / "bundles"))
-    plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, root / "plans",
-                                          num_processes=1, show_progress=False))
-    for fold, iterations in ITERATIONS.items():
-        assert train_main(["3d_fullres", fold, *TINY, "--iterations-per-epoch", iterations]) == 0
-    assert _export("-p", "DemoLA", "-f", "0", "1", "-o", str(root / "bundles" / "la")) == 0
-    yield SimpleNamespace(root=root, raw=toy_raw_master, bundle=root / "bundles" / "la",
-                          experiment=root / "results" / EXPERIMENT)
-    env.undo()
+    folds = {fold: [*TRAINING, "--iterations-per-epoch", iterations] for fold, iterations in ITERATIONS.items()}
+    with toy_experiment(toy_raw_master, root, folds, VERSEMI_BUNDLES=str(root / "bundles")) as experiment:
+        assert _export("-p", "DemoLA", "-f", "0", "1", "-o", str(root / "bundles" / "la")) == 0
+        yield SimpleNamespace(root=root, raw=toy_raw_master, bundle=root / "bundles" / "la", experiment=experiment)
 
 
 def _export(*args: str) -> int:

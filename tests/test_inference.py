@@ -13,47 +13,31 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from versemi.cli import predict_main, train_main
+from versemi.cli import predict_main
 from versemi.datasets.io import Geometry, write_image
 from versemi.errors import InputError
 from versemi.inference import (Ensemble, FoldModel, largest_connected_component, load_models, predict_case,
                                predict_cases, resolve_prompt)
-from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+
+from conftest import toy_experiment
 from versemi.preprocessing.cropping import crop, nonzero_bbox
 from versemi.preprocessing.normalization import normalize
 
 EXPERIMENT = "DemoLA_DemoPancreas"
-TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
-        "--val-iterations", "1", "--epochs", "1", "--iterations-per-epoch", "2", "--no-augmentation"]
 # rotated 30 degrees about z, then 20 degrees about x: an oblique, right-handed direction
 _cz, _sz, _cx, _sx = np.cos(np.pi / 6), np.sin(np.pi / 6), np.cos(np.pi / 9), np.sin(np.pi / 9)
 OBLIQUE = tuple((np.array([[1, 0, 0], [0, _cx, -_sx], [0, _sx, _cx]])
                  @ np.array([[_cz, -_sz, 0], [_sz, _cz, 0], [0, 0, 1]])).ravel().tolist())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is fastest, and stays fast on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(one_thread, toy_raw_master, tmp_path_factory):
     """The toy experiment planned, and folds 0 and 1 of a tiny VerSemiTrainer trained briefly."""
-    root = tmp_path_factory.mktemp("inference")
-    env = pytest.MonkeyPatch()
-    env.setenv("VERSEMI_PLANS", str(root / "plans"))
-    env.setenv("VERSEMI_RESULTS", str(root / "results"))
-    plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, root / "plans",
-                                          num_processes=1, show_progress=False))
-    for fold in ("0", "1"):
-        assert train_main(["3d_fullres", fold, *TINY]) == 0
-    yield SimpleNamespace(raw=toy_raw_master, experiment=root / "results" / EXPERIMENT)
-    env.undo()
-
+    with toy_experiment(toy_raw_master, tmp_path_factory.mktemp("inference"), {"0": [], "1": []}) as experiment:
+        yield SimpleNamespace(raw=toy_raw_master, experiment=experiment)
 
 def _test_image(raw: Path, dataset: str) -> Path:
     return sorted((raw / dataset / "imagesTs").glob("*_0000.nii.gz"))[0]

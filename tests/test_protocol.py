@@ -18,44 +18,27 @@ from monai.inferers.utils import _get_scan_interval
 from monai.data.utils import dense_patch_slices
 
 from versemi.benchmark_protocol import LITERATURE_PATCH, LITERATURE_STRIDE, PaddedNetwork, literature_overlap
-from versemi.cli import benchmark_main, find_postprocessing_main, predict_main, train_main
+from versemi.cli import benchmark_main, find_postprocessing_main, predict_main
 from versemi.datasets.io import Geometry, write_image
 from versemi.inference import Ensemble, FoldModel, predict_case
 from versemi.inference import find_postprocessing as fp
 from versemi.inference.predictor import CasePrediction
-from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
 
-from conftest import SHARED_LA
+from conftest import SHARED_LA, toy_experiment
 
 EXPERIMENT = "DemoLA_DemoPancreas"
 PROMPTS = ("DemoLA/left_atrium", "DemoPancreas/pancreas")
-TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
-        "--val-iterations", "1", "--epochs", "1", "--iterations-per-epoch", "2", "--no-augmentation"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(one_thread, toy_raw_master, tmp_path_factory):
     """The toy experiment planned and folds 0 and 1 of a tiny VerSemiTrainer trained briefly."""
     root = tmp_path_factory.mktemp("protocol")
-    env = pytest.MonkeyPatch()
-    env.setenv("VERSEMI_PLANS", str(root / "plans"))
-    env.setenv("VERSEMI_RESULTS", str(root / "results"))
-    env.setenv("VERSEMI_RAW", str(toy_raw_master))
-    plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, root / "plans",
-                                          num_processes=1, show_progress=False))
-    for fold in ("0", "1"):
-        assert train_main(["3d_fullres", fold, *TINY]) == 0
-    yield SimpleNamespace(raw=toy_raw_master, root=root, experiment=root / "results" / EXPERIMENT)
-    env.undo()
-
+    with toy_experiment(toy_raw_master, root, {"0": [], "1": []}, VERSEMI_RAW=str(toy_raw_master)) as experiment:
+        yield SimpleNamespace(raw=toy_raw_master, root=root, experiment=experiment)
 
 # ----- versemi_find_postprocessing -----
 def test_find_postprocessing_decides_per_prompt_from_the_validation_cases(trained, capsys):
