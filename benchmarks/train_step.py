@@ -253,7 +253,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="autocast the timed steps (CUDA only)")
     parser.add_argument("--check-float64", action="store_true",
-                        help="repeat the check in float64 (fp32 gradient differences are rounding, not logic)")
+                        help="repeat the check in float64 (fp32 gradient differences are rounding, not logic); "
+                             "needs ~20 GB RAM at 64^3, use --patch 32 on small machines")
     parser.add_argument("--mode", choices=MODES, help="internal: one mode's peak memory as JSON")
     return parser.parse_args(argv)
 
