@@ -9,6 +9,7 @@ are identical (see tests/test_nets.py).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -65,6 +66,22 @@ def apply_dynamic_head(precls: torch.Tensor, params: torch.Tensor) -> torch.Tens
     return logits.view(batch, prompts, NUM_CLASSES, *spatial)
 
 
+CONTEXT_GROUPS = 16  # DoDNet's GroupNorm(16, C) before pooling
+
+
+def context_norm(norm: str, channels: int) -> nn.Module:
+    """The norm before the controller's pooling: one that keeps per-image channel statistics.
+
+    An (affine) InstanceNorm would give every channel of every image zero mean and unit variance,
+    so the pooled context would carry almost nothing of the image. DoDNet uses GroupNorm (each
+    channel keeps its level relative to its group); the public VerSemi code BatchNorm (statistics
+    over the batch). A plan with batch norm gets BatchNorm, otherwise GroupNorm.
+    """
+    if norm == "batch":
+        return make_norm(norm, channels)
+    return nn.GroupNorm(math.gcd(CONTEXT_GROUPS, channels), channels)
+
+
 class TaskController(nn.Module):
     """Maps [pooled bottleneck context, one-hot prompt] to the 162 parameters of a generated head."""
 
@@ -72,7 +89,7 @@ class TaskController(nn.Module):
         """A norm + ReLU before pooling, then one linear map (the public code's 1x1x1 conv)."""
         super().__init__()
         self.num_prompts = num_prompts
-        self.pre_pool = nn.Sequential(make_norm(norm, context_channels), nn.ReLU(inplace=True))
+        self.pre_pool = nn.Sequential(context_norm(norm, context_channels), nn.ReLU(inplace=True))
         self.linear = nn.Linear(context_channels + num_prompts, NUM_HEAD_PARAMS)
 
     def context(self, bottleneck: torch.Tensor) -> torch.Tensor:

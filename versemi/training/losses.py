@@ -1,7 +1,11 @@
-"""Losses: the method's soft Dice (optionally restricted to a region) and Dice + cross-entropy."""
+"""Losses: the method's soft Dice (optionally restricted to a region), Dice + cross-entropy, and
+nnU-Net's weighted multi-scale sum for deep supervision."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 SMOOTH = 1e-5
@@ -19,11 +23,16 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
 
 class DiceCE(torch.nn.Module):
-    """Soft Dice (batch-wise, as nnU-Net's 3d_fullres) + cross-entropy on 2-class logits."""
+    """Foreground soft Dice (batch-wise, as nnU-Net's 3d_fullres) + cross-entropy on 2-class logits.
+
+    The background class stays out of the Dice (nnU-Net's ``do_bg=False``, the public code's
+    Dice): with it, the easy background Dice would take half of the Dice's gradient.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                               smooth_nr=SMOOTH, smooth_dr=SMOOTH)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, 2, *S), ``target`` (B, 1, *S) with values 0/1."""
@@ -33,3 +42,39 @@ class DiceCE(torch.nn.Module):
 def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
     """Softmax probability of the target class from 2-class logits on ``dim=-4`` (B, [K,] 2, Z, Y, X)."""
     return torch.softmax(logits.float(), dim=-4).select(-4, 1)
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """nnU-Net's weights: 1/2^i per level, finest first; the coarsest gets 0; normalised to sum 1."""
+    weights = [0.5 ** i for i in range(levels)]
+    if levels > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def resize_to(tensor: torch.Tensor, spatial: torch.Size) -> torch.Tensor:
+    """A label, mask or probability map (B, C, *S) brought to another grid by nearest neighbour."""
+    if tuple(tensor.shape[-3:]) == tuple(spatial):
+        return tensor
+    return F.interpolate(tensor.float(), size=tuple(spatial), mode="nearest")
+
+
+def multiscale(loss: Callable[..., torch.Tensor], logits, *full_resolution: torch.Tensor) -> torch.Tensor:
+    """``loss(logits, *tensors)``; for deep supervision (a list of logits, finest first) the
+    weighted sum over levels, with every tensor resized to the level's grid.
+
+    The coarsest level keeps weight 0 but stays in the graph, so DDP sees every parameter used.
+    """
+    if torch.is_tensor(logits):
+        return loss(logits, *full_resolution)
+    total = 0.0
+    for weight, level in zip(deep_supervision_weights(len(logits)), logits):
+        resized = [resize_to(t, level.shape[-3:]) for t in full_resolution]
+        total = total + weight * loss(level, *resized)
+    return total
+
+
+def finest(logits):
+    """The full-resolution logits of a network output (a tensor, or a deep-supervision list)."""
+    return logits if torch.is_tensor(logits) else logits[0]

@@ -13,7 +13,7 @@ from .. import paths
 from ..atomic import read_json
 from ..errors import input_error
 from .augmentation import AugmentationSettings
-from .config import TrainingConfig
+from .config import PRECISIONS, TrainingConfig
 from .trainer import distributed_device
 from .trainers import find_trainer
 
@@ -62,13 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="background processes per data stream (default 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-gpus", type=int, default=1, help="start this many DDP processes (same as torchrun)")
-    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="fit the whole schedule (LR decay, stages, ramp-ups) into this many minutes: a short "
+                        "warm-up times real steps, then fixes epochs x iterations (stored for --continue)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="mixed precision (default auto: bf16 on CPUs with bf16 units and on CUDA)")
+    p.add_argument("--no-amp", action="store_true", help="train in fp32 (same as --precision fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA)")
     p.add_argument("--no-augmentation", action="store_true")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="override the plan (quick runs)")
     p.add_argument("--batch-size", type=int, help="override the plan (quick runs)")
+    p.add_argument("--unlabeled-batch-size", type=int, help="unlabeled samples per step (default: the batch size)")
+    p.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the plan's deep supervision (nnU-Net's weighted multi-scale loss)")
     p.add_argument("--features", type=int, nargs="+", help="override the plan's features per stage (quick runs)")
-    p.add_argument("--method", default="{}", help='method settings as JSON, e.g. \'{"stage1_fraction": 0.5}\'')
+    p.add_argument("--method", default="{}", help='method settings as JSON, e.g. \'{"stage1_fraction": 0.5}\', '
+                                                  'or a preset name (\'paper\', same as \'{"preset": "paper"}\')')
     p.add_argument("--plans-root", type=Path)
     return p
 
@@ -76,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def make_config(args, saved: dict | None) -> TrainingConfig:
     config = TrainingConfig.from_dict(saved) if saved else TrainingConfig()
     for name in ("epochs", "iterations_per_epoch", "val_iterations", "optimizer", "lr", "seed", "num_workers",
-                 "batch_size", "features"):
+                 "batch_size", "unlabeled_batch_size", "features", "deep_supervision", "precision", "time_budget"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.patch_size:
@@ -87,11 +96,24 @@ def make_config(args, saved: dict | None) -> TrainingConfig:
         config.compile = True
     if args.no_augmentation:
         config.augmentation = AugmentationSettings(enabled=False)
+    config.method.update(parse_method(args.method))
+    if config.time_budget is not None and config.time_budget <= 0:
+        raise input_error(f"--time-budget {config.time_budget:g}", "is not a positive number of minutes",
+                          "give the minutes the whole training may take, e.g. --time-budget 20")
+    return config
+
+
+def parse_method(text: str) -> dict:
+    """``--method``: a JSON object of settings, or the bare name of a preset."""
+    if text.strip().isidentifier():
+        return {"preset": text.strip()}
     try:
-        config.method.update(json.loads(args.method))
+        method = json.loads(text)
     except ValueError as exc:
         raise input_error("--method", f"is not JSON ({exc})", 'write e.g. --method \'{"stage1_fraction": 0.5}\'')
-    return config
+    if not isinstance(method, dict):
+        raise input_error("--method", f"{text!r} is not a JSON object", 'write e.g. --method \'{"stage1_fraction": 0.5}\'')
+    return method
 
 
 def train(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """The fold-based training loop, written once. Methods are subclasses that override hooks.
 
 A subclass sets ``uses_unlabeled`` and overrides ``train_step`` (and, if it needs to,
-``build_network`` or ``on_train_start``); the loop does the rest: data streams in background
-workers, optimizer and poly LR, AMP, checkpoints, resume, validation, logging, DDP.
+``build_network``, ``on_train_start``, ``unlabeled_from`` or ``budget_phases``); the loop does the
+rest: data streams in background workers, optimizer and poly LR, mixed precision, a schedule
+fitted to a time budget, checkpoints, resume, validation, logging of every loss term, DDP.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -24,9 +26,12 @@ from ..errors import input_error
 from ..nets import build_network
 from ..plans.topology import pool_and_conv_props
 from .checkpoint import load_checkpoint, save_checkpoint
+from .budget import fit_schedule
 from .config import TrainingConfig
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader
-from .losses import DiceCE
+from .losses import DiceCE, multiscale
+from .method_settings import resolve_method_settings
+from .precision import autocast_dtype
 from .progress import TrainingLog
 from .validation import pseudo_dice_counts, sliding_window_validation
 
@@ -46,11 +51,17 @@ class Trainer:
     """Supervised-loss plumbing shared by all methods; see ``SupervisedTrainer`` for the simplest."""
 
     uses_unlabeled = False
+    # settings a method reads from --method, with their defaults, and named sets of them
+    method_defaults: dict = {}
+    method_presets: dict[str, dict] = {}
 
     def __init__(self, plans: dict, plans_root: Path, configuration: str, fold: str, output_folder: Path,
                  config: TrainingConfig, device: str | torch.device = "cpu"):
         self.plans, self.plans_root, self.configuration, self.fold = plans, plans_root, configuration, fold
         self.output_folder, self.config = Path(output_folder), config
+        self.started = time.time()
+        self.settings = resolve_method_settings(type(self).__name__, self.method_defaults, self.method_presets,
+                                                config.method)
         self.device = torch.device(device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -62,6 +73,8 @@ class Trainer:
         self.synthetic_prompt = plans["synthetic_prompt"]
         self.real_prompts = [p["index"] for p in plans["prompts"] if p["dataset"] is not None]
         self.prompt_names = {p["index"]: f"{p['dataset']}/{p['label']}" for p in plans["prompts"]}
+        self.unlabeled_batch_size = max(1, (config.unlabeled_batch_size or config.batch_size or plan["batch_size"])
+                                        // self.world_size)
         self.split = fold_split(plans, fold)
         self.loss = DiceCE()
         self.epoch, self.best_ema = 0, -1.0
@@ -79,6 +92,8 @@ class Trainer:
         if self.config.features:
             wanted = list(self.config.features)
             network["features"] = [wanted[min(i, len(wanted) - 1)] for i in range(len(network["strides"]))]
+        if self.config.deep_supervision is not None:
+            network["deep_supervision"] = self.config.deep_supervision
         return network
 
     def build_network(self) -> torch.nn.Module:
@@ -88,9 +103,20 @@ class Trainer:
         """Called once the network, optimizer and data exist (e.g. to create a teacher)."""
 
     def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
-        """Losses of one iteration; ``loss`` is the one optimized. Supervised Dice + CE by default."""
+        """Losses of one iteration; ``loss`` is the one optimized, every entry is logged.
+        Supervised Dice + CE by default (summed over the deep-supervision levels, if any)."""
         logits = self.network(labeled["data"], labeled["prompt"])
-        return {"loss": self.loss(logits, labeled["target"])}
+        return {"loss": multiscale(self.loss, logits, labeled["target"])}
+
+    def unlabeled_from(self) -> int | None:
+        """First iteration whose ``train_step`` needs an unlabeled batch (None: never). Before it,
+        the unlabeled stream is neither loaded nor augmented."""
+        return 0 if self.uses_unlabeled else None
+
+    def budget_phases(self) -> list[tuple[int, float]]:
+        """(epoch, share of the iterations) of each phase whose step cost differs; the time-budget
+        warm-up times a few steps of each. One phase unless a method changes its work per stage."""
+        return [(0, 1.0)]
 
     def extra_state(self) -> dict:
         """Method state to checkpoint besides network and optimizer (e.g. a teacher)."""
@@ -118,20 +144,23 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda epoch: (1 - min(epoch, self.config.epochs - 1) / self.config.epochs) ** self.config.poly_exponent)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp)
+        self.autocast_dtype = autocast_dtype(self.config.precision, self.config.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         seed = self.config.seed * 1000 + self.rank
         self.labeled_source = BatchSource(self.store, self.split["train_labeled"], self.plans,
                                           self._stream(True, augment=True), seed, "labeled")
         self.unlabeled_source = BatchSource(self.store, self.split["train_unlabeled"], self.plans,
-                                            self._stream(False, augment=True), seed, "unlabeled") \
+                                            self._stream(False, augment=True, batch_size=self.unlabeled_batch_size),
+                                            seed, "unlabeled") \
             if self.uses_unlabeled and self.split["train_unlabeled"] else None
         self.val_source = BatchSource(self.store, self.split["val"], self.plans, self._stream(True, augment=False),
                                       self.config.seed, "validation") if self.split["val"] else None
         self.on_train_start()
 
-    def _stream(self, labeled: bool, augment: bool) -> StreamSettings:
+    def _stream(self, labeled: bool, augment: bool, batch_size: int | None = None) -> StreamSettings:
         augmentation = self.config.augmentation if augment else type(self.config.augmentation)(enabled=False)
-        return StreamSettings(self.batch_size, self.patch_size, labeled, self.config.oversample_foreground, augmentation)
+        return StreamSettings(batch_size or self.batch_size, self.patch_size, labeled, self.config.oversample_foreground,
+                              augmentation)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -142,10 +171,6 @@ class Trainer:
             return torch.optim.Adam(self.model.parameters(), lr=c.learning_rate, betas=tuple(c.adam_betas),
                                     weight_decay=c.weight_decay)
         raise input_error("--optimizer", f"unknown optimizer {c.optimizer!r}", "use sgd or adam")
-
-    @property
-    def _amp(self) -> bool:
-        return self.config.amp and self.device.type == "cuda"
 
     # ----- checkpoints -----
     def checkpoint_path(self, kind: str) -> Path:
@@ -194,20 +219,31 @@ class Trainer:
 
     def run(self, resume: bool = False) -> None:
         self.setup()
-        if resume and self.resume() and self.is_main:
+        resumed = resume and self.resume()
+        if not resumed and self.config.time_budget and not self.config.budget:
+            self.config.budget = fit_schedule(self)
+            if self.is_main:
+                self.log.write(self.config.budget["message"])
+                print(self.config.budget["message"], flush=True)
+        if resumed and self.is_main:
             self.log.write(f"resumed at epoch {self.epoch}")
         elif self.is_main:
+            precision = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "float32"
             self.log.write(f"{type(self).__name__} fold {self.fold}: patch {self.patch_size}, batch {self.batch_size} "
-                           f"x {self.world_size} process(es), {self.config.epochs} epochs on {self.device}")
-        self.training_batches = self._batch_stream()
+                           f"x {self.world_size} process(es) "
+                           f"(+{self.unlabeled_batch_size if self.uses_unlabeled else 0} unlabeled), {self.config.epochs} epochs of "
+                           f"{self.config.iterations_per_epoch} iterations on {self.device} in {precision}; "
+                           f"method settings {self.settings}")
+        self.training_batches = self._batch_stream(self.epoch * self.config.iterations_per_epoch,
+                                                   self.config.epochs * self.config.iterations_per_epoch)
         while self.epoch < self.config.epochs:
             started = time.time()
-            train_loss, iteration_losses = self.train_epoch()
+            train_loss, iteration_losses, terms = self.train_epoch()
             val_loss, dice = self.validate_epoch()
             lr = self.optimizer.param_groups[0]["lr"]
             self.epoch += 1
             self.scheduler.step()
-            self._record_epoch(train_loss, iteration_losses, val_loss, dice, lr, time.time() - started)
+            self._record_epoch(train_loss, iteration_losses, terms, val_loss, dice, lr, time.time() - started)
         self.save("final")
         if self.is_main and self.split["val"]:
             summary = sliding_window_validation(self)
@@ -215,41 +251,67 @@ class Trainer:
         if self.is_main:
             self.log.write("training done")
 
-    def _batch_stream(self):
-        """(labeled, unlabeled or None) batches from the current epoch to the end of training.
+    def _batch_stream(self, start: int, stop: int):
+        """(labeled, unlabeled or None) batches ``start`` .. ``stop - 1``.
 
         The background workers are started once per run, not per epoch: fewer process starts, and
-        no fork after validation has used the data in this process.
+        no fork after validation has used the data in this process. The unlabeled workers start
+        only at ``unlabeled_from()``: a stage that does not use unlabeled data does not pay for it.
         """
-        n = self.config.iterations_per_epoch
-        start, stop = self.epoch * n, self.config.epochs * n
-        loaders = [batch_loader(self.labeled_source, start, stop, self.config.num_workers)]
-        if self.unlabeled_source is not None:
-            loaders.append(batch_loader(self.unlabeled_source, start, stop, self.config.num_workers))
-        return zip(*loaders)
+        workers = self.config.num_workers
+        labeled = batch_loader(self.labeled_source, start, stop, workers)
+        first = self.unlabeled_from() if self.unlabeled_source is not None else None
+        if first is None or first >= stop:
+            yield from ((batch, None) for batch in labeled)
+            return
+        unlabeled = None
+        for iteration, batch in zip(range(start, stop), labeled):
+            if iteration >= first and unlabeled is None:
+                unlabeled = iter(batch_loader(self.unlabeled_source, iteration, stop, workers))
+            yield batch, (next(unlabeled) if unlabeled is not None else None)
 
-    def train_epoch(self) -> tuple[float, list[float]]:
+    def optimize(self, iteration: int, labeled: dict, unlabeled: dict | None) -> dict[str, float]:
+        """One optimizer step on batch number ``iteration``; returns every loss term as a float."""
+        self.seed_iteration(iteration)
+        labeled = self._to_device(labeled)
+        unlabeled = self._to_device(unlabeled) if unlabeled is not None else None
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            terms = self.train_step(labeled, unlabeled)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {name: float(value.detach()) for name, value in terms.items()}
+
+    def train_epoch(self) -> tuple[float, list[float], dict[str, float]]:
+        """Mean loss, the loss of each iteration, and the mean of every term of the epoch."""
         self.network.train()
         n = self.config.iterations_per_epoch
         start = self.epoch * n
-        losses = []
+        losses, terms = [], {}
         bar = tqdm(itertools.islice(self.training_batches, n), total=n, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.is_main, dynamic_ncols=True, leave=False)
-        for offset, batches in enumerate(bar):
-            self.seed_iteration(start + offset)
-            labeled = self._to_device(batches[0])
-            unlabeled = self._to_device(batches[1]) if len(batches) > 1 else None
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, enabled=self._amp):
-                terms = self.train_step(labeled, unlabeled)
-            self.scaler.scale(terms["loss"]).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            losses.append(float(terms["loss"].detach()))
+        for offset, (labeled, unlabeled) in enumerate(bar):
+            step = self.optimize(start + offset, labeled, unlabeled)
+            for name, value in step.items():
+                terms.setdefault(name, []).append(value)
+            losses.append(step["loss"])
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        return float(np.mean(losses)), losses
+        return float(np.mean(losses)), losses, {name: float(np.mean(v)) for name, v in terms.items()}
+
+    def snapshot(self) -> dict:
+        """A copy of everything a step changes (the time-budget warm-up puts it back afterwards)."""
+        return copy.deepcopy({"network": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "scaler": self.scaler.state_dict(), "extra": self.extra_state(), "epoch": self.epoch})
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.load_extra_state(state["extra"])
+        self.epoch = state["epoch"]
 
     @torch.no_grad()
     def validate_epoch(self) -> tuple[float, dict[str, float]]:
@@ -266,7 +328,7 @@ class Trainer:
         dice = {self.prompt_names[p]: 2 * tp / max(2 * tp + fp + fn, 1) for p, (tp, fp, fn) in sorted(counts.items())}
         return float(np.mean(losses)), dice
 
-    def _record_epoch(self, train_loss, iteration_losses, val_loss, dice, lr, seconds) -> None:
+    def _record_epoch(self, train_loss, iteration_losses, terms, val_loss, dice, lr, seconds) -> None:
         if not self.is_main:
             return
         mean_dice = float(np.mean(list(dice.values()))) if dice else float("nan")
@@ -274,9 +336,11 @@ class Trainer:
         ema = mean_dice if previous is None or math.isnan(previous) else \
             EMA_DICE_MOMENTUM * previous + (1 - EMA_DICE_MOMENTUM) * mean_dice
         self.log.record(epoch=self.epoch, train_loss=train_loss, val_loss=val_loss, dice=dice, ema_dice=ema,
-                        lr=lr, epoch_seconds=seconds, iteration_losses=iteration_losses)
+                        lr=lr, epoch_seconds=seconds, iteration_losses=iteration_losses, terms=terms)
         remaining = seconds * (self.config.epochs - self.epoch)
-        self.log.write(f"epoch {self.epoch}/{self.config.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "loss")
+        self.log.write(f"epoch {self.epoch}/{self.config.epochs}: train loss {train_loss:.4f} ({shown}), "
+                       f"val loss {val_loss:.4f}, "
                        f"pseudo-Dice {({k: round(v, 4) for k, v in dice.items()})}, {seconds:.1f} s, "
                        f"ETA {remaining / 60:.1f} min")
         if not math.isnan(ema) and ema > self.best_ema:

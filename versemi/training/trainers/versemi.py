@@ -4,11 +4,18 @@ Stage 1 (labeled only) and stage 2 (labeled + unlabeled) as in ``shared/design/m
 Every distinct image of a step (plain labeled, CutMix of labeled, labeled pasted into
 unlabeled) goes through the backbone once; the logits of all prompts come from that pass.
 Choices where the public code is silent or defective:
+- the labeled batch is shuffled (seeded) before it is split into CutMix halves a|b: the loader
+  puts its foreground-centred patches last, which would always paste foreground into background;
 - a's prompt on a CutMix image is scored only outside the box and b's only inside it (the other
-  region's target is unknown for that task); same task -> the full mixed label;
+  region's target is unknown for that task); same task -> the full mixed label. The public
+  code's scoring over the whole image (other region = background) is ``task_mix_scoring:
+  "whole_image"``;
+- stage 2 keeps the task-prompt CutMix term (``stage2_task_mix``); method.md's stage-2 loss has
+  no such term: the ``paper`` preset (``--method paper``) switches it off;
 - the stage-2 box supervision uses masks of the image's shape (fixes the public broadcast);
 - the ramp-up weight is applied to the consistency term (setting ``rampup``; the public code
-  computes it without applying it); ``detach_aggregate`` defaults to False as the public code.
+  computes it without applying it); ``detach_aggregate`` defaults to False as the public code;
+- with deep supervision, every term is nnU-Net's weighted sum over the output resolutions.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import torch
 
 from ...errors import input_error
 from ..cutmix import box_mask, mix
-from ..losses import foreground_probability, soft_dice_loss
+from ..losses import deep_supervision_weights, foreground_probability, resize_to, soft_dice_loss
 from ..trainer import Trainer
 
 DEFAULTS = {
@@ -27,12 +34,19 @@ DEFAULTS = {
     "stage2_box_ratio": (0.3, 0.6),
     "weight_synthetic": 1.0,
     "weight_task_mix": 1.0,
+    "stage2_task_mix": True,       # keep the task-prompt CutMix term in stage 2
+    "task_mix_scoring": "own_region",  # or "whole_image" (the public code)
     "weight_consistency": 1.0,
     "weight_box": 1.0,
     "detach_aggregate": False,
     "rampup": True,
     "rampup_fraction": 0.25,       # of stage 2, sigmoid ramp exp(-5 (1 - t)^2)
 }
+# method.md exactly: stage 2 = supervised + synthetic CutMix + consistency + box, weights 1
+PRESETS = {"paper": {"stage2_task_mix": False, "task_mix_scoring": "own_region", "detach_aggregate": False,
+                     "rampup": True, "weight_synthetic": 1.0, "weight_task_mix": 1.0, "weight_consistency": 1.0,
+                     "weight_box": 1.0, "stage1_box_ratio": 2 / 3, "stage2_box_ratio": (0.3, 0.6)}}
+TASK_MIX_SCORINGS = ("own_region", "whole_image")
 
 
 def sigmoid_rampup(progress: float) -> float:
@@ -40,40 +54,72 @@ def sigmoid_rampup(progress: float) -> float:
     return math.exp(-5.0 * (1.0 - progress) ** 2)
 
 
+def shuffled(batch: dict) -> dict:
+    """The batch's samples in a random order from the (seeded) torch generator."""
+    size = batch["data"].shape[0]
+    order = torch.randperm(size)
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
+            out[key] = value[order.to(value.device)]
+        elif isinstance(value, list) and len(value) == size:
+            out[key] = [value[i] for i in order.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
 class VerSemiTrainer(Trainer):
     uses_unlabeled = True
-
-    @property
-    def settings(self) -> dict:
-        return {**DEFAULTS, **self.config.method}
+    method_defaults = DEFAULTS
+    method_presets = PRESETS
 
     def on_train_start(self) -> None:
         if self.batch_size < 2:
             raise input_error("--batch-size", f"VerSemiTrainer needs at least 2 labeled samples per process to "
                                               f"CutMix (got {self.batch_size} per process)",
                               "raise the batch size (with several GPUs: at least 2 per GPU)")
+        if self.settings["task_mix_scoring"] not in TASK_MIX_SCORINGS:
+            raise input_error("--method", f"task_mix_scoring {self.settings['task_mix_scoring']!r} is unknown",
+                              f"use one of {', '.join(TASK_MIX_SCORINGS)}")
+        if not 0 <= self.settings["stage1_fraction"] <= 1:
+            raise input_error("--method", f"stage1_fraction {self.settings['stage1_fraction']} is not in [0, 1]",
+                              "give the share of the epochs spent in stage 1, e.g. 0.3")
+
+    @property
+    def stage1_epochs(self) -> int:
+        return round(self.settings["stage1_fraction"] * self.config.epochs)
 
     @property
     def stage(self) -> int:
-        return 1 if self.epoch < round(self.settings["stage1_fraction"] * self.config.epochs) else 2
+        return 1 if self.epoch < self.stage1_epochs else 2
+
+    def unlabeled_from(self) -> int:
+        return self.stage1_epochs * self.config.iterations_per_epoch
+
+    def budget_phases(self) -> list[tuple[int, float]]:
+        share = self.stage1_epochs / max(1, self.config.epochs)
+        return [(epoch, s) for epoch, s in ((0, share), (self.stage1_epochs, 1 - share)) if s > 0]
 
     def consistency_weight(self) -> float:
         s = self.settings
         if not s["rampup"]:
             return s["weight_consistency"]
-        stage1 = round(s["stage1_fraction"] * self.config.epochs)
-        length = max(1.0, s["rampup_fraction"] * (self.config.epochs - stage1))
-        return s["weight_consistency"] * sigmoid_rampup((self.epoch - stage1) / length)
+        length = max(1.0, s["rampup_fraction"] * (self.config.epochs - self.stage1_epochs))
+        return s["weight_consistency"] * sigmoid_rampup((self.epoch - self.stage1_epochs) / length)
 
-    def all_prompt_probabilities(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One backbone pass over the distinct images; (B, K, Z, Y, X) probabilities and logits each."""
+    def all_prompt_logits(self, images: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """One backbone pass over the distinct images -> per output level (finest first), the
+        (B_i, K, 2, *S) logits of every prompt for each image set."""
         x = torch.cat(images)
         prompts = torch.arange(self.num_prompts, device=x.device).expand(x.shape[0], -1)
-        logits = self.network(x, prompts)  # (N, K, 2, ...)
-        return list(torch.split(logits, [i.shape[0] for i in images]))
+        out = self.network(x, prompts)
+        levels = [out] if torch.is_tensor(out) else list(out)
+        sizes = [i.shape[0] for i in images]
+        return [list(torch.split(level, sizes)) for level in levels]
 
     def labeled_terms(self, labeled: dict, logits_plain: torch.Tensor, logits_mixed: torch.Tensor,
-                      mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                      mask: torch.Tensor, task_mix: bool = True) -> dict[str, torch.Tensor]:
         """Supervised loss, synthetic task on the CutMix of halves a|b, task prompts on it."""
         s = self.settings
         batch = labeled["data"].shape[0]
@@ -86,20 +132,39 @@ class VerSemiTrainer(Trainer):
         synthetic_target = mix(fg[a], fg[b], inside)
         synthetic_prob = foreground_probability(logits_mixed[:, self.synthetic_prompt])[:, None]
         terms["synthetic"] = s["weight_synthetic"] * soft_dice_loss(synthetic_prob, synthetic_target)
+        if not task_mix:
+            return terms
         prob_a = foreground_probability(logits_mixed[torch.arange(half), prompt[a]])[:, None]
         prob_b = foreground_probability(logits_mixed[torch.arange(half), prompt[b]])[:, None]
         same = (prompt[a] == prompt[b]).float().view(-1, 1, 1, 1, 1)
         mixed_target = mix(target[a], target[b], inside)
-        # same task: the full mixed label; different tasks: a scored outside the box, b inside it
-        weight_a = same + (1 - same) * (1 - inside)
-        weight_b = same + (1 - same) * inside
-        task_a = soft_dice_loss(prob_a, mixed_target, weight_a)
-        task_b = soft_dice_loss(prob_b, mixed_target, weight_b)
+        if s["task_mix_scoring"] == "own_region":
+            # same task: the full mixed label; different tasks: a scored outside the box, b inside it
+            task_a = soft_dice_loss(prob_a, mixed_target, same + (1 - same) * (1 - inside))
+            task_b = soft_dice_loss(prob_b, mixed_target, same + (1 - same) * inside)
+        else:  # the public code: the whole image, the other sample's region counted as background
+            task_a = soft_dice_loss(prob_a, same * mixed_target + (1 - same) * target[a] * (1 - inside))
+            task_b = soft_dice_loss(prob_b, same * mixed_target + (1 - same) * target[b] * inside)
         terms["task_mix"] = s["weight_task_mix"] * (task_a + task_b) / 2
         return terms
 
+    def unlabeled_terms(self, logits_pasted: torch.Tensor, pasted_foreground: torch.Tensor,
+                        paste: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Consistency of the synthetic prompt with the max over the task prompts on labeled-into-
+        unlabeled pastes, and the synthetic prompt supervised inside the pasted box."""
+        s = self.settings
+        probs = foreground_probability(logits_pasted)  # (n, K, ...)
+        synthetic = probs[:, self.synthetic_prompt][:, None]
+        aggregate = probs[:, self.real_prompts].amax(1, keepdim=True).clamp(0, 1)
+        if s["detach_aggregate"]:
+            aggregate = aggregate.detach()
+        return {"consistency": self.consistency_weight() * soft_dice_loss(synthetic, aggregate),
+                # inside the pasted box the labeled sample's foreground is known
+                "box": s["weight_box"] * soft_dice_loss(synthetic, pasted_foreground, paste)}
+
     def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
         s = self.settings
+        labeled = shuffled(labeled)
         x = labeled["data"]
         half = x.shape[0] // 2
         if self.stage == 1:
@@ -108,22 +173,26 @@ class VerSemiTrainer(Trainer):
             low, high = s["stage2_box_ratio"]
             ratio = float(torch.empty(1).uniform_(low, high))
         mask = box_mask(half, self.patch_size, ratio, device=x.device)
-        mixed = mix(x[:half], x[half:2 * half], mask)
-        images = [x, mixed]
-        if self.stage == 2 and unlabeled is not None:
-            paste = box_mask(min(x.shape[0], unlabeled["data"].shape[0]), self.patch_size, ratio, device=x.device)
-            n = paste.shape[0]
-            images.append(mix(unlabeled["data"][:n], x[:n], paste))
-        logits = self.all_prompt_probabilities(images)
-        terms = self.labeled_terms(labeled, logits[0], logits[1], mask)
-        if len(logits) == 3:
-            probs = foreground_probability(logits[2])  # (n, K, ...)
-            synthetic = probs[:, self.synthetic_prompt][:, None]
-            aggregate = probs[:, self.real_prompts].amax(1, keepdim=True).clamp(0, 1)
-            if s["detach_aggregate"]:
-                aggregate = aggregate.detach()
-            terms["consistency"] = self.consistency_weight() * soft_dice_loss(synthetic, aggregate)
-            # inside the pasted box the labeled sample's foreground is known
-            terms["box"] = s["weight_box"] * soft_dice_loss(synthetic, labeled["foreground"][:n], paste)
+        images = [x, mix(x[:half], x[half:2 * half], mask)]
+        with_unlabeled = self.stage == 2 and unlabeled is not None
+        if with_unlabeled:
+            u = unlabeled["data"]
+            source = torch.arange(u.shape[0], device=x.device) % x.shape[0]  # labeled sample pasted into each
+            paste = box_mask(u.shape[0], self.patch_size, ratio, device=x.device)
+            images.append(mix(u, x[source], paste))
+        levels = self.all_prompt_logits(images)
+        weights = deep_supervision_weights(len(levels))
+        terms: dict[str, torch.Tensor] = {}
+        for weight, logits in zip(weights, levels):
+            shape = logits[0].shape[-3:]
+            scaled = {**labeled, "target": resize_to(labeled["target"], shape),
+                      "foreground": resize_to(labeled["foreground"], shape)}
+            level_terms = self.labeled_terms(scaled, logits[0], logits[1], resize_to(mask, shape),
+                                             task_mix=self.stage == 1 or s["stage2_task_mix"])
+            if with_unlabeled:
+                level_terms.update(self.unlabeled_terms(logits[2], scaled["foreground"][source],
+                                                        resize_to(paste, shape)))
+            for name, value in level_terms.items():
+                terms[name] = terms.get(name, 0.0) + weight * value
         terms["loss"] = sum(terms.values())
         return terms

@@ -1,0 +1,231 @@
+"""Equal-budget comparison of trainers on real LA scans (the development split).
+
+Data: the 80 cases of ``../shared/data/la2018_h5``. The first 8 ids of train.list are labeled,
+the next 52 are used without labels, the last 20 are a development test set that no training or
+selection ever sees. Every run trains fold ``all`` with the same ``--time-budget``, plan,
+patch, network and optimizer, and its final checkpoint is used. Test cases are predicted in their
+own geometry (0.625 mm) by the pipeline's predictor and scored in voxel units (Dice, Jaccard,
+HD95, ASD; MedPy conventions).
+
+    python benchmarks/la_budget.py                      # Supervised vs VerSemi, 20 min, seeds 0 1
+    python benchmarks/la_budget.py --minutes 20 --seeds 0 1 \\
+        --variant '{"label": "VerSemi paper", "trainer": "VerSemiTrainer", "method": {"preset": "paper"}}'
+
+Runs go ``--parallel`` at a time (default 2, one thread each), in seed order, so compared runs
+share the machine side by side; each group is evaluated after it finished training. Finished runs
+and evaluations are reused, so adding a variant retrains nothing else. Writes
+``<work>/la_budget.json``, ``la_budget.md`` (the table) and ``la_budget.png``. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+H5 = REPO.parent / "shared" / "data" / "la2018_h5"
+BIN = Path(sys.executable).parent
+EXPERIMENT = "LA8_dev"
+METRICS = ("dice", "jaccard", "hd95", "asd")
+DEFAULT_VARIANTS = [{"label": "Supervised", "trainer": "SupervisedTrainer"},
+                    {"label": "VerSemi", "trainer": "VerSemiTrainer"}]
+
+
+def prepare_data(work: Path, spacing_scale: float) -> Path:
+    """Convert the development split (test ids held out) and plan + preprocess it; returns raw/LA."""
+    from versemi.benchmark_protocol import convert_split, split_source
+    from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+    from versemi.plans.planner import PlanSettings
+
+    ids = [line.strip() for line in (H5 / "train.list").read_text().splitlines() if line.strip()]
+    work.mkdir(parents=True, exist_ok=True)
+    test_file = work / "test_ids.txt"
+    test_file.write_text("\n".join(ids[60:]) + "\n")
+    train, test = split_source(H5, test_file)
+    assert train == ids[:60] and test == ids[60:]
+    raw = work / "raw" / "LA"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    convert_split(H5, raw, train, test, show_progress=False)
+    plan_and_preprocess(ExperimentRequest(["LA"], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
+                                          labeled_limits={"LA": 8}, num_processes=2,
+                                          settings=PlanSettings(spacing_scale=spacing_scale), show_progress=False))
+    return raw
+
+
+def run_folder(work: Path, variant: dict, seed: int) -> Path:
+    return work / "runs" / variant["label"].replace(" ", "_") / f"seed{seed}"
+
+
+def train_command(args, variant: dict, seed: int) -> list[str]:
+    command = [str(BIN / "versemi_train"), "3d_fullres", "all", "-e", EXPERIMENT, "-tr", variant["trainer"],
+               "--time-budget", str(args.minutes), "--seed", str(seed), "--num-workers", "1",
+               "--patch-size", *map(str, args.patch), "--batch-size", str(args.batch_size),
+               "--features", *map(str, args.features), "--optimizer", args.optimizer, "--lr", str(args.lr)]
+    if variant.get("method"):
+        command += ["--method", json.dumps(variant["method"])]
+    return command + list(variant.get("args", []))
+
+
+def start_training(args, work: Path, variant: dict, seed: int) -> subprocess.Popen | None:
+    folder = run_folder(work, variant, seed)
+    if (folder / "checkpoint.txt").is_file():
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "VERSEMI_RESULTS": str(folder / "results"), "VERSEMI_PLANS": str(work / "versemi_plans"),
+           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    log = open(folder / "train.log", "w")
+    process = subprocess.Popen(train_command(args, variant, seed), env=env, stdout=log, stderr=subprocess.STDOUT)
+    process.started, process.folder, process.load_before = time.time(), folder, os.getloadavg()[0]
+    return process
+
+
+def finish_training(process: subprocess.Popen, variant: dict) -> None:
+    if process.wait() != 0:
+        sys.exit(f"training failed: see {process.folder / 'train.log'}")
+    checkpoint = (process.folder / "results" / EXPERIMENT / f"{variant['trainer']}__3d_fullres" / "fold_all" /
+                  "checkpoint_final.pth")
+    (process.folder / "wall.json").write_text(json.dumps({"seconds": time.time() - process.started,
+                                                          "load_before": process.load_before,
+                                                          "load_after": os.getloadavg()[0]}))
+    (process.folder / "checkpoint.txt").write_text(str(checkpoint))
+
+
+def evaluate_run(folder: Path, raw: Path, mirroring: bool) -> dict:
+    """Predict the test cases at their own resolution and score them in voxel units (cached)."""
+    import torch
+    from versemi.datasets.io import write_image
+    from versemi.datasets.layout import load_dataset
+    from versemi.evaluation import evaluate_folders
+    from versemi.inference.predictor import load_models, predict_case
+    from versemi.training.checkpoint import load_checkpoint
+
+    result_file = folder / "evaluation.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    checkpoint = Path((folder / "checkpoint.txt").read_text())
+    state = load_checkpoint(checkpoint)
+    torch.set_num_threads(2)
+    ensemble = load_models([checkpoint])
+    predictions = folder / "predictions"
+    started = time.time()
+    for case in load_dataset(raw).test_cases():
+        result = predict_case(ensemble, case.images, "LA", step=0.5, mirroring=mirroring)
+        write_image(result.mask.astype(np.uint8), result.geometry, predictions / f"{case.case_id}.nii.gz")
+    predict_seconds = time.time() - started
+    summary = evaluate_folders(raw / "labelsTs", predictions, voxel_units=True, labels=[1],
+                               output_dir=folder / "evaluation")
+    history = state["history"]
+    iterations = len([x for epoch in history["iteration_losses"] for x in epoch])
+    train_seconds = float(sum(history["epoch_seconds"]))
+    wall = json.loads((folder / "wall.json").read_text())
+    result = {"mean": summary["mean"]["1"], "cases": {r["case"]: r["metrics"]["1"]["dice"] for r in summary["cases"]},
+              "iterations": iterations, "seconds_per_iteration": train_seconds / max(iterations, 1),
+              "train_loop_seconds": train_seconds, "wall_seconds": wall["seconds"], "load": [wall["load_before"],
+                                                                                              wall["load_after"]],
+              "budget": state["config"].get("budget"), "predict_seconds": predict_seconds,
+              "final_terms": (history.get("terms") or [{}])[-1]}
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: dict, minutes: float) -> list[str]:
+    """Markdown rows: mean +- std over seeds per variant."""
+    rows = ["| trainer | seeds | Dice % | Jaccard % | HD95 (vox) | ASD (vox) | iterations | s/it | wall / budget |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for label, runs in results.items():
+        def stat(values, scale=1.0, digits=2):
+            values = np.array([v for v in values if v is not None], float) * scale
+            return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}" if values.size else "n/a"
+        seeds = sorted(runs)
+        cells = [stat([runs[s]["mean"][m] for s in seeds], 100 if m in ("dice", "jaccard") else 1) for m in METRICS]
+        cells += [stat([runs[s]["iterations"] for s in seeds], digits=0),
+                  stat([runs[s]["seconds_per_iteration"] for s in seeds]),
+                  stat([runs[s]["wall_seconds"] / (60 * minutes) for s in seeds])]
+        rows.append(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def figure(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    fig, (ax_dice, ax_its) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(labels), 4.5))
+    for i, label in enumerate(labels):
+        dices = [100 * r["mean"]["dice"] for r in results[label].values()]
+        ax_dice.bar(i, np.mean(dices), yerr=np.std(dices), color="C0", alpha=0.6, capsize=4)
+        ax_dice.plot([i] * len(dices), dices, "ko", ms=4)
+        ax_its.bar(i, np.mean([r["iterations"] for r in results[label].values()]), color="C1", alpha=0.6)
+    for ax, title in ((ax_dice, "test Dice % (mean ± std over seeds, dots = seeds)"), (ax_its, "iterations reached")):
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        ax.set_title(title, fontsize=9)
+    low = min(100 * r["mean"]["dice"] for runs in results.values() for r in runs.values())
+    ax_dice.set_ylim(max(0, low - 5), 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="--time-budget of every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variant", action="append", type=json.loads,
+                        help='JSON {"label", "trainer", "method": {...}, "args": [...]} (repeatable; default: '
+                             'Supervised and VerSemi)')
+    parser.add_argument("--parallel", type=int, default=2, help="runs trained side by side")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run")
+    parser.add_argument("--spacing-scale", type=float, default=2.0)
+    parser.add_argument("--patch", type=int, nargs=3, default=[40, 64, 80])
+    parser.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--optimizer", default="adam")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--mirroring", action="store_true", help="mirroring at test time (8x slower on a CPU)")
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "la_budget")
+    args = parser.parse_args()
+    if not H5.is_dir():
+        sys.exit(f"real LA data not found at {H5}: this benchmark needs ../shared beside the checkout")
+    variants = args.variant or DEFAULT_VARIANTS
+    work = args.work.absolute()
+    raw = prepare_data(work, args.spacing_scale)
+    jobs = [(v, s) for s in args.seeds for v in variants]
+    results: dict[str, dict[int, dict]] = {v["label"]: {} for v in variants}
+    for group_start in range(0, len(jobs), args.parallel):
+        group = jobs[group_start:group_start + args.parallel]
+        started = [(v, s, start_training(args, work, v, s)) for v, s in group]
+        print(f"{time.strftime('%H:%M:%S')} training {[(v['label'], s) for v, s in group]} "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        for variant, seed, process in started:
+            if process is not None:
+                finish_training(process, variant)
+        for variant, seed in group:
+            result = evaluate_run(run_folder(work, variant, seed), raw, args.mirroring)
+            results[variant["label"]][seed] = result
+            print(f"{time.strftime('%H:%M:%S')} {variant['label']} seed {seed}: Dice {100 * result['mean']['dice']:.2f}, "
+                  f"{result['iterations']} iterations, {result['seconds_per_iteration']:.2f} s/it, wall "
+                  f"{result['wall_seconds'] / 60:.1f} min (load {result['load'][0]:.1f} -> {result['load'][1]:.1f})",
+                  flush=True)
+    rows = table(results, args.minutes)
+    header = (f"LA development split (8 labeled / 52 unlabeled / 20 test), --time-budget {args.minutes:g} min, "
+              f"{args.parallel} runs side by side x {args.threads} thread(s); spacing x{args.spacing_scale:g}, patch "
+              f"{args.patch}, features {args.features}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}; "
+              f"final checkpoint; test mirroring {'on' if args.mirroring else 'off'}")
+    (work / "la_budget.md").write_text(header + "\n\n" + "\n".join(rows) + "\n")
+    (work / "la_budget.json").write_text(json.dumps({"settings": vars(args) | {"work": str(work)}, "results": results},
+                                                    indent=2, default=str))
+    figure(results, work / "la_budget.png")
+    print(header)
+    print("\n".join(rows))
+    print(f"wrote {work / 'la_budget.md'}, {work / 'la_budget.png'}")
+
+
+if __name__ == "__main__":
+    main()

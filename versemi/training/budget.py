@@ -1,0 +1,99 @@
+"""``--time-budget``: fit the whole schedule (LR decay, stages, ramp-ups) into a wall-clock budget.
+
+After setup, a short warm-up times real training steps of each phase whose cost differs (e.g.
+VerSemi's stage 1 and stage 2), with the real data loaders, then puts the network, optimizer and
+method state back as they were. From the seconds per iteration and the per-epoch overhead
+(checkpoint, curves, validation) it fixes epochs x iterations per epoch, so the schedule ends
+within the budget on the hardware at hand. The choice is stored in the training settings (and so
+in every checkpoint): ``--continue`` keeps it exactly.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import input_error
+from .checkpoint import save_checkpoint
+from .progress import TrainingLog
+
+WARMUP_STEPS = 2          # untimed: worker start, first allocations
+TIMED_STEPS = 4           # per phase; the median is used
+SAFETY = 0.97             # share of the remaining budget planned for
+TARGET_EPOCHS = 50        # enough epochs for a smooth LR decay and stage switch in short budgets
+MIN_ITERATIONS_PER_EPOCH = 10
+
+
+def time_phase(trainer, epoch: int) -> float:
+    """Median seconds per iteration (step plus any wait for data) of real steps at ``epoch``."""
+    trainer.epoch = epoch
+    start = epoch * trainer.config.iterations_per_epoch
+    steps = WARMUP_STEPS + TIMED_STEPS
+    trainer.network.train()
+    marks, last = [], time.perf_counter()
+    for offset, (labeled, unlabeled) in enumerate(trainer._batch_stream(start, start + steps)):
+        trainer.optimize(start + offset, labeled, unlabeled)
+        now = time.perf_counter()
+        marks.append(now - last)
+        last = now
+    return statistics.median(marks[WARMUP_STEPS:])
+
+
+def time_epoch_overhead(trainer) -> float:
+    """Seconds an epoch spends outside its iterations: checkpoint, curves and patch validation."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=trainer.output_folder) as scratch:
+        save_checkpoint(Path(scratch) / "probe.pth", {"network": trainer.model.state_dict(),
+                                                      "optimizer": trainer.optimizer.state_dict()})
+        log = TrainingLog(Path(scratch))
+        log.record(epoch=1, train_loss=1.0, val_loss=1.0, lr=1e-3, dice={"x": 0.5}, ema_dice=0.5, epoch_seconds=1.0,
+                   iteration_losses=[1.0], terms={"loss": 1.0})
+        log.plot()
+    if trainer.val_source is not None:
+        trainer.validate_epoch()
+    return time.perf_counter() - started
+
+
+def _agree(values: list[float]) -> list[float]:
+    """The largest value of each entry over all DDP processes, so every process picks the same schedule."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def fit_schedule(trainer) -> dict:
+    """Time the phases, set ``config.epochs`` and ``config.iterations_per_epoch``; returns the record."""
+    config = trainer.config
+    state = trainer.snapshot()
+    phases = trainer.budget_phases()
+    phase_seconds = [time_phase(trainer, epoch) for epoch, _ in phases]
+    trainer.restore(state)
+    overhead = time_epoch_overhead(trainer)
+    per_iteration = sum(share * seconds for (_, share), seconds in zip(phases, phase_seconds))
+    elapsed = time.time() - trainer.started
+    per_iteration, overhead, elapsed = _agree([per_iteration, overhead, elapsed])
+    available = config.time_budget * 60 * SAFETY - elapsed
+    wanted = available / per_iteration
+    per_epoch = min(config.iterations_per_epoch, max(MIN_ITERATIONS_PER_EPOCH, math.ceil(wanted / TARGET_EPOCHS)))
+    epochs = int(available // (per_epoch * per_iteration + overhead))
+    if epochs < 1:
+        raise input_error(f"--time-budget {config.time_budget:g}",
+                          f"the budget does not cover one epoch of {per_epoch} iterations after the warm-up "
+                          f"({elapsed:.0f} s so far, {per_iteration:.2f} s per iteration)",
+                          "raise the budget, or train with --epochs instead")
+    config.epochs, config.iterations_per_epoch = epochs, per_epoch
+    phases_text = ", ".join(f"{s:.2f} s/it from epoch {e}" for (e, _), s in zip(phases, phase_seconds))
+    message = (f"time budget {config.time_budget:g} min: warm-up {elapsed:.0f} s measured {phases_text} "
+               f"(mean {per_iteration:.2f} s/it, {overhead:.1f} s per epoch besides); training {epochs} epochs x "
+               f"{per_epoch} iterations = {epochs * per_epoch} iterations")
+    return {"minutes": config.time_budget, "seconds_per_iteration": per_iteration, "phase_seconds": phase_seconds,
+            "epoch_overhead_seconds": overhead, "warmup_seconds": elapsed, "epochs": epochs,
+            "iterations_per_epoch": per_epoch, "iterations": epochs * per_epoch, "message": message}
