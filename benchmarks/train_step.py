@@ -1,4 +1,5 @@
-"""Benchmark: one VerSemi stage-2 training step, ours versus the public code's schedule.
+"""Benchmark: one VerSemi stage-2 training step, ours versus the public code's schedule, and
+versus a supervised step of the same network and patch.
 
 Both compute the SAME loss terms on the SAME weights, batch and CutMix boxes:
   (a) ours: ``VerSemiTrainer.train_step``, i.e. ONE backbone pass over the three distinct images
@@ -6,8 +7,9 @@ Both compute the SAME loss terms on the SAME weights, batch and CutMix boxes:
   (b) public: one full network call per (prompt, image set) pair, as the public VerSemi code does:
       L with its own prompts, the CutMix image with the synthetic prompt, with a's and b's prompts,
       the pasted image once per real task and once with the synthetic prompt (7 passes for K = 3).
-The script first checks that every loss term and the gradients of a few parameters agree, then
-times forward + backward of each mode (interleaved, so that load from other processes hits both
+  (c) supervised: Dice + CE of the labeled batch with its own prompts (SupervisedTrainer's step).
+The script first checks that every loss term and the gradients of a few parameters of (a) and (b)
+agree, then times forward + backward of each mode (interleaved, so that load from other processes hits both
 alike) and measures each mode's peak memory in its own subprocess (max RSS on CPU, max allocated
 on CUDA).
 
@@ -32,14 +34,14 @@ from versemi.nets import build_network
 from versemi.training.config import TrainingConfig
 from versemi.training.cutmix import box_mask, mix
 from versemi.training.losses import DiceCE, foreground_probability, soft_dice_loss
-from versemi.training.trainers.versemi import VerSemiTrainer
+from versemi.training.trainers.versemi import DEFAULTS, VerSemiTrainer, shuffled
 
 NETWORK_PLANS = {
     "unet": {"architecture": "unet", "features": [32, 64, 128, 256, 320], "kernel_sizes": [[3, 3, 3]] * 5,
              "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4, "norm": "instance", "deep_supervision": False},
     "vnet": {"architecture": "vnet", "features": [16], "norm": "instance", "deep_supervision": False},
 }
-MODES = ("ours", "public")
+MODES = ("ours", "public", "supervised")
 STEP_SEED = 1234  # reseeded before every step: both modes draw the same ratio and boxes
 
 
@@ -51,6 +53,7 @@ def make_trainer(model: torch.nn.Module, patch_size: list[int], num_prompts: int
     trainer.real_prompts = list(range(num_prompts - 1))
     trainer.patch_size, trainer.loss = list(patch_size), DiceCE()
     trainer.config, trainer.epoch = TrainingConfig(epochs=10), 5  # stage 1 = epochs 0-2; ramp-up done
+    trainer.settings = dict(DEFAULTS)
     assert trainer.stage == 2
     return trainer
 
@@ -83,6 +86,7 @@ def draw_masks(trainer: VerSemiTrainer, x: torch.Tensor, unlabeled: dict) -> tup
 def public_step(trainer: VerSemiTrainer, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
     """(b): the same terms from one full ``model(x, prompts of shape (B,))`` call per prompt and image set."""
     s, net = trainer.settings, trainer.network
+    labeled = shuffled(labeled)  # the same seeded order as train_step (the public code does not shuffle)
     x, fg, target, prompt = labeled["data"], labeled["foreground"], labeled["target"], labeled["prompt"]
     half = x.shape[0] // 2
     a, b = slice(0, half), slice(half, 2 * half)
@@ -113,7 +117,12 @@ def public_step(trainer: VerSemiTrainer, labeled: dict, unlabeled: dict) -> dict
     return terms
 
 
-STEPS = {"ours": VerSemiTrainer.train_step, "public": public_step}  # (a) is the trainer's own step
+def supervised_step(trainer: VerSemiTrainer, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+    """(c): the supervised baseline's step on the same network and labeled batch."""
+    return {"loss": trainer.loss(trainer.network(labeled["data"], labeled["prompt"]), labeled["target"])}
+
+
+STEPS = {"ours": VerSemiTrainer.train_step, "public": public_step, "supervised": supervised_step}
 
 
 def setup(args: argparse.Namespace) -> tuple[VerSemiTrainer, dict, dict]:
@@ -142,7 +151,7 @@ def check_equivalence(trainer: VerSemiTrainer, labeled: dict, unlabeled: dict, p
     params = list(trainer.network.named_parameters())
     checked = [params[i] for i in (0, len(params) // 2, -3, -1)]  # first conv, middle, prompt head
     results = {}
-    for mode in MODES:
+    for mode in ("ours", "public"):
         terms = run_step(mode, trainer, labeled, unlabeled)
         results[mode] = ({k: float(v.detach()) for k, v in terms.items()}, [p.grad.clone() for _, p in checked])
     (ours, grads_a), (public, grads_b) = results["ours"], results["public"]
@@ -225,7 +234,8 @@ def report(args: argparse.Namespace, times: dict, memory: dict) -> None:
     cuda = "cuda_peak_mib" in memory["ours"]
     print(f"  {'mode':<27} {'median s':>8} {'min s':>6} {'CPU s':>6}  {'runs (wall s / CPU s)':<28} "
           f"{'CUDA peak MiB' if cuda else 'peak RSS MiB (growth)'}")
-    labels = {"ours": "(a) ours: 1 backbone pass", "public": f"(b) public: {args.prompts + 4} full passes"}
+    labels = {"ours": "(a) ours: 1 backbone pass", "public": f"(b) public: {args.prompts + 4} full passes",
+              "supervised": "(c) supervised step"}
     wall, cpu, memory_used = {}, {}, {}
     for mode in MODES:
         m = memory[mode]
@@ -235,9 +245,13 @@ def report(args: argparse.Namespace, times: dict, memory: dict) -> None:
         runs = ", ".join(f"{w:.1f}/{c:.1f}" for w, c in times[mode])
         print(f"  {labels[mode]:<27} {statistics.median(wall[mode]):>8.2f} {min(wall[mode]):>6.2f} "
               f"{statistics.median(cpu[mode]):>6.1f}  {runs:<28} {mem}")
-    ratio = lambda f, t: f(t["public"]) / f(t["ours"])  # noqa: E731
+    ratio = lambda f, t, x="public", y="ours": f(t[x]) / f(t[y])  # noqa: E731
     print(f"  time ratio (b)/(a): median wall {ratio(statistics.median, wall):.2f}x, min wall {ratio(min, wall):.2f}x, "
-          f"median CPU time {ratio(statistics.median, cpu):.2f}x")
+          f"median CPU time {ratio(statistics.median, cpu):.2f}x  (target >= 2.2x)")
+    images = 2 * args.batch + args.batch // 2  # labeled, CutMix of its halves, pastes into unlabeled
+    print(f"  time ratio (a)/(c), VerSemi stage 2 / supervised: median wall "
+          f"{ratio(statistics.median, wall, 'ours', 'supervised'):.2f}x, min wall {ratio(min, wall, 'ours', 'supervised'):.2f}x "
+          f"(images through the backbone {images} / {args.batch} = {images / args.batch:.2f}x; target <= 2.5x)")
     print(f"  memory ratio (b)/(a) ({'CUDA peak' if cuda else 'RSS growth during steps'}): "
           f"{memory_used['public'] / memory_used['ours']:.2f}x")
 

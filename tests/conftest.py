@@ -90,3 +90,36 @@ def toy_experiment(raw: Path, root: Path, folds: dict[str, list[str]], **env_var
         yield root / "results" / TOY_EXPERIMENT
     finally:
         env.undo()
+
+
+@pytest.fixture(scope="module")
+def planned(toy_raw_master, tmp_path_factory) -> Path:
+    """The toy pair planned and preprocessed; returns the plans root."""
+    from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+
+    plans_root = tmp_path_factory.mktemp("plans")
+    plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, plans_root,
+                                          num_processes=1, show_progress=False))
+    return plans_root
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("VERSEMI_RESULTS", str(tmp_path / "results"))
+    return tmp_path / "results"
+
+
+def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = None, **config):
+    """A set-up trainer of the planned toy experiment at tiny size (fold 0, 10 epochs, Adam)."""
+    import json
+
+    from versemi.training.config import TrainingConfig
+    from versemi.training.trainers import find_trainer
+
+    plans = plans or json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())
+    settings = dict(epochs=10, patch_size=[16, 32, 32], batch_size=2, features=[4, 8, 16], num_workers=0,
+                    optimizer="adam", lr=3e-3)
+    settings.update(config)
+    trainer = find_trainer(name)(plans, planned, "3d_fullres", "0", tmp_path / name, TrainingConfig(**settings))
+    trainer.setup()
+    return trainer

@@ -13,26 +13,13 @@ import torch
 
 from versemi.cli import train_main
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
-from versemi.training.config import TrainingConfig
-from versemi.training.trainers import discover_trainers, find_trainer
+from versemi.training.trainers import discover_trainers
+
+from conftest import make_trainer
 
 TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
         "--val-iterations", "1"]
 EXPERIMENT = "DemoLA_DemoPancreas"
-
-
-@pytest.fixture(scope="module")
-def planned(toy_raw_master, tmp_path_factory) -> Path:
-    plans_root = tmp_path_factory.mktemp("plans")
-    plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, plans_root,
-                                          num_processes=1, show_progress=False))
-    return plans_root
-
-
-@pytest.fixture
-def results(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("VERSEMI_RESULTS", str(tmp_path / "results"))
-    return tmp_path / "results"
 
 
 def _history(results: Path, trainer: str = "VerSemiTrainer", fold: str = "0") -> dict:
@@ -41,12 +28,7 @@ def _history(results: Path, trainer: str = "VerSemiTrainer", fold: str = "0") ->
 
 
 def _trainer(name: str, planned: Path, tmp_path: Path, **method):
-    plans = json.loads((planned / EXPERIMENT / "plans.json").read_text())
-    config = TrainingConfig(epochs=10, patch_size=[16, 32, 32], batch_size=2, features=[4, 8, 16], num_workers=0,
-                            optimizer="adam", lr=3e-3, method=method)
-    trainer = find_trainer(name)(plans, planned, "3d_fullres", "0", tmp_path / name, config)
-    trainer.setup()
-    return trainer
+    return make_trainer(name, planned, tmp_path, method=method)
 
 
 @pytest.mark.parametrize("name,epoch", [("SupervisedTrainer", 0), ("VerSemiTrainer", 0), ("VerSemiTrainer", 9),

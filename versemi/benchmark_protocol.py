@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 from .atomic import read_json, write_json
 from .errors import InputError, Problem, input_error
+from .training.config import PRECISIONS
+from .training.run import parse_method
 
 KINDS = ("la-h5",)
 DATASET = "LA"
@@ -58,7 +60,9 @@ VARIANTS = ("pipeline", "pipeline+lcc", "literature", "literature+lcc")
 # training options passed through to versemi_train: (flag, TrainingConfig field)
 TRAIN_OPTIONS = (("--epochs", "epochs"), ("--iterations-per-epoch", "iterations_per_epoch"),
                  ("--patch-size", "patch_size"), ("--batch-size", "batch_size"), ("--features", "features"),
-                 ("--optimizer", "optimizer"), ("--lr", "lr"), ("--num-workers", "num_workers"), ("--seed", "seed"))
+                 ("--optimizer", "optimizer"), ("--lr", "lr"), ("--num-workers", "num_workers"), ("--seed", "seed"),
+                 ("--time-budget", "time_budget"), ("--precision", "precision"),
+                 ("--unlabeled-batch-size", "unlabeled_batch_size"))
 
 
 def literature_overlap(patch: Sequence[int] = LITERATURE_PATCH, stride: Sequence[int] = LITERATURE_STRIDE) -> list[float]:
@@ -210,7 +214,7 @@ def _check_trained(checkpoint: Path, plans: dict, args) -> None:
             differences.append(f"{flag} {config.get(name)} (requested {value})")
     if args.no_augmentation and config.get("augmentation", {}).get("enabled", True):
         differences.append("--no-augmentation")
-    if args.method and any(config.get("method", {}).get(k) != v for k, v in json.loads(args.method).items()):
+    if args.method and any(config.get("method", {}).get(k) != v for k, v in parse_method(args.method).items()):
         differences.append("--method")
     if differences:
         raise input_error(checkpoint, f"was trained with other settings ({'; '.join(differences)})",
@@ -321,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--num-workers", type=int)
     t.add_argument("--seed", type=int)
+    t.add_argument("--time-budget", type=float, metavar="MINUTES", help="fit the whole schedule into this many minutes")
+    t.add_argument("--precision", choices=PRECISIONS)
+    t.add_argument("--unlabeled-batch-size", type=int)
     t.add_argument("--method", help="method settings as JSON")
     t.add_argument("--no-augmentation", action="store_true")
     return p
@@ -339,10 +346,7 @@ def run_benchmark(args) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise input_error(f"--device {args.device}", "CUDA is not available here", "use --device cpu")
     if args.method:
-        try:
-            json.loads(args.method)
-        except ValueError as exc:
-            raise input_error("--method", f"is not JSON ({exc})", "write e.g. --method '{\"stage1_fraction\": 0.5}'")
+        parse_method(args.method)
     show = not args.quiet
     work = args.work.absolute()
     source = args.source.absolute()
@@ -379,7 +383,7 @@ def run_benchmark(args) -> dict:
     from .training.checkpoint import load_checkpoint
     used = load_checkpoint(checkpoint, "cpu")["config"]
     used = {k: used.get(k) for k in ("epochs", "iterations_per_epoch", "patch_size", "batch_size", "features",
-                                     "optimizer", "lr", "seed", "method")}
+                                     "optimizer", "lr", "seed", "method", "time_budget", "budget", "precision")}
 
     # d. predict with both windows
     ensemble = load_models(checkpoint, device=args.device)
