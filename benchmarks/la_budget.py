@@ -37,21 +37,21 @@ DEFAULT_VARIANTS = [{"label": "Supervised", "trainer": "SupervisedTrainer"},
                     {"label": "VerSemi", "trainer": "VerSemiTrainer"}]
 
 
-def prepare_data(work: Path, spacing_scale: float) -> Path:
+def prepare_data(work: Path, spacing_scale: float, source: Path = H5) -> Path:
     """Convert the development split (test ids held out) and plan + preprocess it; returns raw/LA."""
     from versemi.benchmark_protocol import convert_split, split_source
     from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
     from versemi.plans.planner import PlanSettings
 
-    ids = [line.strip() for line in (H5 / "train.list").read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in (source / "train.list").read_text().splitlines() if line.strip()]
     work.mkdir(parents=True, exist_ok=True)
     test_file = work / "test_ids.txt"
     test_file.write_text("\n".join(ids[60:]) + "\n")
-    train, test = split_source(H5, test_file)
+    train, test = split_source(source, test_file)
     assert train == ids[:60] and test == ids[60:]
     raw = work / "raw" / "LA"
     raw.parent.mkdir(parents=True, exist_ok=True)
-    convert_split(H5, raw, train, test, show_progress=False)
+    convert_split(source, raw, train, test, show_progress=False)
     plan_and_preprocess(ExperimentRequest(["LA"], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
                                           labeled_limits={"LA": 8}, num_processes=2,
                                           settings=PlanSettings(spacing_scale=spacing_scale), show_progress=False))
@@ -64,9 +64,13 @@ def run_folder(work: Path, variant: dict, seed: int) -> Path:
 
 def train_command(args, variant: dict, seed: int) -> list[str]:
     command = [str(BIN / "versemi_train"), "3d_fullres", "all", "-e", EXPERIMENT, "-tr", variant["trainer"],
-               "--time-budget", str(args.minutes), "--seed", str(seed), "--num-workers", "1",
-               "--patch-size", *map(str, args.patch), "--batch-size", str(args.batch_size),
-               "--features", *map(str, args.features), "--optimizer", args.optimizer, "--lr", str(args.lr)]
+               "--time-budget", str(args.minutes), "--seed", str(seed), "--num-workers", str(args.num_workers),
+               "--optimizer", args.optimizer, "--lr", str(args.lr), "--device", args.device]
+    if not args.plan_network:
+        command += ["--patch-size", *map(str, args.patch), "--batch-size", str(args.batch_size),
+                    "--features", *map(str, args.features)]
+    if args.compile:
+        command.append("--compile")
     if variant.get("method"):
         command += ["--method", json.dumps(variant["method"])]
     return command + list(variant.get("args", []))
@@ -96,7 +100,7 @@ def finish_training(process: subprocess.Popen, variant: dict) -> None:
     (process.folder / "checkpoint.txt").write_text(str(checkpoint))
 
 
-def evaluate_run(folder: Path, raw: Path, mirroring: bool) -> dict:
+def evaluate_run(folder: Path, raw: Path, mirroring: bool, device: str = "cpu") -> dict:
     """Predict the test cases at their own resolution and score them in voxel units (cached)."""
     import torch
     from versemi.datasets.io import write_image
@@ -111,7 +115,7 @@ def evaluate_run(folder: Path, raw: Path, mirroring: bool) -> dict:
     checkpoint = Path((folder / "checkpoint.txt").read_text())
     state = load_checkpoint(checkpoint)
     torch.set_num_threads(2)
-    ensemble = load_models([checkpoint])
+    ensemble = load_models([checkpoint], device=device)
     predictions = folder / "predictions"
     started = time.time()
     for case in load_dataset(raw).test_cases():
@@ -129,15 +133,27 @@ def evaluate_run(folder: Path, raw: Path, mirroring: bool) -> dict:
               "train_loop_seconds": train_seconds, "wall_seconds": wall["seconds"], "load": [wall["load_before"],
                                                                                               wall["load_after"]],
               "budget": state["config"].get("budget"), "predict_seconds": predict_seconds,
+              "data_wait_seconds": float(sum(history.get("data_wait_seconds", []))),
+              "peak_gpu_memory_gib": _peak_memory(folder),
               "final_terms": (history.get("terms") or [{}])[-1]}
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
 
+def _peak_memory(folder: Path) -> float | None:
+    """The largest peak GPU memory that the training log reports, if it trained on a GPU."""
+    import re
+
+    logs = list((folder / "results").glob("*/*/fold_all/training_log.txt"))
+    values = [float(v) for log in logs for v in re.findall(r"peak GPU memory ([0-9.]+) GiB", log.read_text())]
+    return max(values) if values else None
+
+
 def table(results: dict, minutes: float) -> list[str]:
     """Markdown rows: mean +- std over seeds per variant."""
-    rows = ["| trainer | seeds | Dice % | Jaccard % | HD95 (vox) | ASD (vox) | iterations | s/it | wall / budget |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| trainer | seeds | Dice % | Jaccard % | HD95 (vox) | ASD (vox) | iterations | s/it | wall / budget "
+            "| data wait s | peak GPU GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, runs in results.items():
         def stat(values, scale=1.0, digits=2):
             values = np.array([v for v in values if v is not None], float) * scale
@@ -146,7 +162,9 @@ def table(results: dict, minutes: float) -> list[str]:
         cells = [stat([runs[s]["mean"][m] for s in seeds], 100 if m in ("dice", "jaccard") else 1) for m in METRICS]
         cells += [stat([runs[s]["iterations"] for s in seeds], digits=0),
                   stat([runs[s]["seconds_per_iteration"] for s in seeds]),
-                  stat([runs[s]["wall_seconds"] / (60 * minutes) for s in seeds])]
+                  stat([runs[s]["wall_seconds"] / (60 * minutes) for s in seeds]),
+                  stat([runs[s].get("data_wait_seconds") for s in seeds], digits=0),
+                  stat([runs[s].get("peak_gpu_memory_gib") for s in seeds])]
         rows.append(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     return rows
 
@@ -190,12 +208,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--mirroring", action="store_true", help="mirroring at test time (8x slower on a CPU)")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "la_budget")
+    parser.add_argument("--data", type=Path, default=H5, help="the UA-MT LA folder (<ID>/mri_norm2.h5, train.list)")
+    parser.add_argument("--name", default="la_budget", help="stem of the table, JSON and figure written in --work")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA)")
+    parser.add_argument("--num-workers", type=int, default=1, help="loader processes per stream and run")
+    parser.add_argument("--plan-network", action="store_true",
+                        help="train with the plan's own patch, batch and network instead of --patch/--features")
     args = parser.parse_args()
-    if not H5.is_dir():
-        sys.exit(f"real LA data not found at {H5}: this benchmark needs ../shared beside the checkout")
+    if not args.data.is_dir():
+        sys.exit(f"real LA data not found at {args.data}: this benchmark needs ../shared beside the checkout, "
+                 "or --data")
     variants = args.variant or DEFAULT_VARIANTS
     work = args.work.absolute()
-    raw = prepare_data(work, args.spacing_scale)
+    raw = prepare_data(work, args.spacing_scale, args.data.absolute())
     jobs = [(v, s) for s in args.seeds for v in variants]
     results: dict[str, dict[int, dict]] = {v["label"]: {} for v in variants}
     for group_start in range(0, len(jobs), args.parallel):
@@ -207,7 +233,7 @@ def main() -> None:
             if process is not None:
                 finish_training(process, variant)
         for variant, seed in group:
-            result = evaluate_run(run_folder(work, variant, seed), raw, args.mirroring)
+            result = evaluate_run(run_folder(work, variant, seed), raw, args.mirroring, args.device)
             results[variant["label"]][seed] = result
             print(f"{time.strftime('%H:%M:%S')} {variant['label']} seed {seed}: Dice {100 * result['mean']['dice']:.2f}, "
                   f"{result['iterations']} iterations, {result['seconds_per_iteration']:.2f} s/it, wall "
@@ -218,13 +244,13 @@ def main() -> None:
               f"{args.parallel} runs side by side x {args.threads} thread(s); spacing x{args.spacing_scale:g}, patch "
               f"{args.patch}, features {args.features}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}; "
               f"final checkpoint; test mirroring {'on' if args.mirroring else 'off'}")
-    (work / "la_budget.md").write_text(header + "\n\n" + "\n".join(rows) + "\n")
-    (work / "la_budget.json").write_text(json.dumps({"settings": vars(args) | {"work": str(work)}, "results": results},
-                                                    indent=2, default=str))
-    figure(results, work / "la_budget.png")
+    (work / f"{args.name}.md").write_text(header + "\n\n" + "\n".join(rows) + "\n")
+    (work / f"{args.name}.json").write_text(json.dumps({"settings": vars(args) | {"work": str(work)}, "results": results},
+                                                       indent=2, default=str))
+    figure(results, work / f"{args.name}.png")
     print(header)
     print("\n".join(rows))
-    print(f"wrote {work / 'la_budget.md'}, {work / 'la_budget.png'}")
+    print(f"wrote {work / (args.name + '.md')}, {work / (args.name + '.png')}")
 
 
 if __name__ == "__main__":

@@ -372,3 +372,15 @@ def test_too_small_time_budget_is_a_clear_error(planned, results, capsys):
     assert train_main(["3d_fullres", "0", "--plans-root", str(planned), *TINY, "--time-budget", "0.001"]) == 2
     assert "does not cover one epoch" in capsys.readouterr().err
     assert train_main(["3d_fullres", "0", "--plans-root", str(planned), *TINY, "--time-budget", "-1"]) == 2
+
+
+def test_stage2_without_labeled_cutmix_sends_one_image_set_fewer(planned, tmp_path):
+    trainer = _versemi(planned, tmp_path, stage2_labeled_cutmix=False, stage2_task_mix=False)
+    calls = []
+    trainer.model.backbone.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    labeled, unlabeled = trainer.labeled_source[0], trainer.unlabeled_source[0]
+    trainer.epoch = 0
+    assert "synthetic" in trainer.train_step(labeled, None)  # stage 1 keeps its CutMix
+    trainer.epoch = 9
+    assert set(trainer.train_step(labeled, unlabeled)) == {"supervised", "consistency", "box", "loss"}
+    assert calls == [3, 4]  # stage 1: 2 labeled + 1 CutMix; stage 2: 2 labeled + 2 pastes

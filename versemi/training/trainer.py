@@ -291,14 +291,18 @@ class Trainer:
         n = self.config.iterations_per_epoch
         start = self.epoch * n
         losses, terms = [], {}
+        self.data_wait = 0.0  # seconds the step waited for the loaders this epoch
         bar = tqdm(itertools.islice(self.training_batches, n), total=n, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.is_main, dynamic_ncols=True, leave=False)
+        waiting = time.perf_counter()
         for offset, (labeled, unlabeled) in enumerate(bar):
+            self.data_wait += time.perf_counter() - waiting
             step = self.optimize(start + offset, labeled, unlabeled)
             for name, value in step.items():
                 terms.setdefault(name, []).append(value)
             losses.append(step["loss"])
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            waiting = time.perf_counter()
         return float(np.mean(losses)), losses, {name: float(np.mean(v)) for name, v in terms.items()}
 
     def snapshot(self) -> dict:
@@ -336,10 +340,15 @@ class Trainer:
         ema = mean_dice if previous is None or math.isnan(previous) else \
             EMA_DICE_MOMENTUM * previous + (1 - EMA_DICE_MOMENTUM) * mean_dice
         self.log.record(epoch=self.epoch, train_loss=train_loss, val_loss=val_loss, dice=dice, ema_dice=ema,
-                        lr=lr, epoch_seconds=seconds, iteration_losses=iteration_losses, terms=terms)
+                        lr=lr, epoch_seconds=seconds, iteration_losses=iteration_losses, terms=terms,
+                        data_wait_seconds=self.data_wait)
         remaining = seconds * (self.config.epochs - self.epoch)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "loss")
-        self.log.write(f"epoch {self.epoch}/{self.config.epochs}: train loss {train_loss:.4f} ({shown}), "
+        shown = f" ({shown})" if shown else ""
+        memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+                  if self.device.type == "cuda" else "")
+        self.log.write(f"epoch {self.epoch}/{self.config.epochs}: train loss {train_loss:.4f}{shown}, "
+                       f"data wait {self.data_wait:.1f} s{memory}, "
                        f"val loss {val_loss:.4f}, "
                        f"pseudo-Dice {({k: round(v, 4) for k, v in dice.items()})}, {seconds:.1f} s, "
                        f"ETA {remaining / 60:.1f} min")

@@ -11,7 +11,9 @@ Choices where the public code is silent or defective:
   code's scoring over the whole image (other region = background) is ``task_mix_scoring:
   "whole_image"``;
 - stage 2 keeps the task-prompt CutMix term (``stage2_task_mix``); method.md's stage-2 loss has
-  no such term: the ``paper`` preset (``--method paper``) switches it off;
+  no such term: the ``paper`` preset (``--method paper``) switches it off. ``stage2_labeled_cutmix``
+  off drops the labeled CutMix image from stage 2 altogether (the pastes into unlabeled images
+  still supervise the synthetic prompt inside their boxes): one image fewer per step;
 - the stage-2 box supervision uses masks of the image's shape (fixes the public broadcast);
 - the ramp-up weight is applied to the consistency term (setting ``rampup``; the public code
   computes it without applying it); ``detach_aggregate`` defaults to False as the public code;
@@ -35,6 +37,7 @@ DEFAULTS = {
     "weight_synthetic": 1.0,
     "weight_task_mix": 1.0,
     "stage2_task_mix": True,       # keep the task-prompt CutMix term in stage 2
+    "stage2_labeled_cutmix": True,  # False: stage 2 sends no CutMix of labeled halves (no synthetic / task-mix term)
     "task_mix_scoring": "own_region",  # or "whole_image" (the public code)
     "weight_consistency": 1.0,
     "weight_box": 1.0,
@@ -43,7 +46,8 @@ DEFAULTS = {
     "rampup_fraction": 0.25,       # of stage 2, sigmoid ramp exp(-5 (1 - t)^2)
 }
 # method.md exactly: stage 2 = supervised + synthetic CutMix + consistency + box, weights 1
-PRESETS = {"paper": {"stage2_task_mix": False, "task_mix_scoring": "own_region", "detach_aggregate": False,
+PRESETS = {"paper": {"stage2_task_mix": False, "stage2_labeled_cutmix": True, "task_mix_scoring": "own_region",
+                     "detach_aggregate": False,
                      "rampup": True, "weight_synthetic": 1.0, "weight_task_mix": 1.0, "weight_consistency": 1.0,
                      "weight_box": 1.0, "stage1_box_ratio": 2 / 3, "stage2_box_ratio": (0.3, 0.6)}}
 TASK_MIX_SCORINGS = ("own_region", "whole_image")
@@ -118,13 +122,16 @@ class VerSemiTrainer(Trainer):
         sizes = [i.shape[0] for i in images]
         return [list(torch.split(level, sizes)) for level in levels]
 
-    def labeled_terms(self, labeled: dict, logits_plain: torch.Tensor, logits_mixed: torch.Tensor,
+    def labeled_terms(self, labeled: dict, logits_plain: torch.Tensor, logits_mixed: torch.Tensor | None,
                       mask: torch.Tensor, task_mix: bool = True) -> dict[str, torch.Tensor]:
-        """Supervised loss, synthetic task on the CutMix of halves a|b, task prompts on it."""
+        """Supervised loss, synthetic task on the CutMix of halves a|b, task prompts on it
+        (no CutMix terms when ``logits_mixed`` is None)."""
         s = self.settings
         batch = labeled["data"].shape[0]
         own = logits_plain[torch.arange(batch), labeled["prompt"]]
         terms = {"supervised": self.loss(own, labeled["target"])}
+        if logits_mixed is None:
+            return terms
         half = batch // 2
         a, b = slice(0, half), slice(half, 2 * half)
         fg, target, prompt = labeled["foreground"], labeled["target"], labeled["prompt"]
@@ -173,7 +180,8 @@ class VerSemiTrainer(Trainer):
             low, high = s["stage2_box_ratio"]
             ratio = float(torch.empty(1).uniform_(low, high))
         mask = box_mask(half, self.patch_size, ratio, device=x.device)
-        images = [x, mix(x[:half], x[half:2 * half], mask)]
+        with_cutmix = self.stage == 1 or s["stage2_labeled_cutmix"]
+        images = [x, mix(x[:half], x[half:2 * half], mask)] if with_cutmix else [x]
         with_unlabeled = self.stage == 2 and unlabeled is not None
         if with_unlabeled:
             u = unlabeled["data"]
@@ -187,10 +195,10 @@ class VerSemiTrainer(Trainer):
             shape = logits[0].shape[-3:]
             scaled = {**labeled, "target": resize_to(labeled["target"], shape),
                       "foreground": resize_to(labeled["foreground"], shape)}
-            level_terms = self.labeled_terms(scaled, logits[0], logits[1], resize_to(mask, shape),
-                                             task_mix=self.stage == 1 or s["stage2_task_mix"])
+            level_terms = self.labeled_terms(scaled, logits[0], logits[1] if with_cutmix else None,
+                                             resize_to(mask, shape), task_mix=self.stage == 1 or s["stage2_task_mix"])
             if with_unlabeled:
-                level_terms.update(self.unlabeled_terms(logits[2], scaled["foreground"][source],
+                level_terms.update(self.unlabeled_terms(logits[-1], scaled["foreground"][source],
                                                         resize_to(paste, shape)))
             for name, value in level_terms.items():
                 terms[name] = terms.get(name, 0.0) + weight * value
