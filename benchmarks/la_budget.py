@@ -94,10 +94,20 @@ def finish_training(process: subprocess.Popen, variant: dict) -> None:
         sys.exit(f"training failed: see {process.folder / 'train.log'}")
     checkpoint = (process.folder / "results" / EXPERIMENT / f"{variant['trainer']}__3d_fullres" / "fold_all" /
                   "checkpoint_final.pth")
-    (process.folder / "wall.json").write_text(json.dumps({"seconds": time.time() - process.started,
+    (process.folder / "wall.json").write_text(json.dumps({"started": process.started,
+                                                          "seconds": checkpoint.stat().st_mtime - process.started,
                                                           "load_before": process.load_before,
                                                           "load_after": os.getloadavg()[0]}))
     (process.folder / "checkpoint.txt").write_text(str(checkpoint))
+
+
+def training_wall_seconds(folder: Path, checkpoint: Path) -> float:
+    """From the start of the training process to its final checkpoint (files written by
+    ``finish_training``; runs recorded before ``started`` was stored: its file's time minus ``seconds``)."""
+    wall_file = folder / "wall.json"
+    wall = json.loads(wall_file.read_text())
+    started = wall.get("started", wall_file.stat().st_mtime - wall["seconds"])
+    return checkpoint.stat().st_mtime - started
 
 
 def evaluate_run(folder: Path, raw: Path, mirroring: bool, device: str = "cpu") -> dict:
@@ -110,9 +120,9 @@ def evaluate_run(folder: Path, raw: Path, mirroring: bool, device: str = "cpu") 
     from versemi.training.checkpoint import load_checkpoint
 
     result_file = folder / "evaluation.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
     checkpoint = Path((folder / "checkpoint.txt").read_text())
+    if result_file.is_file():
+        return {**json.loads(result_file.read_text()), "wall_seconds": training_wall_seconds(folder, checkpoint)}
     state = load_checkpoint(checkpoint)
     torch.set_num_threads(2)
     ensemble = load_models([checkpoint], device=device)
@@ -128,6 +138,7 @@ def evaluate_run(folder: Path, raw: Path, mirroring: bool, device: str = "cpu") 
     iterations = len([x for epoch in history["iteration_losses"] for x in epoch])
     train_seconds = float(sum(history["epoch_seconds"]))
     wall = json.loads((folder / "wall.json").read_text())
+    wall["seconds"] = training_wall_seconds(folder, checkpoint)
     result = {"mean": summary["mean"]["1"], "cases": {r["case"]: r["metrics"]["1"]["dice"] for r in summary["cases"]},
               "iterations": iterations, "seconds_per_iteration": train_seconds / max(iterations, 1),
               "train_loop_seconds": train_seconds, "wall_seconds": wall["seconds"], "load": [wall["load_before"],
