@@ -123,3 +123,17 @@ def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = 
     trainer = find_trainer(name)(plans, planned, "3d_fullres", "0", tmp_path / name, TrainingConfig(**settings))
     trainer.setup()
     return trainer
+
+
+def fit_fixed_batch(trainer, steps: int) -> tuple[list[float], dict]:
+    """Optimize ``steps`` times on the trainer's first batch(es); returns the losses and the last terms."""
+    labeled = trainer.labeled_source[0]
+    unlabeled = trainer.unlabeled_source[0] if trainer.unlabeled_source is not None else None
+    losses = []
+    for _ in range(steps):
+        trainer.optimizer.zero_grad()
+        terms = trainer.train_step(labeled, unlabeled)
+        terms["loss"].backward()
+        trainer.optimizer.step()
+        losses.append(float(terms["loss"].detach()))
+    return losses, terms

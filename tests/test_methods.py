@@ -25,7 +25,7 @@ from versemi.training.precision import autocast_dtype, cpu_has_bf16
 from versemi.training.run import parse_method
 from versemi.training.trainers.versemi import DEFAULTS, PRESETS
 
-from conftest import TOY_EXPERIMENT, make_trainer
+from conftest import TOY_EXPERIMENT, fit_fixed_batch, make_trainer
 
 TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
         "--val-iterations", "1"]
@@ -203,15 +203,7 @@ def test_deep_supervision_trains_every_trainer(planned, tmp_path, name):
     trainer = make_trainer(name, planned, tmp_path, deep_supervision=True)
     assert trainer.model.deep_supervision
     trainer.epoch = 9
-    labeled = trainer.labeled_source[0]
-    unlabeled = trainer.unlabeled_source[0] if trainer.unlabeled_source is not None else None
-    losses = []
-    for _ in range(10):
-        trainer.optimizer.zero_grad()
-        terms = trainer.train_step(labeled, unlabeled)
-        terms["loss"].backward()
-        trainer.optimizer.step()
-        losses.append(float(terms["loss"].detach()))
+    losses, _ = fit_fixed_batch(trainer, 10)
     deep_head = trainer.model.prompt_head.preclassifiers[1][2].weight.grad
     assert deep_head is not None and deep_head.abs().sum() > 0  # the lower resolution is supervised
     assert losses[-1] < 0.9 * losses[0], losses

@@ -15,7 +15,7 @@ from versemi.cli import train_main
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
 from versemi.training.trainers import discover_trainers
 
-from conftest import make_trainer
+from conftest import fit_fixed_batch, make_trainer
 
 TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
         "--val-iterations", "1"]
@@ -37,15 +37,7 @@ def test_each_trainer_reduces_its_loss_on_a_fixed_batch(planned, tmp_path, name,
     torch.manual_seed(0)
     trainer = _trainer(name, planned, tmp_path)
     trainer.epoch = epoch  # VerSemi: epoch 0 is stage 1, epoch 9 stage 2 (with unlabeled terms)
-    labeled = trainer.labeled_source[0]
-    unlabeled = trainer.unlabeled_source[0] if trainer.unlabeled_source is not None else None
-    losses = []
-    for _ in range(12):
-        trainer.optimizer.zero_grad()
-        terms = trainer.train_step(labeled, unlabeled)
-        terms["loss"].backward()
-        trainer.optimizer.step()
-        losses.append(float(terms["loss"].detach()))
+    losses, terms = fit_fixed_batch(trainer, 12)
     if name == "VerSemiTrainer" and epoch == 9:
         assert {"supervised", "synthetic", "task_mix", "consistency", "box"} <= set(terms)
     assert losses[-1] < 0.8 * losses[0], losses
