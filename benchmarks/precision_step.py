@@ -19,7 +19,8 @@ from versemi.training.losses import DiceCE
 from versemi.training.precision import cpu_has_bf16
 
 PLAN = {"architecture": "unet", "features": [16, 32, 64, 128, 128], "kernel_sizes": [[3, 3, 3]] * 5,
-        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], "norm": "instance"}
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], "norm": "instance",
+        "context_norm": "group"}
 PATCH = (40, 64, 80)
 
 

@@ -38,8 +38,10 @@ from versemi.training.trainers.versemi import DEFAULTS, VerSemiTrainer, shuffled
 
 NETWORK_PLANS = {
     "unet": {"architecture": "unet", "features": [32, 64, 128, 256, 320], "kernel_sizes": [[3, 3, 3]] * 5,
-             "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4, "norm": "instance", "deep_supervision": False},
-    "vnet": {"architecture": "vnet", "features": [16], "norm": "instance", "deep_supervision": False},
+             "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4, "norm": "instance", "context_norm": "group",
+             "deep_supervision": False},
+    "vnet": {"architecture": "vnet", "features": [16], "norm": "instance", "context_norm": "group",
+             "deep_supervision": False},
 }
 MODES = ("ours", "public", "supervised")
 STEP_SEED = 1234  # reseeded before every step: both modes draw the same ratio and boxes

@@ -67,6 +67,16 @@ def test_controller_context_keeps_per_image_feature_statistics():
     assert (first - second).abs().max() > 1e-2
 
 
+def test_planned_networks_use_the_group_context_and_older_plans_rebuild_as_trained(planned):
+    from versemi.nets import build_network
+
+    plan = json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())["configurations"]["3d_fullres"]["network"]
+    assert plan["context_norm"] == "group"
+    assert isinstance(build_network(plan, 1, 3).prompt_head.controller.pre_pool[0], torch.nn.GroupNorm)
+    older = {k: v for k, v in plan.items() if k != "context_norm"}
+    assert isinstance(build_network(older, 1, 3).prompt_head.controller.pre_pool[0], torch.nn.InstanceNorm3d)
+
+
 # ----- VerSemi -----
 def _labeled_batch(trainer, size: int) -> dict:
     """A labeled batch whose sample i is filled with the value i (the last samples are the loader's

@@ -57,14 +57,15 @@ class PromptedSegmenter(nn.Module):
     (nnU-Net convention: downsample the targets). Otherwise outputs are single tensors.
     """
 
-    def __init__(self, backbone: Backbone, num_prompts: int, norm: str = "instance") -> None:
+    def __init__(self, backbone: Backbone, num_prompts: int, norm: str = "instance", context_norm: str = "group") -> None:
         """num_prompts = number of real tasks + 1 synthetic (the synthetic prompt is the last index)."""
         super().__init__()
         if num_prompts < 1:
             raise ValueError(f"num_prompts must be at least 1; got {num_prompts}")
         self.num_prompts = num_prompts
         self.backbone = backbone
-        self.prompt_head = PromptHead(backbone.bottleneck_channels, backbone.decoder_channels, num_prompts, norm)
+        self.prompt_head = PromptHead(backbone.bottleneck_channels, backbone.decoder_channels, num_prompts, norm,
+                                      context_norm)
 
     @property
     def divisor(self) -> tuple[int, int, int]:
@@ -151,4 +152,5 @@ def build_network(network_plan: Mapping[str, Any], in_channels: int, num_prompts
         )
     else:
         raise ValueError(f"network plan: unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
-    return PromptedSegmenter(backbone, num_prompts, norm=norm)
+    # plans made before the controller context kept image statistics have no key: rebuild them as trained
+    return PromptedSegmenter(backbone, num_prompts, norm=norm, context_norm=network_plan.get("context_norm", "instance"))

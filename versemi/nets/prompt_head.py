@@ -69,15 +69,22 @@ def apply_dynamic_head(precls: torch.Tensor, params: torch.Tensor) -> torch.Tens
 CONTEXT_GROUPS = 16  # DoDNet's GroupNorm(16, C) before pooling
 
 
-def context_norm(norm: str, channels: int) -> nn.Module:
+CONTEXT_NORMS = ("group", "instance")
+
+
+def context_norm(norm: str, channels: int, context: str = "group") -> nn.Module:
     """The norm before the controller's pooling: one that keeps per-image channel statistics.
 
     An (affine) InstanceNorm would give every channel of every image zero mean and unit variance,
     so the pooled context would carry almost nothing of the image. DoDNet uses GroupNorm (each
     channel keeps its level relative to its group); the public VerSemi code BatchNorm (statistics
-    over the batch). A plan with batch norm gets BatchNorm, otherwise GroupNorm.
+    over the batch). A plan with batch norm gets BatchNorm, otherwise GroupNorm; ``context=
+    "instance"`` rebuilds the affine InstanceNorm of networks planned before (network plans without
+    ``context_norm``), so their checkpoints load into the network they were trained as.
     """
-    if norm == "batch":
+    if context not in CONTEXT_NORMS:
+        raise ValueError(f"unknown context_norm {context!r}; expected one of {CONTEXT_NORMS}")
+    if norm == "batch" or context == "instance":
         return make_norm(norm, channels)
     return nn.GroupNorm(math.gcd(CONTEXT_GROUPS, channels), channels)
 
@@ -85,11 +92,11 @@ def context_norm(norm: str, channels: int) -> nn.Module:
 class TaskController(nn.Module):
     """Maps [pooled bottleneck context, one-hot prompt] to the 162 parameters of a generated head."""
 
-    def __init__(self, context_channels: int, num_prompts: int, norm: str = "instance") -> None:
+    def __init__(self, context_channels: int, num_prompts: int, norm: str = "instance", context: str = "group") -> None:
         """A norm + ReLU before pooling, then one linear map (the public code's 1x1x1 conv)."""
         super().__init__()
         self.num_prompts = num_prompts
-        self.pre_pool = nn.Sequential(context_norm(norm, context_channels), nn.ReLU(inplace=True))
+        self.pre_pool = nn.Sequential(context_norm(norm, context_channels, context), nn.ReLU(inplace=True))
         self.linear = nn.Linear(context_channels + num_prompts, NUM_HEAD_PARAMS)
 
     def context(self, bottleneck: torch.Tensor) -> torch.Tensor:
@@ -114,11 +121,12 @@ class PreClassifier(nn.Sequential):
 class PromptHead(nn.Module):
     """Controller plus one pre-classifier per output resolution (full resolution first)."""
 
-    def __init__(self, bottleneck_channels: int, decoder_channels: Sequence[int], num_prompts: int, norm: str = "instance") -> None:
+    def __init__(self, bottleneck_channels: int, decoder_channels: Sequence[int], num_prompts: int, norm: str = "instance",
+                 context: str = "group") -> None:
         """decoder_channels[0] is the full-resolution decoder width, the rest deep-supervision levels."""
         super().__init__()
         self.num_prompts = num_prompts
-        self.controller = TaskController(bottleneck_channels, num_prompts, norm)
+        self.controller = TaskController(bottleneck_channels, num_prompts, norm, context)
         self.preclassifiers = nn.ModuleList(PreClassifier(c, norm) for c in decoder_channels)
 
     def prepare(self, backbone_output: BackboneOutput) -> PromptFeatures:
