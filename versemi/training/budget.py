@@ -36,7 +36,7 @@ def time_phase(trainer, epoch: int) -> float:
     steps = WARMUP_STEPS + TIMED_STEPS
     trainer.network.train()
     marks, last = [], time.perf_counter()
-    for offset, (labeled, unlabeled) in enumerate(trainer._batch_stream(start, start + steps)):
+    for offset, (labeled, unlabeled) in enumerate(trainer.batch_stream(start, start + steps)):
         trainer.optimize(start + offset, labeled, unlabeled)
         now = time.perf_counter()
         marks.append(now - last)

@@ -234,7 +234,7 @@ class Trainer:
                            f"(+{self.unlabeled_batch_size if self.uses_unlabeled else 0} unlabeled), {self.config.epochs} epochs of "
                            f"{self.config.iterations_per_epoch} iterations on {self.device} in {precision}; "
                            f"method settings {self.settings}")
-        self.training_batches = self._batch_stream(self.epoch * self.config.iterations_per_epoch,
+        self.training_batches = self.batch_stream(self.epoch * self.config.iterations_per_epoch,
                                                    self.config.epochs * self.config.iterations_per_epoch)
         while self.epoch < self.config.epochs:
             started = time.time()
@@ -251,7 +251,7 @@ class Trainer:
         if self.is_main:
             self.log.write("training done")
 
-    def _batch_stream(self, start: int, stop: int):
+    def batch_stream(self, start: int, stop: int):
         """(labeled, unlabeled or None) batches ``start`` .. ``stop - 1``.
 
         The background workers are started once per run, not per epoch: fewer process starts, and
