@@ -32,9 +32,9 @@ import torch
 
 from versemi.nets import build_network
 from versemi.training.config import TrainingConfig
-from versemi.training.cutmix import box_mask, mix
+from versemi.training.mixing import box_mask, mix, shuffled
 from versemi.training.losses import DiceCE, foreground_probability, soft_dice_loss
-from versemi.training.trainers.versemi import DEFAULTS, VerSemiTrainer, shuffled
+from versemi.training.trainers.versemi import DEFAULTS, VerSemiTrainer
 
 NETWORK_PLANS = {
     "unet": {"architecture": "unet", "features": [32, 64, 128, 256, 320], "kernel_sizes": [[3, 3, 3]] * 5,

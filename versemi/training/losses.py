@@ -78,3 +78,33 @@ def multiscale(loss: Callable[..., torch.Tensor], logits, *full_resolution: torc
 def finest(logits):
     """The full-resolution logits of a network output (a tensor, or a deep-supervision list)."""
     return logits if torch.is_tensor(logits) else logits[0]
+
+
+def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Foreground soft Dice + cross-entropy counted only where ``weight`` > 0, with voxel weights.
+
+    ``logits`` (B, 2, *S), ``target`` (B, 1, *S) 0/1, ``weight`` (B, 1, *S) >= 0 (a region mask,
+    or confidences). Dice: ``1 - (2 sum(w p t) + s) / (sum(w p^2) + sum(w t^2) + s)`` over the
+    batch; cross-entropy: the weighted mean. Mixed-image methods score each region of a pasted
+    image against the labels of the image it came from; an empty region gives 0.
+    """
+    logits, target, weight = logits.float(), target.float(), weight.float()
+    prob = torch.softmax(logits, dim=1)[:, 1:2]
+    intersection = (weight * prob * target).sum()
+    denominator = (weight * prob * prob).sum() + (weight * target * target).sum()
+    dice = 1 - (2 * intersection + SMOOTH) / (denominator + SMOOTH)
+    dice = torch.where(weight.sum() > 0, dice, dice * 0.0)  # nothing to score: 0, the graph kept (DDP)
+    cross_entropy = F.cross_entropy(logits, target[:, 0].long(), reduction="none")[:, None]
+    return dice + (weight * cross_entropy).sum() / weight.sum().clamp_min(1e-8)
+
+
+def region_loss(logits_outside: torch.Tensor, target_outside: torch.Tensor, logits_inside: torch.Tensor,
+                target_inside: torch.Tensor, inside: torch.Tensor, weight_outside: float = 1.0,
+                weight_inside: float = 1.0) -> torch.Tensor:
+    """The loss of a pasted image: each region scored against the labels of the image it came from.
+
+    ``logits_outside`` and ``logits_inside`` are the outputs for the prompt of each source image
+    (the same tensor when both share a prompt; then this is BCP's mixed loss exactly).
+    """
+    return (weight_outside * masked_dice_ce(logits_outside, target_outside, 1 - inside)
+            + weight_inside * masked_dice_ce(logits_inside, target_inside, inside))

@@ -1,9 +1,12 @@
 """The fold-based training loop, written once. Methods are subclasses that override hooks.
 
 A subclass sets ``uses_unlabeled`` and overrides ``train_step`` (and, if it needs to,
-``build_network``, ``on_train_start``, ``unlabeled_from`` or ``budget_phases``); the loop does the
-rest: data streams in background workers, optimizer and poly LR, mixed precision, a schedule
-fitted to a time budget, checkpoints, resume, validation, logging of every loss term, DDP.
+``build_network``, ``on_train_start``, ``stage_starts``, ``on_stage_start``, ``on_epoch_start``,
+``after_optimizer_step``, ``unlabeled_from`` or ``budget_phases``); the loop does the rest: data
+streams in background workers, optimizer and poly LR, mixed precision, EMA teachers (``add_teacher``),
+a schedule fitted to a time budget, checkpoints, resume, validation, logging of every loss term, DDP.
+The shared pieces of the methods' mathematics live beside it: ``losses`` (masked Dice + CE),
+``mixing`` (boxes, block masks, copy-paste), ``pseudo_labels``, ``feature_taps``, ``prompts``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from .data import BatchSource, CaseStore, StreamSettings, batch_loader
 from .losses import DiceCE, multiscale
 from .method_settings import resolve_method_settings
 from .precision import autocast_dtype
+from .teacher import EMATeacher
 from .progress import TrainingLog
 from .validation import pseudo_dice_counts, sliding_window_validation
 
@@ -78,6 +82,7 @@ class Trainer:
         self.split = fold_split(plans, fold)
         self.loss = DiceCE()
         self.epoch, self.best_ema = 0, -1.0
+        self.teachers: dict[str, EMATeacher] = {}
         self.log = TrainingLog(self.output_folder)
 
     # ----- hooks a method may override -----
@@ -108,6 +113,26 @@ class Trainer:
         logits = self.network(labeled["data"], labeled["prompt"])
         return {"loss": multiscale(self.loss, logits, labeled["target"])}
 
+    def stage_starts(self) -> list[int]:
+        """The first epoch of stage 2, 3, ... (empty: one stage). Stages may change the step's work."""
+        return []
+
+    @property
+    def stage(self) -> int:
+        """The current stage, 1-based."""
+        return 1 + sum(self.epoch >= start for start in self.stage_starts())
+
+    def on_stage_start(self, stage: int) -> None:
+        """Called when the loop enters stage 2, 3, ... (before that epoch's first step)."""
+
+    def on_epoch_start(self) -> None:
+        """Called before every epoch's first step (e.g. to move a schedule)."""
+
+    def after_optimizer_step(self, iteration: int) -> None:
+        """Called after each optimizer step; by default every EMA teacher follows the student."""
+        for teacher in self.teachers.values():
+            teacher.update(self.model)
+
     def unlabeled_from(self) -> int | None:
         """First iteration whose ``train_step`` needs an unlabeled batch (None: never). Before it,
         the unlabeled stream is neither loaded nor augmented."""
@@ -115,8 +140,15 @@ class Trainer:
 
     def budget_phases(self) -> list[tuple[int, float]]:
         """(epoch, share of the iterations) of each phase whose step cost differs; the time-budget
-        warm-up times a few steps of each. One phase unless a method changes its work per stage."""
-        return [(0, 1.0)]
+        warm-up times a few steps of each. One phase per stage."""
+        epochs = max(1, self.config.epochs)
+        bounds = [0] + [min(start, epochs) for start in self.stage_starts()] + [epochs]
+        return [(start, (stop - start) / epochs) for start, stop in zip(bounds, bounds[1:]) if stop > start]
+
+    def add_teacher(self, decay: float, name: str = "teacher") -> EMATeacher:
+        """An EMA copy of the network, updated after every optimizer step and checkpointed."""
+        self.teachers[name] = EMATeacher(self.model, decay).to(self.device)
+        return self.teachers[name]
 
     def extra_state(self) -> dict:
         """Method state to checkpoint besides network and optimizer (e.g. a teacher)."""
@@ -184,7 +216,7 @@ class Trainer:
             "epoch": self.epoch, "network": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "best_ema": self.best_ema, "history": self.log.history, "config": self.config.to_dict(),
-            "plans": self.plans, "extra": self.extra_state(),
+            "plans": self.plans, "extra": self.method_state(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         })
 
@@ -206,8 +238,17 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-        self.load_extra_state(state["extra"])
+        self.load_method_state(state["extra"])
         return True
+
+    def method_state(self) -> dict:
+        """The teachers' weights (by name) and the method's own extra state."""
+        return {**{name: t.network.state_dict() for name, t in self.teachers.items()}, **self.extra_state()}
+
+    def load_method_state(self, state: dict) -> None:
+        for name, teacher in self.teachers.items():
+            teacher.network.load_state_dict(state[name])
+        self.load_extra_state(state)
 
     # ----- the loop -----
     def seed_iteration(self, iteration: int) -> None:
@@ -238,6 +279,9 @@ class Trainer:
                                                    self.config.epochs * self.config.iterations_per_epoch)
         while self.epoch < self.config.epochs:
             started = time.time()
+            if self.epoch in self.stage_starts():
+                self.on_stage_start(self.stage)
+            self.on_epoch_start()
             train_loss, iteration_losses, terms = self.train_epoch()
             val_loss, dice = self.validate_epoch()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -283,6 +327,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.after_optimizer_step(iteration)
         return {name: float(value.detach()) for name, value in terms.items()}
 
     def train_epoch(self) -> tuple[float, list[float], dict[str, float]]:
@@ -308,13 +353,13 @@ class Trainer:
     def snapshot(self) -> dict:
         """A copy of everything a step changes (the time-budget warm-up puts it back afterwards)."""
         return copy.deepcopy({"network": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "scaler": self.scaler.state_dict(), "extra": self.extra_state(), "epoch": self.epoch})
+                              "scaler": self.scaler.state_dict(), "extra": self.method_state(), "epoch": self.epoch})
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.load_extra_state(state["extra"])
+        self.load_method_state(state["extra"])
         self.epoch = state["epoch"]
 
     @torch.no_grad()

@@ -1,13 +1,12 @@
 """Mean Teacher baseline (Tarvainen & Valpola 2017) on the same network and data."""
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..losses import finest, foreground_probability, multiscale
+from ..prompts import DatasetPrompts
+from ..schedules import sigmoid_rampup
 from ..trainer import Trainer
-from .versemi import sigmoid_rampup
 
 DEFAULTS = {"ema_decay": 0.99, "weight_consistency": 0.1, "rampup_fraction": 0.25, "teacher_noise": 0.1}
 
@@ -20,17 +19,11 @@ class MeanTeacherTrainer(Trainer):
     method_defaults = DEFAULTS
 
     def on_train_start(self) -> None:
-        self.teacher = copy.deepcopy(self.model).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        # (datasets, real prompts) 0/1: which prompts belong to each dataset
-        self.dataset_prompt_mask = torch.tensor(
-            [[float(p["dataset"] == name) for p in self.plans["prompts"] if p["dataset"] is not None]
-             for name in self.plans["dataset_names"]], device=self.device)
+        self.teacher = self.add_teacher(self.settings["ema_decay"])  # follows the student after each step
+        self.dataset_prompts = DatasetPrompts(self.plans, self.device)
 
     def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
         s = self.settings
-        self._update_teacher()  # the teacher follows the weights of the previous step
         if unlabeled is None:
             logits = self.network(labeled["data"], labeled["prompt"])
             return self._with_total({"supervised": multiscale(self.loss, logits, labeled["target"])})
@@ -48,7 +41,7 @@ class MeanTeacherTrainer(Trainer):
             noisy = x + torch.clamp(torch.randn_like(x) * s["teacher_noise"], -0.2, 0.2)
             teacher = foreground_probability(self.teacher(noisy, real_prompts.expand(x.shape[0], -1)))
         # only the prompts of the sample's own dataset: the others' structures are not in its images
-        own_prompts = self.dataset_prompt_mask[unlabeled["dataset"].to(x.device)]  # (B_u, real)
+        own_prompts = self.dataset_prompts.own(unlabeled["dataset"])  # (B_u, real)
         squared = ((student - teacher) ** 2).flatten(2).mean(2)  # (B_u, real)
         weight = s["weight_consistency"] * sigmoid_rampup(self.epoch / max(1.0, s["rampup_fraction"] * self.config.epochs))
         terms["consistency"] = weight * (squared * own_prompts).sum() / own_prompts.sum()
@@ -58,18 +51,3 @@ class MeanTeacherTrainer(Trainer):
     def _with_total(terms: dict) -> dict:
         terms["loss"] = sum(terms.values())
         return terms
-
-    @torch.no_grad()
-    def _update_teacher(self) -> None:
-        decay = self.settings["ema_decay"]
-        for t, p in zip(self.teacher.state_dict().values(), self.model.state_dict().values()):
-            if t.dtype.is_floating_point:
-                t.mul_(decay).add_(p.detach(), alpha=1 - decay)
-            else:
-                t.copy_(p)
-
-    def extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])

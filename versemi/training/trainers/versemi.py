@@ -21,13 +21,12 @@ Choices where the public code is silent or defective:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ...errors import input_error
-from ..cutmix import box_mask, mix
+from ..mixing import box_mask, mix, shuffled
 from ..losses import deep_supervision_weights, foreground_probability, resize_to, soft_dice_loss
+from ..schedules import sigmoid_rampup
 from ..trainer import Trainer
 
 DEFAULTS = {
@@ -53,26 +52,6 @@ PRESETS = {"paper": {"stage2_task_mix": False, "stage2_labeled_cutmix": True, "t
 TASK_MIX_SCORINGS = ("own_region", "whole_image")
 
 
-def sigmoid_rampup(progress: float) -> float:
-    progress = min(max(progress, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - progress) ** 2)
-
-
-def shuffled(batch: dict) -> dict:
-    """The batch's samples in a random order from the (seeded) torch generator."""
-    size = batch["data"].shape[0]
-    order = torch.randperm(size)
-    out = {}
-    for key, value in batch.items():
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
-            out[key] = value[order.to(value.device)]
-        elif isinstance(value, list) and len(value) == size:
-            out[key] = [value[i] for i in order.tolist()]
-        else:
-            out[key] = value
-    return out
-
-
 class VerSemiTrainer(Trainer):
     uses_unlabeled = True
     method_defaults = DEFAULTS
@@ -94,16 +73,11 @@ class VerSemiTrainer(Trainer):
     def stage1_epochs(self) -> int:
         return round(self.settings["stage1_fraction"] * self.config.epochs)
 
-    @property
-    def stage(self) -> int:
-        return 1 if self.epoch < self.stage1_epochs else 2
+    def stage_starts(self) -> list[int]:
+        return [self.stage1_epochs]
 
     def unlabeled_from(self) -> int:
         return self.stage1_epochs * self.config.iterations_per_epoch
-
-    def budget_phases(self) -> list[tuple[int, float]]:
-        share = self.stage1_epochs / max(1, self.config.epochs)
-        return [(epoch, s) for epoch, s in ((0, share), (self.stage1_epochs, 1 - share)) if s > 0]
 
     def consistency_weight(self) -> float:
         s = self.settings
