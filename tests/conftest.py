@@ -137,3 +137,52 @@ def fit_fixed_batch(trainer, steps: int) -> tuple[list[float], dict]:
         trainer.optimizer.step()
         losses.append(float(terms["loss"].detach()))
     return losses, terms
+
+
+KILL_AT_ITERATION_5 = """
+import os, signal, sys
+import versemi.training.trainer as loop
+from versemi.cli import train_main
+real = loop.Trainer.seed_iteration
+def seed_then_die(self, iteration):
+    if iteration == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, iteration)
+loop.Trainer.seed_iteration = seed_then_die
+train_main(sys.argv[1:])
+"""
+
+
+def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """The final checkpoints of an uninterrupted ``versemi_train args`` and of one SIGKILLed at
+    iteration 5, then continued with ``--continue``."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from versemi.cli import train_main
+
+    assert train_main(args) == 0
+    folder = f"{TOY_EXPERIMENT}/{trainer}__3d_fullres/fold_{args[1]}/checkpoint_final.pth"
+    uninterrupted = torch.load(results / folder, weights_only=False)
+    os.environ["VERSEMI_RESULTS"] = str(tmp_path / "killed")
+    # the child computes with one thread like this process (another thread count rounds differently)
+    child = subprocess.run([sys.executable, "-c", KILL_AT_ITERATION_5, *args], capture_output=True,
+                           encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert train_main([*args, "--continue"]) == 0
+    return uninterrupted, torch.load(tmp_path / "killed" / folder, weights_only=False)
+
+
+def assert_same_weights(first: dict, second: dict, parts=("network",)) -> None:
+    """Checkpoints hold bit-identical weights: ``network``, or a teacher kept under ``extra``."""
+    import torch
+
+    for part in parts:
+        a = first["network"] if part == "network" else first["extra"][part]
+        b = second["network"] if part == "network" else second["extra"][part]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)

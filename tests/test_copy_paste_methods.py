@@ -3,25 +3,20 @@ losses, pieces scored with their own dataset's prompt, pseudo-labels, masks, the
 feature taps, displacement, fitting a fixed batch, exact resume and clear errors."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-from versemi.cli import train_main
 from versemi.errors import InputError
 from versemi.training.feature_taps import BackboneTap
 from versemi.training.losses import SMOOTH, masked_dice_ce
-from versemi.training.mixing import Regions, block_mask, box_mask, mix
+from versemi.training.mixing import Regions, block_mask, box_mask
 from versemi.training.pseudo_labels import confidence, hard_labels, largest_component
 from versemi.training.teacher import EMATeacher
 from versemi.training.trainers.cad import box_means, largest_low_confidence_box
 
-from conftest import TOY_EXPERIMENT, fit_fixed_batch, make_trainer
-from test_methods import KILL_AT_ITERATION_5, TINY, logits_from
+from conftest import assert_same_weights, fit_fixed_batch, make_trainer, train_killed_and_resumed
+from test_methods import TINY, logits_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILY = ["BCPTrainer", "M3HLTrainer", "CADTrainer"]
@@ -262,19 +257,6 @@ def test_copy_paste_methods_resume_exactly_after_a_kill(planned, results, tmp_pa
     args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", name, "--epochs", "3",
             "--iterations-per-epoch", "3", *TINY, "--num-workers", "1", "--unlabeled-batch-size", "2",
             "--method", '{"pretrain_fraction": 0.34}']
-    assert train_main(args) == 0
-    folder = f"{TOY_EXPERIMENT}/{name}__3d_fullres/fold_0/checkpoint_final.pth"
-    uninterrupted = torch.load(results / folder, weights_only=False)
-    os.environ["VERSEMI_RESULTS"] = str(tmp_path / "killed")
-    child = subprocess.run([sys.executable, "-c", KILL_AT_ITERATION_5, *args], capture_output=True,
-                           encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert child.returncode == -9, child.stderr[-2000:]
-    assert train_main([*args, "--continue"]) == 0
-    resumed = torch.load(tmp_path / "killed" / folder, weights_only=False)
-    for part in ("network", "teacher"):
-        a = uninterrupted["network"] if part == "network" else uninterrupted["extra"]["teacher"]
-        b = resumed["network"] if part == "network" else resumed["extra"]["teacher"]
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (part, key)
+    uninterrupted, resumed = train_killed_and_resumed(args, name, results, tmp_path)
+    assert_same_weights(uninterrupted, resumed, ("network", "teacher"))
     assert uninterrupted["history"]["terms"][-1].keys() >= {"copy_paste", "loss"}

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -25,7 +21,7 @@ from versemi.training.precision import autocast_dtype, cpu_has_bf16
 from versemi.training.run import parse_method
 from versemi.training.trainers.versemi import DEFAULTS, PRESETS
 
-from conftest import TOY_EXPERIMENT, fit_fixed_batch, make_trainer
+from conftest import TOY_EXPERIMENT, assert_same_weights, fit_fixed_batch, make_trainer, train_killed_and_resumed
 
 TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
         "--val-iterations", "1"]
@@ -286,39 +282,11 @@ def test_mean_teacher_uses_every_prompt_of_a_two_label_dataset(planned, tmp_path
     assert values[1] > values[0] + 1e-4, values
 
 
-KILL_AT_ITERATION_5 = textwrap.dedent("""
-    import os, signal, sys
-    import versemi.training.trainer as loop
-    from versemi.cli import train_main
-    real = loop.Trainer.seed_iteration
-    def seed_then_die(self, iteration):
-        if iteration == 5:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real(self, iteration)
-    loop.Trainer.seed_iteration = seed_then_die
-    train_main(sys.argv[1:])
-""")
-
-
 def test_mean_teacher_resumes_exactly_student_and_teacher_weights(planned, results, tmp_path):
     args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", "MeanTeacherTrainer", "--epochs", "3",
             "--iterations-per-epoch", "3", *TINY, "--num-workers", "1"]
-    assert train_main(args) == 0
-    folder = TOY_EXPERIMENT + "/MeanTeacherTrainer__3d_fullres/fold_0/checkpoint_final.pth"
-    uninterrupted = torch.load(results / folder, weights_only=False)
-    os.environ["VERSEMI_RESULTS"] = str(tmp_path / "killed")
-    # the child computes with one thread like this process (another thread count rounds differently)
-    child = subprocess.run([sys.executable, "-c", KILL_AT_ITERATION_5, *args], capture_output=True,
-                           encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert child.returncode == -9, child.stderr[-2000:]
-    assert train_main([*args, "--continue"]) == 0
-    resumed = torch.load(tmp_path / "killed" / folder, weights_only=False)
-    for part in ("network", "teacher"):
-        a = uninterrupted["network"] if part == "network" else uninterrupted["extra"]["teacher"]
-        b = resumed["network"] if part == "network" else resumed["extra"]["teacher"]
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (part, key)
+    uninterrupted, resumed = train_killed_and_resumed(args, "MeanTeacherTrainer", results, tmp_path)
+    assert_same_weights(uninterrupted, resumed, ("network", "teacher"))
     first = next(iter(uninterrupted["extra"]["teacher"].values()))
     assert not torch.equal(first, next(iter(uninterrupted["network"].values())))  # the teacher is its own state
 
