@@ -7,7 +7,7 @@ patch, network and optimizer, and its final checkpoint is used. Test cases are p
 own geometry (0.625 mm) by the pipeline's predictor and scored in voxel units (Dice, Jaccard,
 HD95, ASD; MedPy conventions).
 
-    python benchmarks/la_budget.py                      # Supervised vs VerSemi, 20 min, seeds 0 1
+    python benchmarks/la_budget.py                      # every trainer, 20 min, seeds 0 1 (about 2 h)
     python benchmarks/la_budget.py --minutes 20 --seeds 0 1 \\
         --variant '{"label": "VerSemi paper", "trainer": "VerSemiTrainer", "method": {"preset": "paper"}}'
 
@@ -33,7 +33,9 @@ H5 = REPO.parent / "shared" / "data" / "la2018_h5"
 BIN = Path(sys.executable).parent
 EXPERIMENT = "LA8_dev"
 METRICS = ("dice", "jaccard", "hd95", "asd")
-DEFAULT_VARIANTS = [{"label": "Supervised", "trainer": "SupervisedTrainer"},
+# in this order, two side by side, the pairs are (BCP, M3HL), (CAD, Supervised), (VerSemi, BCP) ...
+DEFAULT_VARIANTS = [{"label": "BCP", "trainer": "BCPTrainer"}, {"label": "M3HL", "trainer": "M3HLTrainer"},
+                    {"label": "CAD", "trainer": "CADTrainer"}, {"label": "Supervised", "trainer": "SupervisedTrainer"},
                     {"label": "VerSemi", "trainer": "VerSemiTrainer"}]
 
 

@@ -100,13 +100,19 @@ def test_killed_and_resumed_run_continues_the_same_loss_sequence(planned, result
                                     "training_log.txt").read_text()
 
 
-def test_ddp_with_two_cpu_processes(planned, results):
+@pytest.mark.parametrize("trainer,extra", [
+    ("VerSemiTrainer", []),
+    # a teacher, pseudo-labels and feature taps, in both stages
+    ("M3HLTrainer", ["--epochs", "2", "--method", '{"pretrain_fraction": 0.5}']),
+])
+def test_ddp_with_two_cpu_processes(planned, results, trainer, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "versemi.train", "3d_fullres", "1", "--plans-root", str(planned), "--epochs", "1",
-               "--iterations-per-epoch", "2", "--num-gpus", "2", "--device", "cpu", *TINY, "--batch-size", "4"]
+               "--iterations-per-epoch", "2", "--num-gpus", "2", "--device", "cpu", *TINY, "--batch-size", "4",
+               "-tr", trainer, *extra]
     run = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    folder = results / EXPERIMENT / "VerSemiTrainer__3d_fullres" / "fold_1"
+    folder = results / EXPERIMENT / f"{trainer}__3d_fullres" / "fold_1"
     assert "batch 2 x 2 process(es)" in (folder / "training_log.txt").read_text()
     assert (folder / "checkpoint_final.pth").is_file()
 
