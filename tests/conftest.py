@@ -33,20 +33,24 @@ def toy_raw(toy_raw_master, tmp_path) -> Path:
 
 
 def write_tiny_dataset(folder: Path, num_cases: int = 3, shape=(6, 8, 10), spacing=(1.0, 1.0, 2.0),
-                       ending: str = ".nii.gz", channels=("MRI",), unlabeled: int = 0) -> Path:
-    """A small valid raw dataset: blocks of foreground in noise, labels 0/1."""
+                       ending: str = ".nii.gz", channels=("MRI",), unlabeled: int = 0, two_labels: bool = False) -> Path:
+    """A small valid raw dataset: blocks of foreground in noise, labels 0/1 (with ``two_labels``,
+    a second block labeled 2)."""
     rng = np.random.default_rng(0)
     geometry = Geometry(spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     for split, count, prefix in (("imagesTr", num_cases, "case"), ("imagesUnlabeled", unlabeled, "unl")):
         for i in range(count):
             label = np.zeros(shape, np.uint8)
             label[1:4, 2:6, 3:8] = 1
+            if two_labels:
+                label[-4:-1, -6:-2, -8:-3] = 2
             for c in range(len(channels)):
                 image = (rng.normal(1.0, 0.2, shape) + 2 * label).astype(np.float32)
                 write_image(image, geometry, folder / split / f"{prefix}{i}_{c:04d}{ending}")
             if split == "imagesTr":
                 write_image(label, geometry, folder / "labelsTr" / f"{prefix}{i}{ending}")
-    write_dataset_json(folder, channels, {"background": 0, "target": 1}, num_cases, ending)
+    labels = {"background": 0, "target": 1, **({"second": 2} if two_labels else {})}
+    write_dataset_json(folder, channels, labels, num_cases, ending)
     return folder
 
 

@@ -185,16 +185,18 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 def predict_main(argv: list[str] | None = None) -> int:
     import torch
 
-    from .inference.predictor import CHECKPOINT_KINDS, find_experiment_dir, load_models, predict_cases, resolve_prompt
+    from .inference.predictor import CHECKPOINT_KINDS, find_experiment_dir, load_models, predict_cases, resolve_prompts
 
     parser = argparse.ArgumentParser(prog="versemi_predict",
                                      description="Segment images with the trained folds of an experiment (one "
-                                                 "prompt), written in each input's own file format and geometry.")
+                                                 "prompt: a 0/1 mask; several: one label map and labels.json), "
+                                                 "written in each input's own file format and geometry.")
     parser.add_argument("-i", "--input", type=Path, nargs="+", required=True,
                         help="a folder of CASE_0000.ext files (one per channel), or image files")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for CASE.ext (not the input folder)")
-    parser.add_argument("-p", "--prompt", required=True,
-                        help="the task: a dataset (its single label), or DATASET:LABEL / DATASET/LABEL")
+    parser.add_argument("-p", "--prompt", nargs="+",
+                        help="the task(s): a dataset (its single label), DATASET:LABEL / DATASET/LABEL, several of "
+                             "them, or all (the default: every structure of the experiment in one label map)")
     parser.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
     parser.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
     parser.add_argument("-c", "--configuration", default="3d_fullres")
@@ -221,8 +223,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         raise input_error(f"--device {args.device}", "CUDA is not available here", "use --device cpu")
     experiment_dir = find_experiment_dir(args.experiment, args.plans_root)
     ensemble = load_models(experiment_dir, args.folds, args.trainer, args.configuration, args.checkpoint, args.device)
-    prompt = resolve_prompt(ensemble.plans, args.prompt)
-    lcc = args.lcc
+    prompts = resolve_prompts(ensemble.plans, args.prompt)
+    lcc = {p["index"] for p in prompts} if args.lcc else set()
     if args.postprocessing == "auto":
         from .inference.find_postprocessing import load_lcc_decision
 
@@ -230,17 +232,22 @@ def predict_main(argv: list[str] | None = None) -> int:
             raise input_error("--lcc --postprocessing auto", "contradict each other",
                               "give --lcc to always keep the largest component, or --postprocessing auto to follow "
                               "the cross-validation decision")
-        decision = load_lcc_decision(experiment_dir, args.trainer, ensemble.configuration, prompt)
-        lcc = bool(decision["apply_lcc"])
-        print(f"postprocessing auto: largest connected component {'on' if lcc else 'off'} (cross-validation Dice "
-              f"{100 * decision['dice_with']:.2f} with, {100 * decision['dice_without']:.2f} without, "
-              f"{decision['cases']} case(s); {decision['file']})")
+        for prompt in prompts:
+            decision = load_lcc_decision(experiment_dir, args.trainer, ensemble.configuration, prompt)
+            if decision["apply_lcc"]:
+                lcc.add(prompt["index"])
+            print(f"postprocessing auto, {prompt['dataset']}/{prompt['label']}: largest connected component "
+                  f"{'on' if decision['apply_lcc'] else 'off'} (cross-validation Dice "
+                  f"{100 * decision['dice_with']:.2f} with, {100 * decision['dice_without']:.2f} without, "
+                  f"{decision['cases']} case(s); {decision['file']})")
+    names = ", ".join(f"{p['dataset']}/{p['label']}" for p in prompts)
     print(f"{experiment_dir.name}: {args.trainer}__{ensemble.configuration} fold(s) {', '.join(ensemble.folds)}, "
-          f"prompt {prompt['dataset']}/{prompt['label']}, on {ensemble.device}")
-    written = predict_cases(args.input, args.output, prompt, ensemble, step=args.step, mirroring=not args.no_mirroring,
-                            lcc=lcc, save_probabilities=args.save_probabilities, overwrite=args.overwrite,
+          f"prompt{'s' if len(prompts) > 1 else ''} {names}, on {ensemble.device}")
+    written = predict_cases(args.input, args.output, prompts, ensemble, step=args.step, mirroring=not args.no_mirroring,
+                            lcc=bool(lcc) if len(prompts) == 1 else lcc, save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                             show_progress=not args.quiet)
-    print(f"wrote {len(written)} segmentation(s) to {args.output}")
+    table = f" and {Path(args.output) / 'labels.json'} (the label values)" if len(prompts) > 1 else ""
+    print(f"wrote {len(written)} segmentation(s) to {args.output}{table}")
     return 0
 
 

@@ -8,7 +8,9 @@ resample as the prompt's dataset plan says (exactly as the preprocessing cache d
 sliding window with the checkpoint's patch size and mirroring over the 3 spatial axes (8 flip
 combinations averaged), the mean over folds, the probabilities resampled back to the cropped shape
 (trilinear), threshold at 0.5, un-crop, optionally the largest connected component, then written
-as uint8 in the input's file format and geometry (spacing, origin, direction).
+as uint8 in the input's file format and geometry (spacing, origin, direction). With several
+prompts (``predict_case_prompts``) the case is read once, every window goes through the backbone
+once for all the prompts of a dataset, and the prompts become one label map (``label_map``).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from ..errors import InputError, Problem, input_error
 from ..preprocessing.cropping import crop, nonzero_bbox
 from ..preprocessing.normalization import normalize
 from ..preprocessing.resampling import resample_image
+from .label_map import LabelTable, compose, label_table, write_label_table
 from .postprocessing import largest_connected_component
 
 CHECKPOINT_KINDS = ("final", "best", "latest")
@@ -270,6 +273,16 @@ def resolve_prompt(plans: dict, text: str) -> dict:
     raise unknown
 
 
+def resolve_prompts(plans: dict, texts: Sequence[str] | None) -> list[dict]:
+    """The prompts named by ``texts`` (each as ``resolve_prompt``; ``all``: every real prompt),
+    in the experiment's prompt order, without repeats. None: ``all``."""
+    real = [p for p in plans["prompts"] if p["dataset"] is not None]
+    if not texts or any(t.strip().lower() == "all" for t in texts):
+        return real
+    chosen = {resolve_prompt(plans, t)["index"] for t in texts}
+    return [p for p in real if p["index"] in chosen]
+
+
 # ----- input cases -----
 @dataclass(frozen=True)
 class InputCase:
@@ -425,13 +438,15 @@ def _is_oom(exc: Exception) -> bool:
 
 
 @torch.no_grad()
-def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, prompt_index: int, patch_size,
-                                 device: torch.device, step: float = 0.5, mirroring: bool = True,
+def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, prompt_index: int | Sequence[int],
+                                 patch_size, device: torch.device, step: float = 0.5, mirroring: bool = True,
                                  batch_size: int = 2, *, overlap: float | Sequence[float] | None = None,
                                  blend: str = "gaussian") -> torch.Tensor:
-    """Foreground probabilities (Z, Y, X) of one prompt on a preprocessed (C, Z, Y, X) image: Gaussian
-    sliding window, windows ``step`` x patch apart (overlap 1 - step), each window averaged over
-    the mirror flips. On CUDA the stitched output moves to the CPU if GPU memory runs out.
+    """Foreground probabilities (Z, Y, X) of one prompt, or (K, Z, Y, X) of a list of K prompts, on
+    a preprocessed (C, Z, Y, X) image: Gaussian sliding window, windows ``step`` x patch apart
+    (overlap 1 - step), each window averaged over the mirror flips. Every window goes through the
+    backbone once for all the prompts. On CUDA the stitched output moves to the CPU if GPU memory
+    runs out.
 
     ``overlap`` (a fraction of the window, one value or one per axis) replaces ``1 - step``;
     ``blend`` "constant" averages overlapping windows with equal weight instead of Gaussian weights."""
@@ -442,7 +457,8 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
     overlap = 1.0 - step if overlap is None else (float(overlap) if np.isscalar(overlap) else [float(o) for o in overlap])
     device = torch.device(device)
     image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
-    prompt = torch.tensor([[int(prompt_index)]], device=device)
+    single = np.isscalar(prompt_index)
+    prompt = torch.tensor([[int(prompt_index)]] if single else [[int(p) for p in prompt_index]], device=device)
     flips = mirror_axes(mirroring)
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
@@ -451,16 +467,16 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
         for axes in flips:
             x = torch.flip(windows, axes) if axes else windows
             with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits = network(x, prompts)  # (B, 1, 2, Z, Y, X)
+                logits = network(x, prompts)  # (B, K, 2, Z, Y, X)
             p = torch.softmax(logits.float(), dim=2)[:, :, 1]
             p = torch.flip(p, axes) if axes else p
             total = p if total is None else total + p
         return total / len(flips)
 
     def run(output_device):
-        return sliding_window_inference(image, list(patch_size), sw_batch_size=batch_size, predictor=predictor,
-                                        overlap=overlap, mode=blend, sw_device=device,
-                                        device=output_device)[0, 0]
+        stitched = sliding_window_inference(image, list(patch_size), sw_batch_size=batch_size, predictor=predictor,
+                                            overlap=overlap, mode=blend, sw_device=device, device=output_device)[0]
+        return stitched[0] if single else stitched
 
     if device.type != "cuda":
         return run(device)
@@ -473,7 +489,7 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
         return run(torch.device("cpu"))
 
 
-def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, prompt_index: int, step: float = 0.5,
+def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, prompt_index: int | Sequence[int], step: float = 0.5,
                            mirroring: bool = True, *, patch_size=None, overlap: float | Sequence[float] | None = None,
                            blend: str = "gaussian") -> torch.Tensor:
     """The mean over the ensemble's folds of ``sliding_window_probabilities`` (``patch_size`` None:
@@ -487,19 +503,19 @@ def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, prompt_index: i
 
 
 def resize_probabilities(probabilities: torch.Tensor, shape) -> np.ndarray:
-    """Trilinear resampling of a (Z, Y, X) probability map to ``shape`` (float32 numpy)."""
+    """Trilinear resampling of a (Z, Y, X) or (K, Z, Y, X) probability map to ``shape`` (float32 numpy)."""
     shape = tuple(int(s) for s in shape)
-    if tuple(probabilities.shape) != shape:
+    channels = probabilities[None] if probabilities.dim() == 3 else probabilities
+    if tuple(channels.shape[1:]) != shape:
         try:
-            probabilities = F.interpolate(probabilities[None, None].float(), size=shape, mode="trilinear",
-                                          align_corners=False)[0, 0]
+            channels = F.interpolate(channels[None].float(), size=shape, mode="trilinear", align_corners=False)[0]
         except RuntimeError as exc:
-            if probabilities.device.type != "cuda" or not _is_oom(exc):
+            if channels.device.type != "cuda" or not _is_oom(exc):
                 raise
             torch.cuda.empty_cache()
-            probabilities = F.interpolate(probabilities.cpu()[None, None].float(), size=shape, mode="trilinear",
-                                          align_corners=False)[0, 0]
-    return probabilities.float().cpu().numpy()
+            channels = F.interpolate(channels.cpu()[None].float(), size=shape, mode="trilinear", align_corners=False)[0]
+    channels = channels.float().cpu().numpy()
+    return channels[0] if probabilities.dim() == 3 else channels
 
 
 @dataclass
@@ -545,20 +561,77 @@ def predict_case(ensemble: Ensemble, files: Sequence[str | Path], prompt: str | 
     return CasePrediction(mask, geometry, full)
 
 
-def write_probabilities(probabilities: np.ndarray, path: Path) -> None:
-    """``probabilities`` (float32, z, y, x) in an npz file, written atomically."""
+@dataclass
+class LabelMapPrediction:
+    labels: np.ndarray                 # one label map in the input's (z, y, x) shape, values from ``table``
+    geometry: Geometry                 # the input's
+    table: LabelTable
+    probabilities: np.ndarray | None   # float32 (K, z, y, x), one channel per prompt, if asked for
+
+
+def predict_case_prompts(ensemble: Ensemble, files: Sequence[str | Path], prompts: Sequence[dict], step: float = 0.5,
+                         mirroring: bool = True, lcc: Iterable[int] = (), keep_probabilities: bool = False
+                         ) -> LabelMapPrediction:
+    """Segment one case with several prompts into one label map (see ``label_map``), in the input's
+    own voxel grid. The image is read and cropped once; per dataset among the prompts it is
+    normalized and resampled as that dataset's plan says, and every window goes through the
+    backbone once for all of that dataset's prompts. ``lcc``: prompt indices that keep only their
+    largest connected component."""
+    prompts = list(prompts)
+    image, geometry = read_image(files)
+    if image.shape[0] != ensemble.in_channels:
+        raise input_error(files[0], f"case has {image.shape[0]} channel(s); the model takes {ensemble.in_channels}",
+                          "give one file per channel, CASE_0000, CASE_0001, ...")
+    shape = image.shape[1:]
+    bbox = nonzero_bbox(image)
+    cropped = np.ascontiguousarray(crop(image, bbox))
+    del image
+    probabilities = np.zeros((len(prompts), *cropped.shape[1:]), np.float32)
+    datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
+    for dataset in datasets:
+        plan = ensemble.plans["datasets"][dataset]
+        rows = [k for k, p in enumerate(prompts) if p["dataset"] == dataset]
+        source = cropped if dataset == datasets[-1] else cropped.copy()  # normalize() works in place
+        data = resample_image(normalize(source, plan["normalization"]), geometry.spacing_zyx, plan["target_spacing"])
+        stitched = ensemble_probabilities(ensemble, data, [prompts[k]["index"] for k in rows], step, mirroring)
+        probabilities[rows] = resize_probabilities(stitched, cropped.shape[1:])
+    del cropped
+    table = label_table(prompts)
+    region = bounding_box_to_slice(bbox)
+    labels_cropped = compose(probabilities, table, set(lcc))
+    labels = np.zeros(shape, labels_cropped.dtype)
+    labels[region] = labels_cropped
+    full = None
+    if keep_probabilities:
+        full = np.zeros((len(prompts), *shape), np.float32)
+        full[(slice(None), *region)] = probabilities
+    return LabelMapPrediction(labels, geometry, table, full)
+
+
+def write_probabilities(probabilities: np.ndarray, path: Path, prompts: Sequence[dict] | None = None) -> None:
+    """``probabilities`` (float32, (K,) z, y, x) in an npz file, written atomically; with several
+    prompts also their names (``prompts``, one ``dataset/label`` per channel)."""
+    extra = {"prompts": np.array([f"{p['dataset']}/{p['label']}" for p in prompts])} if prompts else {}
     with atomic_path(path, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, probabilities=probabilities.astype(np.float32, copy=False))
+        np.savez_compressed(tmp, probabilities=probabilities.astype(np.float32, copy=False), **extra)
 
 
-def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, prompt: str | dict, ensemble: Ensemble,
-                  step: float = 0.5, mirroring: bool = True, lcc: bool = False, save_probabilities: bool = False,
-                  overwrite: bool = False, show_progress: bool = True) -> list[Path]:
+def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, prompt: str | dict | Sequence[dict],
+                  ensemble: Ensemble, step: float = 0.5, mirroring: bool = True, lcc: bool | Iterable[int] = False,
+                  save_probabilities: bool = False, overwrite: bool = False, show_progress: bool = True) -> list[Path]:
     """Predict every case of ``inputs`` (folders of ``CASE_XXXX.ext`` files, or files) into
     ``output_folder/CASE.ext`` (same format and geometry as the input; ``CASE_prob.npz`` too with
-    ``save_probabilities``). Every input and output problem is reported before anything is written;
-    existing outputs are replaced only with ``overwrite``. Returns the segmentations written."""
-    prompt = resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt
+    ``save_probabilities``). One prompt: a 0/1 mask. Several prompts (a list): one label map per
+    case and ``labels.json``, the table of its values (see ``label_map``). Every input and output
+    problem is reported before anything is written; existing outputs are replaced only with
+    ``overwrite``. ``lcc``: True/False for every prompt, or the prompt indices that keep only their
+    largest connected component. Returns the segmentations written."""
+    prompts = [resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt] \
+        if isinstance(prompt, (str, dict)) else list(prompt)
+    if not prompts:
+        raise input_error("-p", "no prompt selected", f"name one or more of: {prompt_table(ensemble.plans)}, or all")
+    lcc_prompts = {p["index"] for p in prompts} if lcc is True else set() if lcc is False else set(lcc)
+    several = len(prompts) > 1
     if not 0 < step <= 1:
         raise input_error(f"--step {step}", "must lie in (0, 1] (fraction of the patch between windows)",
                           "use e.g. 0.5 (nnU-Net's default)")
@@ -567,14 +640,35 @@ def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, promp
     for case in cases:
         problems += _header_problems(case)
     problems += _output_problems(cases, inputs, output_folder, save_probabilities, overwrite)
+    table = label_table(prompts)
+    if several:
+        problems += _label_table_problems(table, output_folder, overwrite)
     if problems:
         raise InputError(problems)
+    if several:
+        write_label_table(table, output_folder)
     written = []
     for case in tqdm(cases, desc="predicting", unit="case", disable=not show_progress, dynamic_ncols=True):
-        result = predict_case(ensemble, case.files, prompt, step, mirroring, lcc, keep_probabilities=save_probabilities)
         target = case.output_path(output_folder)
-        write_image(result.mask, result.geometry, target)
+        if several:
+            result = predict_case_prompts(ensemble, case.files, prompts, step, mirroring, lcc_prompts,
+                                          keep_probabilities=save_probabilities)
+            write_image(result.labels, result.geometry, target)
+        else:
+            result = predict_case(ensemble, case.files, prompts[0], step, mirroring, bool(lcc_prompts),
+                                  keep_probabilities=save_probabilities)
+            write_image(result.mask, result.geometry, target)
         if save_probabilities:
-            write_probabilities(result.probabilities, case.probabilities_path(output_folder))
+            write_probabilities(result.probabilities, case.probabilities_path(output_folder),
+                                prompts if several else None)
         written.append(target)
     return written
+
+
+def _label_table_problems(table: LabelTable, output_folder: Path, overwrite: bool) -> list[Problem]:
+    """An existing labels.json of other values would no longer describe the folder's label maps."""
+    path = Path(output_folder) / "labels.json"
+    if path.is_file() and not overwrite and json.loads(path.read_text()) != table.to_json():
+        return [Problem(str(path), "exists and describes other labels than this prediction's",
+                        "pass --overwrite to replace it, or choose another output folder")]
+    return []
