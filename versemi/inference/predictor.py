@@ -518,6 +518,16 @@ def resize_probabilities(probabilities: torch.Tensor, shape) -> np.ndarray:
     return channels[0] if probabilities.dim() == 3 else channels
 
 
+def read_cropped(ensemble: Ensemble, files: Sequence[str | Path]):
+    """(the case's image cropped to its nonzero region, its geometry, its full (z, y, x) shape, the crop box)."""
+    image, geometry = read_image(files)
+    if image.shape[0] != ensemble.in_channels:
+        raise input_error(files[0], f"case has {image.shape[0]} channel(s); the model takes {ensemble.in_channels}",
+                          "give one file per channel, CASE_0000, CASE_0001, ...")
+    bbox = nonzero_bbox(image)
+    return np.ascontiguousarray(crop(image, bbox)), geometry, image.shape[1:], bbox  # a copy where cropping cut
+
+
 @dataclass
 class CasePrediction:
     mask: np.ndarray                   # uint8 0/1, the input's (z, y, x) shape
@@ -534,14 +544,7 @@ def predict_case(ensemble: Ensemble, files: Sequence[str | Path], prompt: str | 
     and ``blend`` choose another sliding window (see ``sliding_window_probabilities``)."""
     prompt = resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt
     plan = ensemble.plans["datasets"][prompt["dataset"]]
-    image, geometry = read_image(files)
-    if image.shape[0] != ensemble.in_channels:
-        raise input_error(files[0], f"case has {image.shape[0]} channel(s); the model takes {ensemble.in_channels}",
-                          "give one file per channel, CASE_0000, CASE_0001, ...")
-    shape = image.shape[1:]
-    bbox = nonzero_bbox(image)
-    cropped = np.ascontiguousarray(crop(image, bbox))  # a copy where cropping removed anything
-    del image
+    cropped, geometry, shape, bbox = read_cropped(ensemble, files)
     cropped_shape = cropped.shape[1:]
     data = resample_image(normalize(cropped, plan["normalization"]), geometry.spacing_zyx, plan["target_spacing"])
     del cropped
@@ -578,14 +581,7 @@ def predict_case_prompts(ensemble: Ensemble, files: Sequence[str | Path], prompt
     backbone once for all of that dataset's prompts. ``lcc``: prompt indices that keep only their
     largest connected component."""
     prompts = list(prompts)
-    image, geometry = read_image(files)
-    if image.shape[0] != ensemble.in_channels:
-        raise input_error(files[0], f"case has {image.shape[0]} channel(s); the model takes {ensemble.in_channels}",
-                          "give one file per channel, CASE_0000, CASE_0001, ...")
-    shape = image.shape[1:]
-    bbox = nonzero_bbox(image)
-    cropped = np.ascontiguousarray(crop(image, bbox))
-    del image
+    cropped, geometry, shape, bbox = read_cropped(ensemble, files)
     probabilities = np.zeros((len(prompts), *cropped.shape[1:]), np.float32)
     datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
     for dataset in datasets:
