@@ -56,7 +56,10 @@ def _single_and_together(folder: Path, tmp_path: Path, experiment: str, prompts:
     for i, prompt in enumerate(prompts):
         assert predict_main([*common, "-o", str(tmp_path / f"single{i}"), "-p", prompt]) == 0
         single.append(tmp_path / f"single{i}")
-    assert predict_main([*common, "-o", str(tmp_path / "together")]) == 0
+    assert predict_main([*common, "-o", str(tmp_path / "together"), "--overlays"]) == 0
+    cases = sorted(p.name.replace(".nii.gz", "") for p in (tmp_path / "together").glob("*.nii.gz"))
+    assert sorted(p.stem for p in (tmp_path / "together" / "overlays").glob("*.png")) == cases
+    assert (tmp_path / "together" / "overlays" / "index.html").is_file()
     return single, tmp_path / "together"
 
 

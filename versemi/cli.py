@@ -162,6 +162,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--empty", choices=EMPTY_CONVENTIONS, default="nan",
                         help="missed / false-positive-only cases: 'nan' (default) leaves HD95/ASD undefined and "
                              "counts them; 'literature' scores them (0, 0, 0, 0) like the UA-MT scripts")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="folder of the images (CASE_0000.ext) for the overlay pictures (default: imagesTs "
+                             "beside a labelsTs reference folder)")
+    parser.add_argument("--no-overlays", action="store_true", help="no overlay pictures")
     args = parser.parse_args(argv)
     summary = evaluate_folders(args.reference, args.predictions, voxel_units=args.voxel_units, labels=args.labels,
                                empty_convention=args.empty, output_dir=args.output)
@@ -178,6 +182,17 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         print(f"note: label value(s) {summary['labels_not_evaluated']} present but not evaluated")
     for path in summary["files"].values():
         print(f"wrote {path}")
+    if not args.no_overlays:
+        from .evaluation.overlays import images_beside, write_evaluation_overlays
+
+        images = args.images or images_beside(args.reference)
+        if images is None:
+            print("no overlays: pass --images with the folder of the images (CASE_0000.ext)")
+        elif not images.is_dir():
+            raise input_error(f"--images {images}", "is not a folder", "give the folder of the images")
+        else:
+            folder = write_evaluation_overlays(summary, images, Path(summary["files"]["json"]).parent / "overlays")
+            print(f"wrote overlays of the best, median and worst case: {folder / 'index.html'}")
     return 0
 
 
@@ -211,6 +226,8 @@ def predict_main(argv: list[str] | None = None) -> int:
                         help="auto: keep the largest connected component where cross-validation found it helps "
                              "(the decision versemi_find_postprocessing wrote for this prompt)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE_prob.npz (float32)")
+    parser.add_argument("--overlays", action="store_true", help="also draw each case with its predicted contours "
+                                                                "(OUT/overlays/CASE.png and index.html)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--plans-root", type=Path, help="where to look for the planned experiment (default: "
@@ -248,6 +265,19 @@ def predict_main(argv: list[str] | None = None) -> int:
                             show_progress=not args.quiet)
     table = f" and {Path(args.output) / 'labels.json'} (the label values)" if len(prompts) > 1 else ""
     print(f"wrote {len(written)} segmentation(s) to {args.output}{table}")
+    if args.overlays:
+        from .evaluation.overlays import write_prediction_overlays
+        from .inference.label_map import label_table
+        from .inference.predictor import find_cases
+
+        cases = {c.output_path(args.output): c for c in find_cases(args.input, ensemble.in_channels)}
+        if len(prompts) > 1:
+            names = {v: f"{p['dataset']}/{p['label']}" for p, v in zip(prompts, label_table(prompts).values)}
+        else:
+            names = {1: f"{prompts[0]['dataset']}/{prompts[0]['label']}"}
+        folder = write_prediction_overlays([(cases[path].case_id, cases[path].files[0], path) for path in written],
+                                           names, Path(args.output) / "overlays")
+        print(f"wrote overlays: {folder / 'index.html'}")
     return 0
 
 

@@ -1,0 +1,165 @@
+"""Overlay pictures for a look at results without a viewer: the image with the reference and the
+predicted contours on the three orthogonal slices through each structure.
+
+``versemi_evaluate`` draws the best, the median and the worst case by mean Dice (with the Dice
+in the title); ``versemi_predict --overlays`` draws every case, without a reference. Each
+folder also gets ``index.html``, the pictures in one page.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..datasets.io import Geometry
+
+REFERENCE_COLOR, PREDICTION_COLOR = "#2ca02c", "#d62728"
+VIEWS = (("axial", 0), ("coronal", 1), ("sagittal", 2))
+
+
+def _window(image: np.ndarray) -> tuple[float, float]:
+    """Display range: the 0.5th to 99.5th percentile of the nonzero voxels."""
+    values = image[image != 0] if np.any(image != 0) else image.ravel()
+    low, high = np.percentile(values, [0.5, 99.5])
+    return float(low), float(max(high, low + 1e-6))
+
+
+def _centre(masks: Sequence[np.ndarray], shape) -> list[int]:
+    """The voxel at the centre of mass of the union of the masks (the volume's centre if empty)."""
+    union = np.zeros(shape, bool)
+    for mask in masks:
+        if mask is not None:
+            union |= mask
+    if not union.any():
+        return [s // 2 for s in shape]
+    return [int(round(c)) for c in np.argwhere(union).mean(0)]
+
+
+def _slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(array, index, axis=axis)
+
+
+def draw_overlay(image: np.ndarray, geometry: Geometry, labels: dict[int, str], prediction: np.ndarray,
+                 reference: np.ndarray | None, title: str, path: Path) -> Path:
+    """One row per structure (label value), one column per orthogonal view through its centre;
+    the image in grey, the reference contour green, the prediction red dashed. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    low, high = _window(image)
+    spacing = geometry.spacing_zyx
+    rows = list(labels.items())
+    figure = Figure(figsize=(10, 3.4 * len(rows) + 0.6))
+    FigureCanvasAgg(figure)
+    for row, (value, name) in enumerate(rows):
+        predicted = prediction == value
+        known = reference == value if reference is not None else None
+        centre = _centre([predicted, known], image.shape)
+        for column, (view, axis) in enumerate(VIEWS):
+            ax = figure.add_subplot(len(rows), 3, row * 3 + column + 1)
+            kept = [a for a in range(3) if a != axis]  # (rows, columns) of the slice
+            aspect = spacing[kept[0]] / spacing[kept[1]]
+            ax.imshow(_slice(image, axis, centre[axis]), cmap="gray", vmin=low, vmax=high, aspect=aspect,
+                      origin="lower" if axis != 0 else "upper", interpolation="nearest")
+            for mask, color, style in ((known, REFERENCE_COLOR, "solid"), (predicted, PREDICTION_COLOR, "dashed")):
+                if mask is not None and _slice(mask, axis, centre[axis]).any():
+                    ax.contour(_slice(mask, axis, centre[axis]).astype(float), levels=[0.5], colors=color,
+                               linewidths=1.2, linestyles=style)
+            ax.set_title(f"{name}: {view} slice {centre[axis]}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [Line2D([], [], color=PREDICTION_COLOR, linestyle="dashed", label="prediction")]
+    if reference is not None:
+        handles.insert(0, Line2D([], [], color=REFERENCE_COLOR, label="reference"))
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout(rect=(0, 0.05, 1, 0.97))
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=80, format="png")
+    return path
+
+
+def write_index(entries: list[tuple[str, Path]], folder: Path, heading: str) -> Path:
+    """``index.html``: each picture under its caption, in order."""
+    body = "\n".join(f'<h3>{html.escape(caption)}</h3>\n<img src="{html.escape(path.name)}" style="max-width:100%">'
+                     for caption, path in entries)
+    path = folder / "index.html"
+    with atomic_path(path, suffix=".html") as tmp:
+        Path(tmp).write_text(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(heading)}"
+                             f"</title></head>\n<body>\n<h2>{html.escape(heading)}</h2>\n{body}\n</body></html>\n")
+    return path
+
+
+def pick_best_median_worst(scores: dict[str, float]) -> list[tuple[str, str]]:
+    """(role, case) for the best, median and worst case by score (fewer with fewer cases)."""
+    ranked = sorted(scores, key=lambda case: (-scores[case], case))
+    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[-1])]
+    seen, out = set(), []
+    for role, case in picks:
+        if case not in seen:
+            seen.add(case)
+            out.append((role, case))
+    return out
+
+
+def image_file(images_dir: Path, case: str) -> Path | None:
+    """The case's first channel in a folder of ``CASE_0000.ext`` (nnU-Net) or ``CASE.ext`` files."""
+    from ..datasets.io import SUPPORTED_ENDINGS
+
+    for ending in SUPPORTED_ENDINGS:
+        for name in (f"{case}_0000{ending}", f"{case}{ending}"):
+            if (images_dir / name).is_file():
+                return images_dir / name
+    return None
+
+
+def images_beside(reference_dir: Path) -> Path | None:
+    """``imagesTs`` for a ``labelsTs`` folder (``imagesTr`` for ``labelsTr``), where it exists."""
+    name = reference_dir.name
+    if name.startswith("labels") and (reference_dir.parent / ("images" + name[len("labels"):])).is_dir():
+        return reference_dir.parent / ("images" + name[len("labels"):])
+    return None
+
+
+def write_evaluation_overlays(summary: dict, images_dir: Path, output_dir: Path) -> Path:
+    """Overlays of the best, median and worst case by mean Dice over the labels, and their index."""
+    from ..datasets.io import read_image, read_label
+
+    scores = {entry["case"]: float(np.mean([m["dice"] for m in entry["metrics"].values()]))
+              for entry in summary["cases"]}
+    entries = []
+    for role, case in pick_best_median_worst(scores):
+        entry = next(e for e in summary["cases"] if e["case"] == case)
+        source = image_file(images_dir, case)
+        if source is None:
+            continue
+        image, geometry = read_image([source])
+        reference, _ = read_label(entry["reference"])
+        prediction, _ = read_label(entry["prediction"])
+        dice = ", ".join(f"label {label} {100 * m['dice']:.1f}" for label, m in entry["metrics"].items())
+        title = f"{case} ({role} of {len(scores)} by Dice): Dice {dice}"
+        labels = {int(label): f"label {label}" for label in entry["metrics"]}
+        path = draw_overlay(image[0], geometry, labels, prediction, reference, title, output_dir / f"{role}_{case}.png")
+        entries.append((title, path))
+    write_index(entries, output_dir, f"{summary['prediction_dir']} against {summary['reference_dir']}")
+    return output_dir
+
+
+def write_prediction_overlays(cases: list[tuple[str, Path, Path]], labels: dict[int, str], output_dir: Path) -> Path:
+    """One overlay per predicted case ((case id, first channel file, prediction file)), and the index."""
+    from ..datasets.io import read_image, read_label
+
+    entries = []
+    for case, source, predicted in cases:
+        image, geometry = read_image([source])
+        prediction, _ = read_label(predicted)
+        present = {v: n for v, n in labels.items() if np.any(prediction == v)} or labels
+        title = f"{case}: prediction"
+        entries.append((title, draw_overlay(image[0], geometry, present, prediction, None, title,
+                                            output_dir / f"{case}.png")))
+    write_index(entries, output_dir, f"predictions in {output_dir.parent}")
+    return output_dir
