@@ -243,3 +243,28 @@ def test_api_reports_every_input_problem_at_once(trained, tmp_path):
         predict_cases(inputs, tmp_path / "out", "DemoLA", ensemble, show_progress=False)
     assert len(caught.value.problems) == 3
     assert not (tmp_path / "out").exists()
+
+
+def test_networks_are_rebuilt_from_the_checkpoint_without_a_trainer(trained, tmp_path, monkeypatch):
+    from versemi.training.trainer import Trainer
+
+    checkpoint = trained.experiment / "VerSemiTrainer__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["network_plan"]["features"] == [4, 8, 16, 16]  # the run's override, as trained
+    source = _test_image(trained.raw, "DemoLA")
+    expected = predict_case(load_models([checkpoint]), [source], "DemoLA", mirroring=False, keep_probabilities=True)
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a Trainer was built")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "__init__", no_trainer)
+        rebuilt = load_models([checkpoint])
+    found = predict_case(rebuilt, [source], "DemoLA", mirroring=False, keep_probabilities=True)
+    assert np.array_equal(found.probabilities, expected.probabilities)
+    # a checkpoint of an earlier version (no network plan) is rebuilt by its trainer
+    del state["network_plan"]
+    torch.save(state, tmp_path / "older.pth")
+    older = predict_case(load_models([tmp_path / "older.pth"]), [source], "DemoLA", mirroring=False,
+                         keep_probabilities=True)
+    assert np.array_equal(older.probabilities, expected.probabilities)

@@ -196,11 +196,28 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def add_model_selection(parser: argparse.ArgumentParser, folds_help: str) -> None:
+    """The options that choose trained models, the same for every command that loads them."""
+    from .inference.predictor import CHECKPOINT_KINDS
+
+    group = parser.add_argument_group("model selection")
+    group.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
+    group.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
+    group.add_argument("-c", "--configuration", default="3d_fullres")
+    group.add_argument("-f", "--folds", nargs="+", help=folds_help)
+    group.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
+    group.add_argument("--plans-root", type=Path, help="where to look for the planned experiment (default: "
+                                                       "$VERSEMI_PLANS or $VERSEMI_ROOT/versemi_plans)")
+
+
+ENSEMBLE_FOLDS = "folds to ensemble: 0 .. 4 or all (default: every fold folder present)"
+
+
 @_entry_point
 def predict_main(argv: list[str] | None = None) -> int:
     import torch
 
-    from .inference.predictor import CHECKPOINT_KINDS, find_experiment_dir, load_models, predict_cases, resolve_prompts
+    from .inference.predictor import find_experiment_dir, load_models, predict_cases, resolve_prompts
 
     parser = argparse.ArgumentParser(prog="versemi_predict",
                                      description="Segment images with the trained folds of an experiment (one "
@@ -212,12 +229,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--prompt", nargs="+",
                         help="the task(s): a dataset (its single label), DATASET:LABEL / DATASET/LABEL, several of "
                              "them, or all (the default: every structure of the experiment in one label map)")
-    parser.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
-    parser.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("-f", "--folds", nargs="+", help="folds to ensemble: 0 .. 4 or all (default: every fold "
-                                                         "folder present)")
-    parser.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
+    add_model_selection(parser, ENSEMBLE_FOLDS)
     parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring (8x faster)")
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch "
                                                                 "(0.5: windows overlap by half)")
@@ -230,8 +242,6 @@ def predict_main(argv: list[str] | None = None) -> int:
                                                                 "(OUT/overlays/CASE.png and index.html)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--plans-root", type=Path, help="where to look for the planned experiment (default: "
-                                                        "$VERSEMI_PLANS or $VERSEMI_ROOT/versemi_plans)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if not 0 < args.step <= 1:
@@ -261,8 +271,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     print(f"{experiment_dir.name}: {args.trainer}__{ensemble.configuration} fold(s) {', '.join(ensemble.folds)}, "
           f"prompt{'s' if len(prompts) > 1 else ''} {names}, on {ensemble.device}")
     written = predict_cases(args.input, args.output, prompts, ensemble, step=args.step, mirroring=not args.no_mirroring,
-                            lcc=bool(lcc) if len(prompts) == 1 else lcc, save_probabilities=args.save_probabilities, overwrite=args.overwrite,
-                            show_progress=not args.quiet)
+                            lcc=bool(lcc) if len(prompts) == 1 else lcc, save_probabilities=args.save_probabilities,
+                            overwrite=args.overwrite, show_progress=not args.quiet)
     table = f" and {Path(args.output) / 'labels.json'} (the label values)" if len(prompts) > 1 else ""
     print(f"wrote {len(written)} segmentation(s) to {args.output}{table}")
     if args.overlays:
@@ -286,24 +296,19 @@ def find_postprocessing_main(argv: list[str] | None = None) -> int:
     import torch
 
     from .inference.find_postprocessing import find_postprocessing, format_decisions
-    from .inference.predictor import CHECKPOINT_KINDS, find_experiment_dir
+    from .inference.predictor import find_experiment_dir
 
     parser = argparse.ArgumentParser(prog="versemi_find_postprocessing",
                                      description="From cross-validation, decide per prompt whether keeping the "
                                                  "largest connected component does not lower the mean Dice "
                                                  "(nnU-Net's rule); writes postprocessing.json for versemi_predict "
                                                  "--postprocessing auto.")
-    parser.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
-    parser.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("-f", "--folds", nargs="+", help="cross-validation folds 0 .. 4 (default: every trained one)")
-    parser.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
+    add_model_selection(parser, "cross-validation folds 0 .. 4 (default: every trained one)")
     parser.add_argument("--raw", type=Path, help="raw root holding the datasets (default: $VERSEMI_RAW or "
                                                  "$VERSEMI_ROOT/raw)")
     parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring (8x faster)")
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--plans-root", type=Path, help="where to look for the planned experiment")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if not 0 < args.step <= 1:
@@ -331,7 +336,6 @@ def benchmark_main(argv: list[str] | None = None) -> int:
 @_entry_point
 def export_bundle_main(argv: list[str] | None = None) -> int:
     from .bundles.export import BUNDLE_VERSION, export_bundle
-    from .inference.predictor import CHECKPOINT_KINDS
 
     parser = argparse.ArgumentParser(prog="versemi_export_bundle",
                                      description="Export one prompt of a trained experiment as a MONAI bundle that "
@@ -341,18 +345,11 @@ def export_bundle_main(argv: list[str] | None = None) -> int:
                         help="the task: a dataset (its single label), or DATASET:LABEL / DATASET/LABEL")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="bundle folder (default: $VERSEMI_BUNDLES/<experiment>_<dataset>_<label>)")
-    parser.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
-    parser.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("-f", "--folds", nargs="+", help="folds to ensemble: 0 .. 4 or all (default: every fold "
-                                                         "folder present)")
-    parser.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
+    add_model_selection(parser, ENSEMBLE_FOLDS)
     parser.add_argument("--version", default=BUNDLE_VERSION, help=f"bundle version (default {BUNDLE_VERSION})")
     parser.add_argument("--authors", default="VerSemi contributors", help="metadata.json 'authors'")
     parser.add_argument("--copyright", default="Copyright (c) VerSemi contributors", help="metadata.json 'copyright'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    parser.add_argument("--plans-root", type=Path, help="where to look for the planned experiment (default: "
-                                                        "$VERSEMI_PLANS or $VERSEMI_ROOT/versemi_plans)")
     args = parser.parse_args(argv)
     folder = export_bundle(args.output, args.prompt, args.experiment, args.folds, args.trainer, args.configuration,
                            args.checkpoint, overwrite=args.overwrite, version=args.version, authors=args.authors,

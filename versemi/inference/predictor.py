@@ -198,6 +198,7 @@ def _canonical(obj) -> str:
 
 
 def _fold_model(state, path: Path, device: torch.device) -> FoldModel:
+    from ..nets import build_network
     from ..training.config import TrainingConfig
     from ..training.trainers import find_trainer
 
@@ -205,21 +206,25 @@ def _fold_model(state, path: Path, device: torch.device) -> FoldModel:
     if missing:
         raise input_error(path, f"is not a versemi training checkpoint (lacks {', '.join(missing)})",
                           "use a checkpoint_*.pth written by versemi_train")
-    trainer_class = find_trainer(state["trainer"])
     try:
         config = TrainingConfig.from_dict(state["config"])
-        # the trainer's own build_network (and network_plan with the run's overrides); building a
-        # trainer only reads the plans, it writes nothing
-        trainer = trainer_class(state["plans"], path.parent, state["configuration"], str(state["fold"]), path.parent,
-                                config, "cpu")
-        network = trainer.build_network()
+        plans = state["plans"]
+        if state.get("network_plan"):  # the network as trained, stored in the checkpoint
+            network = build_network(state["network_plan"], plans["in_channels"], plans["num_prompts"])
+            patch_size = list(config.patch_size or plans["configurations"][state["configuration"]]["patch_size"])
+        else:
+            # checkpoints of older versions, and methods with their own build_network: the trainer
+            # builds it (building a trainer only reads the plans, it writes nothing)
+            trainer = find_trainer(state["trainer"])(plans, path.parent, state["configuration"], str(state["fold"]),
+                                                     path.parent, config, "cpu")
+            network, patch_size = trainer.build_network(), list(trainer.patch_size)
         network.load_state_dict(state["network"])
     except (TypeError, KeyError, ValueError, RuntimeError) as exc:
         raise input_error(path, f"the network cannot be rebuilt from the checkpoint ({type(exc).__name__}: "
                                 f"{str(exc)[:200]})",
                           "use a checkpoint written by this version of versemi_train, or train again") from exc
     network.to(device).eval()
-    return FoldModel(str(state["fold"]), Path(path), state["trainer"], network, list(trainer.patch_size))
+    return FoldModel(str(state["fold"]), Path(path), state["trainer"], network, patch_size)
 
 
 # ----- prompts -----

@@ -217,6 +217,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "best_ema": self.best_ema, "history": self.log.history, "config": self.config.to_dict(),
             "plans": self.plans, "extra": self.method_state(),
+            # the network as built, so prediction rebuilds it without a Trainer (unless a method builds its own)
+            "network_plan": self.network_plan() if type(self).build_network is Trainer.build_network else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         })
 
