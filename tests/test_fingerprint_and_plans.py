@@ -116,3 +116,20 @@ def test_existing_plan_is_never_overwritten_silently(toy_raw, tmp_path):
     request.overwrite_plans = True
     plan_and_preprocess(request, preprocess=False)
     assert json.loads(path.read_text())["configurations"]["3d_fullres"]["batch_size"] != 7
+
+
+def test_the_typed_plans_view_answers_from_the_plans(planned):
+    import json
+
+    from versemi.plans.view import PlansView
+
+    plans = json.loads((planned / "DemoLA_DemoPancreas" / "plans.json").read_text())
+    view = PlansView(plans)
+    assert view.dataset_names == ["DemoLA", "DemoPancreas"] and view.experiment == "DemoLA_DemoPancreas"
+    assert [p["dataset"] for p in view.real_prompts] == ["DemoLA", "DemoPancreas"]
+    assert view.real_prompt_indices == [0, 1] and plans["synthetic_prompt"] == 2
+    assert [p["index"] for p in view.prompts_of("DemoPancreas")] == [1]
+    assert view.prompt_names()[0] == "DemoLA/left_atrium"
+    assert view.has_configuration("3d_fullres") and not view.has_configuration("2d")
+    assert view.configuration("3d_fullres") is plans["configurations"]["3d_fullres"]
+    assert view.dataset_plan("DemoLA") is plans["datasets"]["DemoLA"]

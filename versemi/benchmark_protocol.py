@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .atomic import read_json, write_json
 from .errors import InputError, Problem, input_error
+from .plans.view import PlansView
 from .training.config import PRECISIONS
 from .training.run import parse_method
 
@@ -372,9 +373,9 @@ def run_benchmark(args) -> dict:
                                 show_progress=show)
     plan_summary = plan_and_preprocess(request)
     plans = read_json(plan_summary["plans"])
-    plan = plans["datasets"][DATASET]
-    print(f"plan: {plan_summary['plans']} (target spacing {plan['target_spacing']} mm, patch "
-          f"{plans['configurations'][CONFIGURATION]['patch_size']})")
+    view = PlansView(plans)
+    plan, patch_size = view.dataset_plan(DATASET), view.configuration(CONFIGURATION)["patch_size"]
+    print(f"plan: {plan_summary['plans']} (target spacing {plan['target_spacing']} mm, patch {patch_size})")
 
     # c. train fold all
     checkpoint, train_seconds = train_fold_all(args, experiment, plans, work)
@@ -424,7 +425,7 @@ def run_benchmark(args) -> dict:
         "labeled": args.labeled, "labeled_cases": train_ids[:args.labeled],
         "unlabeled_cases": train_ids[args.labeled:], "test_cases": test_ids,
         "plan": {"file": plan_summary["plans"], "target_spacing": plan["target_spacing"],
-                 "spacing_scale": args.spacing_scale, "patch_size": plans["configurations"][CONFIGURATION]["patch_size"]},
+                 "spacing_scale": args.spacing_scale, "patch_size": patch_size},
         "training": {"trainer": args.trainer, "fold": "all", "checkpoint": str(checkpoint),
                      "model_selection": "final checkpoint (training data only)",
                      "options": {name: getattr(args, name) for _, name in TRAIN_OPTIONS if getattr(args, name) is not None},

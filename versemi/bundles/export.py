@@ -48,6 +48,7 @@ from .. import __version__ as versemi_version
 from .. import paths
 from ..errors import InputError, Problem, input_error
 from ..inference.predictor import Ensemble, find_experiment_dir, load_models, mirror_axes, resolve_prompt
+from ..plans.view import PlansView
 
 BUNDLE_VERSION = "0.1.0"
 # the JSON schema of metadata.json the MONAI model zoo validates against (monai.bundle verify_metadata)
@@ -265,7 +266,7 @@ def metadata(ensemble: Ensemble, prompt: dict, patch_size_zyx: Sequence[int], di
 
     plans = ensemble.plans
     dataset, label = prompt["dataset"], prompt["label"]
-    plan = plans["datasets"][dataset]
+    plan = PlansView(plans).dataset_plan(dataset)
     channels = plan["channel_names"]
     patch_xyz = [int(s) for s in reversed(patch_size_zyx)]
     norm = plan["normalization"][0]
@@ -345,7 +346,7 @@ def model_card(meta: dict, dice: dict[str, float | None], plans: dict, prompt: d
     """docs/README.md."""
     v = meta["versemi"]
     dataset, label = prompt["dataset"], prompt["label"]
-    plan = plans["datasets"][dataset]
+    plan = PlansView(plans).dataset_plan(dataset)
     norm = plan["normalization"][0]
     if norm["scheme"] == "ct":
         normalization = (f"CT: clip to [{norm['clip'][0]:g}, {norm['clip'][1]:g}], then (x - {norm['mean']:.4g}) / "
@@ -482,7 +483,7 @@ def export_bundle(output: str | Path | None, prompt: str, experiment: str | None
                           for m in ensemble.models])
     patch_size = list(patch_sizes.pop())
     plans = ensemble.plans
-    plan = plans["datasets"][chosen["dataset"]]
+    plan = PlansView(plans).dataset_plan(chosen["dataset"])
     config = inference_config(ensemble.in_channels, patch_size, plan["target_spacing"], plan["normalization"])
 
     module = BundleNetwork([m.network for m in ensemble.models], chosen["index"]).eval()

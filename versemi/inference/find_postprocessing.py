@@ -27,6 +27,7 @@ from ..datasets.io import read_label
 from ..datasets.layout import find_dataset, load_dataset
 from ..errors import InputError, Problem, input_error
 from ..evaluation.metrics import dice
+from ..plans.view import PlansView
 from .postprocessing import largest_connected_component
 from .predictor import FOLD_ORDER, _canonical, load_models, predict_case
 
@@ -98,7 +99,7 @@ def find_postprocessing(experiment_dir: str | Path, trainer: str = "VerSemiTrain
             raise input_error(ensembles[fold].models[0].checkpoint, f"holds other plans than fold {fold_names[0]} "
                                                                     "(planned again since?)",
                               "decide from folds trained on the same plans (-f)")
-    real_prompts = [p for p in plans["prompts"] if p["dataset"] is not None]
+    real_prompts = PlansView(plans).real_prompts
     raw, problems = _raw_cases(plans["dataset_names"], raw_root)
     work = []  # (fold, dataset, case)
     for fold in fold_names:

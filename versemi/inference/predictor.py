@@ -33,6 +33,7 @@ from .. import paths
 from ..atomic import atomic_path
 from ..datasets.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_image
 from ..errors import InputError, Problem, input_error
+from ..plans.view import PlansView
 from ..preprocessing.cropping import crop, nonzero_bbox
 from ..preprocessing.normalization import normalize
 from ..preprocessing.resampling import resample_image
@@ -211,7 +212,7 @@ def _fold_model(state, path: Path, device: torch.device) -> FoldModel:
         plans = state["plans"]
         if state.get("network_plan"):  # the network as trained, stored in the checkpoint
             network = build_network(state["network_plan"], plans["in_channels"], plans["num_prompts"])
-            patch_size = list(config.patch_size or plans["configurations"][state["configuration"]]["patch_size"])
+            patch_size = list(config.patch_size or PlansView(plans).configuration(state["configuration"])["patch_size"])
         else:
             # checkpoints of older versions, and methods with their own build_network: the trainer
             # builds it (building a trainer only reads the plans, it writes nothing)
@@ -230,7 +231,7 @@ def _fold_model(state, path: Path, device: torch.device) -> FoldModel:
 # ----- prompts -----
 def prompt_table(plans: dict) -> str:
     """The experiment's prompts as ``-p`` accepts them."""
-    real = [p for p in plans["prompts"] if p["dataset"] is not None]
+    real = PlansView(plans).real_prompts
     entries = []
     for p in real:
         single = sum(q["dataset"] == p["dataset"] for q in real) == 1
@@ -255,7 +256,7 @@ def _match_dataset(names: list[str], text: str) -> str | None:
 def resolve_prompt(plans: dict, text: str) -> dict:
     """The prompt entry of plans.json named by ``DATASET``, ``DATASET:LABEL`` or ``DATASET/LABEL``
     (LABEL: the label's name or value); InputError listing the prompt table otherwise."""
-    real = [p for p in plans["prompts"] if p["dataset"] is not None]
+    real = PlansView(plans).real_prompts
     dataset_text, _, label_text = re.split(r"([:/])", text, maxsplit=1) if re.search(r"[:/]", text) else (text, "", "")
     dataset = _match_dataset(list(dict.fromkeys(p["dataset"] for p in real)), dataset_text.strip())
     unknown = input_error(f"-p {text}", f"unknown prompt (prompts of experiment {plans.get('experiment')!r}: "
@@ -281,7 +282,7 @@ def resolve_prompt(plans: dict, text: str) -> dict:
 def resolve_prompts(plans: dict, texts: Sequence[str] | None) -> list[dict]:
     """The prompts named by ``texts`` (each as ``resolve_prompt``; ``all``: every real prompt),
     in the experiment's prompt order, without repeats. None: ``all``."""
-    real = [p for p in plans["prompts"] if p["dataset"] is not None]
+    real = PlansView(plans).real_prompts
     if not texts or any(t.strip().lower() == "all" for t in texts):
         return real
     chosen = {resolve_prompt(plans, t)["index"] for t in texts}
@@ -548,7 +549,7 @@ def predict_case(ensemble: Ensemble, files: Sequence[str | Path], prompt: str | 
     ``patch_size`` (window (z, y, x) in the plan's grid; None: the checkpoint's patch), ``overlap``
     and ``blend`` choose another sliding window (see ``sliding_window_probabilities``)."""
     prompt = resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt
-    plan = ensemble.plans["datasets"][prompt["dataset"]]
+    plan = PlansView(ensemble.plans).dataset_plan(prompt["dataset"])
     cropped, geometry, shape, bbox = read_cropped(ensemble, files)
     cropped_shape = cropped.shape[1:]
     data = resample_image(normalize(cropped, plan["normalization"]), geometry.spacing_zyx, plan["target_spacing"])
@@ -590,7 +591,7 @@ def predict_case_prompts(ensemble: Ensemble, files: Sequence[str | Path], prompt
     probabilities = np.zeros((len(prompts), *cropped.shape[1:]), np.float32)
     datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
     for dataset in datasets:
-        plan = ensemble.plans["datasets"][dataset]
+        plan = PlansView(ensemble.plans).dataset_plan(dataset)
         rows = [k for k, p in enumerate(prompts) if p["dataset"] == dataset]
         source = cropped if dataset == datasets[-1] else cropped.copy()  # normalize() works in place
         data = resample_image(normalize(source, plan["normalization"]), geometry.spacing_zyx, plan["target_spacing"])

@@ -27,6 +27,7 @@ from ..atomic import atomic_path, read_json, write_json
 from ..datasets.io import read_image, read_label
 from ..datasets.layout import RawCase, RawDataset
 from ..parallel import map_with_progress
+from ..plans.view import PlansView
 from .cropping import crop, nonzero_bbox
 from .normalization import normalize
 from .resampling import resample_image, resample_segmentation
@@ -141,7 +142,7 @@ def preprocess_case(job: CaseJob, dataset_plan: dict, folder: Path, digest: str)
 
 
 def _run_job(job: CaseJob, plans: dict, root: Path, digests: dict[str, str]) -> dict:
-    return preprocess_case(job, plans["datasets"][job.dataset], root / job.dataset, digests[job.dataset])
+    return preprocess_case(job, PlansView(plans).dataset_plan(job.dataset), root / job.dataset, digests[job.dataset])
 
 
 def remove_partial_files(root: Path) -> int:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import read_json
 from ..errors import InputError, Problem
+from ..plans.view import PlansView
 from ..preprocessing.cache import cache_folder, settings_digest
 from .augmentation import AugmentationSettings, build_transforms, source_patch_size
 
@@ -105,7 +106,7 @@ class BatchSource(Dataset):
             self.by_dataset.setdefault(key.split("/", 1)[0], []).append(key)
         self.datasets = sorted(self.by_dataset)
         # prompts of each dataset: (prompt index, label value)
-        self.prompts = {name: [(p["index"], p["label_value"]) for p in plans["prompts"] if p["dataset"] == name]
+        self.prompts = {name: [(p["index"], p["label_value"]) for p in PlansView(plans).prompts_of(name)]
                         for name in plans["dataset_names"]}
         self.dataset_index = {name: i for i, name in enumerate(plans["dataset_names"])}
         self.source_size = source_patch_size(settings.patch_size, settings.augmentation)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import input_error
+from ..plans.view import PlansView
 
 
 class DatasetPrompts:
     """The real (non-synthetic) prompts of each dataset of an experiment."""
 
     def __init__(self, plans: dict, device: torch.device | str = "cpu") -> None:
-        real = [p for p in plans["prompts"] if p["dataset"] is not None]
+        real = PlansView(plans).real_prompts
         self.indices = torch.tensor([p["index"] for p in real], device=device)  # (R,) prompt indices
         # (datasets, R) 0/1: which real prompts belong to each dataset
         self.mask = torch.tensor([[float(p["dataset"] == name) for p in real] for name in plans["dataset_names"]],

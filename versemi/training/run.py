@@ -12,6 +12,7 @@ import torch
 from .. import paths
 from ..atomic import read_json
 from ..errors import input_error
+from ..plans.view import PlansView
 from .augmentation import AugmentationSettings
 from .config import PRECISIONS, TrainingConfig
 from .trainer import distributed_device
@@ -127,7 +128,7 @@ def train(argv: list[str] | None = None) -> int:
     plans_root = args.plans_root or paths.plans_root()
     experiment = find_experiment(plans_root, args.experiment)
     plans = read_json(plans_root / experiment / "plans.json")
-    if args.configuration not in plans["configurations"]:
+    if not PlansView(plans).has_configuration(args.configuration):
         raise input_error(plans_root / experiment / "plans.json", f"has no configuration {args.configuration!r}",
                           f"use one of {', '.join(plans['configurations'])}")
     trainer_class = find_trainer(args.trainer)

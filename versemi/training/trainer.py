@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..errors import input_error
 from ..nets import build_network
 from ..plans.topology import pool_and_conv_props
+from ..plans.view import PlansView
 from .checkpoint import load_checkpoint, save_checkpoint
 from .budget import fit_schedule
 from .config import TrainingConfig
@@ -35,8 +36,8 @@ from .data import BatchSource, CaseStore, StreamSettings, batch_loader
 from .losses import DiceCE, multiscale
 from .method_settings import resolve_method_settings
 from .precision import autocast_dtype
-from .teacher import EMATeacher
 from .progress import TrainingLog
+from .teacher import EMATeacher
 from .validation import pseudo_dice_counts, sliding_window_validation
 
 EMA_DICE_MOMENTUM = 0.9
@@ -70,13 +71,14 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
-        plan = plans["configurations"][configuration]
+        view = PlansView(plans)
+        plan = view.configuration(configuration)
         self.patch_size = list(config.patch_size or plan["patch_size"])
         self.batch_size = max(1, (config.batch_size or plan["batch_size"]) // self.world_size)
         self.num_prompts = plans["num_prompts"]
         self.synthetic_prompt = plans["synthetic_prompt"]
-        self.real_prompts = [p["index"] for p in plans["prompts"] if p["dataset"] is not None]
-        self.prompt_names = {p["index"]: f"{p['dataset']}/{p['label']}" for p in plans["prompts"]}
+        self.real_prompts = view.real_prompt_indices
+        self.prompt_names = view.prompt_names()
         self.unlabeled_batch_size = max(1, (config.unlabeled_batch_size or config.batch_size or plan["batch_size"])
                                         // self.world_size)
         self.split = fold_split(plans, fold)
@@ -89,7 +91,7 @@ class Trainer:
     def network_plan(self) -> dict:
         """The plan's network; a patch-size override re-derives the topology, a features override
         sets the features per stage (the last value repeats for deeper stages)."""
-        plan = self.plans["configurations"][self.configuration]
+        plan = PlansView(self.plans).configuration(self.configuration)
         network = dict(plan["network"])
         if self.config.patch_size:
             topology = pool_and_conv_props(plan["topology_spacing"], self.config.patch_size)

@@ -6,6 +6,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ..atomic import write_json
+from ..plans.view import PlansView
 
 
 def pseudo_dice_counts(logits: torch.Tensor, batch: dict, counts: dict) -> None:
@@ -47,7 +48,7 @@ def sliding_window_validation(trainer) -> dict:
     cases = []
     for key in trainer.split["val"]:
         dataset = key.split("/", 1)[0]
-        prompts = [(p["index"], p["label_value"]) for p in trainer.plans["prompts"] if p["dataset"] == dataset]
+        prompts = [(p["index"], p["label_value"]) for p in PlansView(trainer.plans).prompts_of(dataset)]
         data, seg = trainer.store.arrays(key)
         probabilities = predict_case_probabilities(trainer.model, data[:], [p for p, _ in prompts],
                                                    trainer.patch_size, trainer.device).cpu().numpy()

@@ -1,0 +1,50 @@
+"""A small typed view of ``plans.json``: the questions code asks of it, answered in one place.
+
+    view = PlansView(plans)
+    view.real_prompts            # the prompts of real structures (not the synthetic one)
+    view.prompts_of("DemoLA")    # one dataset's prompts
+    view.configuration("3d_fullres"), view.dataset_plan("DemoLA")
+
+The plans stay a plain dict (JSON on disk, inside every checkpoint); the view only reads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PlansView:
+    plans: dict
+
+    @property
+    def experiment(self) -> str | None:
+        return self.plans.get("experiment")
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return list(self.plans["dataset_names"])
+
+    @property
+    def real_prompts(self) -> list[dict]:
+        """Every prompt of a dataset's label, in prompt order (the synthetic prompt left out)."""
+        return [p for p in self.plans["prompts"] if p["dataset"] is not None]
+
+    @property
+    def real_prompt_indices(self) -> list[int]:
+        return [p["index"] for p in self.real_prompts]
+
+    def prompts_of(self, dataset: str) -> list[dict]:
+        return [p for p in self.plans["prompts"] if p["dataset"] == dataset]
+
+    def prompt_names(self) -> dict[int, str]:
+        """Prompt index -> ``dataset/label`` (``None/None`` for the synthetic prompt)."""
+        return {p["index"]: f"{p['dataset']}/{p['label']}" for p in self.plans["prompts"]}
+
+    def has_configuration(self, name: str) -> bool:
+        return name in self.plans["configurations"]
+
+    def configuration(self, name: str) -> dict:
+        return self.plans["configurations"][name]
+
+    def dataset_plan(self, dataset: str) -> dict:
+        return self.plans["datasets"][dataset]
