@@ -110,7 +110,7 @@ def la_plan():
 def worker(case: Path, mirroring: bool, threads: int) -> dict:
     import torch
 
-    from versemi.inference import predictor
+    from versemi.inference import predictor, sliding_window
     from versemi.nets import build_network
 
     torch.set_num_threads(threads)
@@ -145,7 +145,7 @@ def worker(case: Path, mirroring: bool, threads: int) -> dict:
 
     # network: all of ensemble_probabilities (sliding window, mirroring, stitching)
     predictor.ensemble_probabilities = timed("network", predictor.ensemble_probabilities)
-    predictor.sliding_window_probabilities = count_windows(predictor.sliding_window_probabilities)
+    sliding_window.sliding_window_probabilities = count_windows(sliding_window.sliding_window_probabilities)
     for name in ("read_image", "nonzero_bbox", "crop", "normalize", "resample_image", "resize_probabilities",
                  "write_image", "_header_problems", "_discover"):
         setattr(predictor, name, timed(name, getattr(predictor, name)))

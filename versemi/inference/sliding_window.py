@@ -1,0 +1,105 @@
+"""The network over a whole image: Gaussian sliding window with mirroring, the mean over an
+ensemble's folds, and probabilities resampled to another grid."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+
+from .models import Ensemble
+
+
+def mirror_axes(mirroring: bool) -> list[tuple[int, ...]]:
+    """Flip combinations of the spatial axes (2, 3, 4) of a (B, C, Z, Y, X) batch: 8 with mirroring, else none."""
+    if not mirroring:
+        return [()]
+    return [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
+
+
+def _is_oom(exc: Exception) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+
+
+@torch.no_grad()
+def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, prompt_index: int | Sequence[int],
+                                 patch_size, device: torch.device, step: float = 0.5, mirroring: bool = True,
+                                 batch_size: int = 2, *, overlap: float | Sequence[float] | None = None,
+                                 blend: str = "gaussian") -> torch.Tensor:
+    """Foreground probabilities (Z, Y, X) of one prompt, or (K, Z, Y, X) of a list of K prompts, on
+    a preprocessed (C, Z, Y, X) image: Gaussian sliding window, windows ``step`` x patch apart
+    (overlap 1 - step), each window averaged over the mirror flips. Every window goes through the
+    backbone once for all the prompts. On CUDA the stitched output moves to the CPU if GPU memory
+    runs out.
+
+    ``overlap`` (a fraction of the window, one value or one per axis) replaces ``1 - step``;
+    ``blend`` "constant" averages overlapping windows with equal weight instead of Gaussian weights."""
+    if not 0 < step <= 1:
+        raise ValueError(f"step must lie in (0, 1]; got {step}")
+    if blend not in ("gaussian", "constant"):
+        raise ValueError(f"blend must be 'gaussian' or 'constant'; got {blend!r}")
+    overlap = 1.0 - step if overlap is None else (float(overlap) if np.isscalar(overlap) else [float(o) for o in overlap])
+    device = torch.device(device)
+    image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
+    single = np.isscalar(prompt_index)
+    prompt = torch.tensor([[int(prompt_index)]] if single else [[int(p) for p in prompt_index]], device=device)
+    flips = mirror_axes(mirroring)
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        prompts = prompt.expand(windows.shape[0], -1)
+        total = None
+        for axes in flips:
+            x = torch.flip(windows, axes) if axes else windows
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits = network(x, prompts)  # (B, K, 2, Z, Y, X)
+            p = torch.softmax(logits.float(), dim=2)[:, :, 1]
+            p = torch.flip(p, axes) if axes else p
+            total = p if total is None else total + p
+        return total / len(flips)
+
+    def run(output_device):
+        stitched = sliding_window_inference(image, list(patch_size), sw_batch_size=batch_size, predictor=predictor,
+                                            overlap=overlap, mode=blend, sw_device=device, device=output_device)[0]
+        return stitched[0] if single else stitched
+
+    if device.type != "cuda":
+        return run(device)
+    try:
+        return run(device)
+    except RuntimeError as exc:
+        if not _is_oom(exc):
+            raise
+        torch.cuda.empty_cache()
+        return run(torch.device("cpu"))
+
+
+def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, prompt_index: int | Sequence[int], step: float = 0.5,
+                           mirroring: bool = True, *, patch_size=None, overlap: float | Sequence[float] | None = None,
+                           blend: str = "gaussian") -> torch.Tensor:
+    """The mean over the ensemble's folds of ``sliding_window_probabilities`` (``patch_size`` None:
+    each fold's own patch)."""
+    total = None
+    for model in ensemble.models:
+        p = sliding_window_probabilities(model.network, data, prompt_index, patch_size or model.patch_size,
+                                         ensemble.device, step, mirroring, overlap=overlap, blend=blend)
+        total = p if total is None else total + p.to(total.device)
+    return total / len(ensemble.models)
+
+
+def resize_probabilities(probabilities: torch.Tensor, shape) -> np.ndarray:
+    """Trilinear resampling of a (Z, Y, X) or (K, Z, Y, X) probability map to ``shape`` (float32 numpy)."""
+    shape = tuple(int(s) for s in shape)
+    channels = probabilities[None] if probabilities.dim() == 3 else probabilities
+    if tuple(channels.shape[1:]) != shape:
+        try:
+            channels = F.interpolate(channels[None].float(), size=shape, mode="trilinear", align_corners=False)[0]
+        except RuntimeError as exc:
+            if channels.device.type != "cuda" or not _is_oom(exc):
+                raise
+            torch.cuda.empty_cache()
+            channels = F.interpolate(channels.cpu()[None].float(), size=shape, mode="trilinear", align_corners=False)[0]
+    channels = channels.float().cpu().numpy()
+    return channels[0] if probabilities.dim() == 3 else channels
