@@ -218,6 +218,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     import torch
 
     from .inference.predictor import find_experiment_dir, load_models, predict_cases, resolve_prompts
+    from .inference.sliding_window import PRECISIONS, inference_dtype
 
     parser = argparse.ArgumentParser(prog="versemi_predict",
                                      description="Segment images with the trained folds of an experiment (one "
@@ -241,6 +242,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlays", action="store_true", help="also draw each case with its predicted contours "
                                                                 "(OUT/overlays/CASE.png and index.html)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the network's arithmetic (default auto: bf16 on CUDA and on CPUs with bf16 units, "
+                             "AMX or AVX512-BF16; fp32 on other CPUs, which only emulate bf16)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -249,7 +253,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise input_error(f"--device {args.device}", "CUDA is not available here", "use --device cpu")
     experiment_dir = find_experiment_dir(args.experiment, args.plans_root)
+    dtype = inference_dtype(args.precision, torch.device(args.device))  # refuses fp16 on a CPU before any work
     ensemble = load_models(experiment_dir, args.folds, args.trainer, args.configuration, args.checkpoint, args.device)
+    ensemble.precision = args.precision
     prompts = resolve_prompts(ensemble.plans, args.prompt)
     lcc = {p["index"] for p in prompts} if args.lcc else set()
     if args.postprocessing == "auto":
@@ -269,7 +275,8 @@ def predict_main(argv: list[str] | None = None) -> int:
                   f"{decision['cases']} case(s); {decision['file']})")
     names = ", ".join(f"{p['dataset']}/{p['label']}" for p in prompts)
     print(f"{experiment_dir.name}: {args.trainer}__{ensemble.configuration} fold(s) {', '.join(ensemble.folds)}, "
-          f"prompt{'s' if len(prompts) > 1 else ''} {names}, on {ensemble.device}")
+          f"prompt{'s' if len(prompts) > 1 else ''} {names}, on {ensemble.device} "
+          f"({'fp32' if dtype is None else str(dtype).replace('torch.', '')})")
     written = predict_cases(args.input, args.output, prompts, ensemble, step=args.step, mirroring=not args.no_mirroring,
                             lcc=bool(lcc) if len(prompts) == 1 else lcc, save_probabilities=args.save_probabilities,
                             overwrite=args.overwrite, show_progress=not args.quiet)

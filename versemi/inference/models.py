@@ -37,6 +37,7 @@ class Ensemble:
     configuration: str
     models: list[FoldModel]
     device: torch.device
+    precision: str = "auto"  # of the network: auto, bf16, fp16, fp32 (sliding_window.inference_dtype)
 
     @property
     def folds(self) -> list[str]:

@@ -19,41 +19,78 @@ once for all the prompts of a dataset, and the prompts become one label map (``l
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
+import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_path
 from ..datasets.io import Geometry, read_image, write_image
 from ..errors import InputError, Problem, input_error
 from ..plans.view import PlansView
-from ..preprocessing.cropping import crop, nonzero_bbox
-from ..preprocessing.normalization import normalize
-from ..preprocessing.resampling import resample_image
+from ..preprocessing.pipeline import CroppedImage, crop_to_nonzero, network_grid, resize_probabilities, uncrop
 from .cases import CHANNEL_NAME, InputCase, _discover, _header_problems, _output_problems, find_cases  # noqa: F401
 from .label_map import LabelTable, compose, label_table, write_label_table
 from .models import (CHECKPOINT_KEYS, CHECKPOINT_KINDS, FOLD_ORDER, Ensemble, FoldModel, _canonical,  # noqa: F401
                      checkpoint_paths, find_experiment_dir, load_models)
 from .postprocessing import largest_connected_component
 from .prompt_names import NNUNET_DATASET, prompt_table, resolve_prompt, resolve_prompts  # noqa: F401
-from .sliding_window import (_is_oom, ensemble_probabilities, mirror_axes, resize_probabilities,  # noqa: F401
-                             sliding_window_probabilities)
+from .sliding_window import _is_oom, ensemble_probabilities, mirror_axes, sliding_window_probabilities  # noqa: F401
 
 THRESHOLD = 0.5
 
 
-def read_cropped(ensemble: Ensemble, files: Sequence[str | Path]):
-    """(the case's image cropped to its nonzero region, its geometry, its full (z, y, x) shape, the crop box)."""
+@dataclass
+class PreparedCase:
+    """A case read, cropped once, and brought onto the network grid of each dataset among the prompts."""
+
+    geometry: Geometry
+    cropped: CroppedImage
+    inputs: list[tuple[list[int], np.ndarray]]  # per dataset: (rows of its prompts, network input (c, z, y, x))
+
+
+def read_cropped(ensemble: Ensemble, files: Sequence[str | Path]) -> tuple[CroppedImage, Geometry]:
+    """The case's image cropped to its nonzero region, and its geometry."""
     image, geometry = read_image(files)
     if image.shape[0] != ensemble.in_channels:
         raise input_error(files[0], f"case has {image.shape[0]} channel(s); the model takes {ensemble.in_channels}",
                           "give one file per channel, CASE_0000, CASE_0001, ...")
-    bbox = nonzero_bbox(image)
-    return np.ascontiguousarray(crop(image, bbox)), geometry, image.shape[1:], bbox  # a copy where cropping cut
+    return crop_to_nonzero(image, geometry.spacing_zyx), geometry
+
+
+def prepare_case(ensemble: Ensemble, files: Sequence[str | Path], prompts: Sequence[dict]) -> PreparedCase:
+    """Read and crop the case once; normalize and resample it by the plan of each dataset among
+    ``prompts`` (``preprocessing.pipeline``, exactly as the preprocessing cache did)."""
+    cropped, geometry = read_cropped(ensemble, files)
+    datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
+    inputs = []
+    for dataset in datasets:
+        plan = PlansView(ensemble.plans).dataset_plan(dataset)
+        rows = [k for k, p in enumerate(prompts) if p["dataset"] == dataset]
+        inputs.append((rows, network_grid(cropped, plan, keep_crop=dataset != datasets[-1])))
+    return PreparedCase(geometry, cropped, inputs)
+
+
+def network_probabilities(ensemble: Ensemble, prepared: PreparedCase, prompts: Sequence[dict], step: float = 0.5,
+                          mirroring: bool = True, **window) -> list[tuple[list[int], torch.Tensor]]:
+    """Per dataset, (rows of its prompts, their stitched probabilities (K, Z, Y, X) on its network
+    grid): every window goes through the backbone once for all of that dataset's prompts.
+    ``window``: patch_size, overlap, blend of ``ensemble_probabilities``."""
+    return [(rows, ensemble_probabilities(ensemble, data, [prompts[k]["index"] for k in rows], step, mirroring,
+                                          **window)) for rows, data in prepared.inputs]
+
+
+def cropped_probabilities(prepared: PreparedCase, stitched: list[tuple[list[int], torch.Tensor]],
+                          count: int) -> np.ndarray:
+    """(count, crop's z, y, x) float32: each dataset's probabilities resampled back to the crop."""
+    probabilities = np.zeros((count, *prepared.cropped.shape), np.float32)
+    for rows, p in stitched:
+        probabilities[rows] = resize_probabilities(p, prepared.cropped.shape)
+    return probabilities
 
 
 @dataclass
@@ -63,6 +100,18 @@ class CasePrediction:
     probabilities: np.ndarray | None   # float32, the input's shape (0 outside the nonzero crop), if asked for
 
 
+def mask_prediction(prepared: PreparedCase, stitched, lcc: bool = False,
+                    keep_probabilities: bool = False) -> CasePrediction:
+    """One prompt's probabilities -> its 0/1 mask in the input's grid (``p > 0.5``, then optionally
+    the largest connected component)."""
+    probabilities = cropped_probabilities(prepared, stitched, 1)[0]
+    mask = uncrop((probabilities > THRESHOLD).astype(np.uint8), prepared.cropped)
+    if lcc:
+        mask = largest_connected_component(mask).astype(np.uint8)
+    full = uncrop(probabilities, prepared.cropped) if keep_probabilities else None
+    return CasePrediction(mask, prepared.geometry, full)
+
+
 def predict_case(ensemble: Ensemble, files: Sequence[str | Path], prompt: str | dict, step: float = 0.5,
                  mirroring: bool = True, lcc: bool = False, keep_probabilities: bool = False, *, patch_size=None,
                  overlap: float | Sequence[float] | None = None, blend: str = "gaussian") -> CasePrediction:
@@ -70,26 +119,11 @@ def predict_case(ensemble: Ensemble, files: Sequence[str | Path], prompt: str | 
 
     ``patch_size`` (window (z, y, x) in the plan's grid; None: the checkpoint's patch), ``overlap``
     and ``blend`` choose another sliding window (see ``sliding_window_probabilities``)."""
-    prompt = resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt
-    plan = PlansView(ensemble.plans).dataset_plan(prompt["dataset"])
-    cropped, geometry, shape, bbox = read_cropped(ensemble, files)
-    cropped_shape = cropped.shape[1:]
-    data = resample_image(normalize(cropped, plan["normalization"]), geometry.spacing_zyx, plan["target_spacing"])
-    del cropped
-    probabilities = resize_probabilities(ensemble_probabilities(ensemble, data, prompt["index"], step, mirroring,
-                                                                patch_size=patch_size, overlap=overlap, blend=blend),
-                                         cropped_shape)
-    del data
-    region = bounding_box_to_slice(bbox)
-    mask = np.zeros(shape, np.uint8)
-    mask[region] = probabilities > THRESHOLD
-    if lcc:
-        mask = largest_connected_component(mask).astype(np.uint8)
-    full = None
-    if keep_probabilities:
-        full = np.zeros(shape, np.float32)
-        full[region] = probabilities
-    return CasePrediction(mask, geometry, full)
+    prompts = [resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt]
+    prepared = prepare_case(ensemble, files, prompts)
+    stitched = network_probabilities(ensemble, prepared, prompts, step, mirroring, patch_size=patch_size,
+                                     overlap=overlap, blend=blend)
+    return mask_prediction(prepared, stitched, lcc, keep_probabilities)
 
 
 @dataclass
@@ -98,6 +132,16 @@ class LabelMapPrediction:
     geometry: Geometry                 # the input's
     table: LabelTable
     probabilities: np.ndarray | None   # float32 (K, z, y, x), one channel per prompt, if asked for
+
+
+def label_map_prediction(prepared: PreparedCase, stitched, prompts: Sequence[dict], lcc: Iterable[int] = (),
+                         keep_probabilities: bool = False) -> LabelMapPrediction:
+    """Several prompts' probabilities -> one label map in the input's grid (``label_map.compose``)."""
+    probabilities = cropped_probabilities(prepared, stitched, len(prompts))
+    table = label_table(list(prompts))
+    labels = uncrop(compose(probabilities, table, set(lcc)), prepared.cropped)
+    full = uncrop(probabilities, prepared.cropped) if keep_probabilities else None
+    return LabelMapPrediction(labels, prepared.geometry, table, full)
 
 
 def predict_case_prompts(ensemble: Ensemble, files: Sequence[str | Path], prompts: Sequence[dict], step: float = 0.5,
@@ -109,27 +153,9 @@ def predict_case_prompts(ensemble: Ensemble, files: Sequence[str | Path], prompt
     backbone once for all of that dataset's prompts. ``lcc``: prompt indices that keep only their
     largest connected component."""
     prompts = list(prompts)
-    cropped, geometry, shape, bbox = read_cropped(ensemble, files)
-    probabilities = np.zeros((len(prompts), *cropped.shape[1:]), np.float32)
-    datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
-    for dataset in datasets:
-        plan = PlansView(ensemble.plans).dataset_plan(dataset)
-        rows = [k for k, p in enumerate(prompts) if p["dataset"] == dataset]
-        source = cropped if dataset == datasets[-1] else cropped.copy()  # normalize() works in place
-        data = resample_image(normalize(source, plan["normalization"]), geometry.spacing_zyx, plan["target_spacing"])
-        stitched = ensemble_probabilities(ensemble, data, [prompts[k]["index"] for k in rows], step, mirroring)
-        probabilities[rows] = resize_probabilities(stitched, cropped.shape[1:])
-    del cropped
-    table = label_table(prompts)
-    region = bounding_box_to_slice(bbox)
-    labels_cropped = compose(probabilities, table, set(lcc))
-    labels = np.zeros(shape, labels_cropped.dtype)
-    labels[region] = labels_cropped
-    full = None
-    if keep_probabilities:
-        full = np.zeros((len(prompts), *shape), np.float32)
-        full[(slice(None), *region)] = probabilities
-    return LabelMapPrediction(labels, geometry, table, full)
+    prepared = prepare_case(ensemble, files, prompts)
+    stitched = network_probabilities(ensemble, prepared, prompts, step, mirroring)
+    return label_map_prediction(prepared, stitched, prompts, lcc, keep_probabilities)
 
 
 def write_probabilities(probabilities: np.ndarray, path: Path, prompts: Sequence[dict] | None = None) -> None:
@@ -142,14 +168,16 @@ def write_probabilities(probabilities: np.ndarray, path: Path, prompts: Sequence
 
 def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, prompt: str | dict | Sequence[dict],
                   ensemble: Ensemble, step: float = 0.5, mirroring: bool = True, lcc: bool | Iterable[int] = False,
-                  save_probabilities: bool = False, overwrite: bool = False, show_progress: bool = True) -> list[Path]:
+                  save_probabilities: bool = False, overwrite: bool = False, show_progress: bool = True,
+                  background_io: bool = True) -> list[Path]:
     """Predict every case of ``inputs`` (folders of ``CASE_XXXX.ext`` files, or files) into
     ``output_folder/CASE.ext`` (same format and geometry as the input; ``CASE_prob.npz`` too with
     ``save_probabilities``). One prompt: a 0/1 mask. Several prompts (a list): one label map per
     case and ``labels.json``, the table of its values (see ``label_map``). Every input and output
     problem is reported before anything is written; existing outputs are replaced only with
     ``overwrite``. ``lcc``: True/False for every prompt, or the prompt indices that keep only their
-    largest connected component. Returns the segmentations written."""
+    largest connected component. ``background_io``: read the next case and write the previous one
+    while the network runs (see ``_run_cases``). Returns the segmentations written."""
     prompts = [resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt] \
         if isinstance(prompt, (str, dict)) else list(prompt)
     if not prompts:
@@ -171,21 +199,58 @@ def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, promp
         raise InputError(problems)
     if several:
         write_label_table(table, output_folder)
-    written = []
-    for case in tqdm(cases, desc="predicting", unit="case", disable=not show_progress, dynamic_ncols=True):
+    def finish(case: InputCase, prepared: PreparedCase, stitched) -> Path:
         target = case.output_path(output_folder)
         if several:
-            result = predict_case_prompts(ensemble, case.files, prompts, step, mirroring, lcc_prompts,
-                                          keep_probabilities=save_probabilities)
+            result = label_map_prediction(prepared, stitched, prompts, lcc_prompts, save_probabilities)
             write_image(result.labels, result.geometry, target)
         else:
-            result = predict_case(ensemble, case.files, prompts[0], step, mirroring, bool(lcc_prompts),
-                                  keep_probabilities=save_probabilities)
+            result = mask_prediction(prepared, stitched, bool(lcc_prompts), save_probabilities)
             write_image(result.mask, result.geometry, target)
         if save_probabilities:
             write_probabilities(result.probabilities, case.probabilities_path(output_folder),
                                 prompts if several else None)
-        written.append(target)
+        return target
+
+    return _run_cases(cases, lambda case: prepare_case(ensemble, case.files, prompts),
+                      lambda prepared: network_probabilities(ensemble, prepared, prompts, step, mirroring), finish,
+                      background_io, show_progress)
+
+
+def _run_cases(cases: Sequence[InputCase], prepare, network, finish, background_io: bool,
+               show_progress: bool) -> list[Path]:
+    """``finish(case, prepared, network(prepared))`` for each case of ``prepare(case)``, in order.
+
+    With ``background_io`` one thread reads and preprocesses the next case and another finishes
+    and writes the previous one while the network runs, as nnU-Net's preprocessing iterator and
+    export pool do; at most one case waits on each side, so memory stays bounded."""
+    progress = tqdm(total=len(cases), desc="predicting", unit="case", disable=not show_progress, dynamic_ncols=True)
+    written: list[Path] = []
+    if not background_io:
+        for case in cases:
+            prepared = prepare(case)
+            written.append(finish(case, prepared, network(prepared)))
+            progress.update()
+        progress.close()
+        return written
+    with ThreadPoolExecutor(1, thread_name_prefix="versemi-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="versemi-write") as writer:
+        upcoming = reader.submit(prepare, cases[0]) if cases else None
+        pending: Future | None = None
+        for i, case in enumerate(cases):
+            prepared = upcoming.result()
+            if i + 1 < len(cases):
+                upcoming = reader.submit(prepare, cases[i + 1])
+            stitched = network(prepared)
+            prepared.inputs = []  # the network input is no longer needed while the case is written
+            if pending is not None:
+                written.append(pending.result())
+                progress.update()
+            pending = writer.submit(finish, case, prepared, stitched)
+        if pending is not None:
+            written.append(pending.result())
+            progress.update()
+    progress.close()
     return written
 
 

@@ -1,5 +1,5 @@
-"""The network over a whole image: Gaussian sliding window with mirroring, the mean over an
-ensemble's folds, and probabilities resampled to another grid."""
+"""The network over a whole image: Gaussian sliding window with mirroring, and the mean over an
+ensemble's folds, in fp32 or bf16/fp16 autocast (``inference_dtype``)."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +10,20 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
+from ..preprocessing.pipeline import resize_probabilities  # noqa: F401  (the map back, also named here)
+from ..training.precision import autocast_dtype
 from .models import Ensemble
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the network for ``precision`` on ``device`` (None: fp32).
+
+    auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16 units (AMX,
+    AVX512-BF16); fp32 on other CPUs, which only emulate bf16, slowly. Softmax, flips and the
+    stitching stay in fp32."""
+    return autocast_dtype(precision, True, torch.device(device))
 
 
 def mirror_axes(mirroring: bool) -> list[tuple[int, ...]]:
@@ -28,7 +41,7 @@ def _is_oom(exc: Exception) -> bool:
 def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, prompt_index: int | Sequence[int],
                                  patch_size, device: torch.device, step: float = 0.5, mirroring: bool = True,
                                  batch_size: int = 2, *, overlap: float | Sequence[float] | None = None,
-                                 blend: str = "gaussian") -> torch.Tensor:
+                                 blend: str = "gaussian", precision: str = "auto") -> torch.Tensor:
     """Foreground probabilities (Z, Y, X) of one prompt, or (K, Z, Y, X) of a list of K prompts, on
     a preprocessed (C, Z, Y, X) image: Gaussian sliding window, windows ``step`` x patch apart
     (overlap 1 - step), each window averaged over the mirror flips. Every window goes through the
@@ -36,7 +49,8 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
     runs out.
 
     ``overlap`` (a fraction of the window, one value or one per axis) replaces ``1 - step``;
-    ``blend`` "constant" averages overlapping windows with equal weight instead of Gaussian weights."""
+    ``blend`` "constant" averages overlapping windows with equal weight instead of Gaussian weights.
+    ``precision``: see ``inference_dtype``."""
     if not 0 < step <= 1:
         raise ValueError(f"step must lie in (0, 1]; got {step}")
     if blend not in ("gaussian", "constant"):
@@ -47,13 +61,14 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
     single = np.isscalar(prompt_index)
     prompt = torch.tensor([[int(prompt_index)]] if single else [[int(p) for p in prompt_index]], device=device)
     flips = mirror_axes(mirroring)
+    dtype = inference_dtype(precision, device)
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         prompts = prompt.expand(windows.shape[0], -1)
         total = None
         for axes in flips:
             x = torch.flip(windows, axes) if axes else windows
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = network(x, prompts)  # (B, K, 2, Z, Y, X)
             p = torch.softmax(logits.float(), dim=2)[:, :, 1]
             p = torch.flip(p, axes) if axes else p
@@ -84,22 +99,7 @@ def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, prompt_index: i
     total = None
     for model in ensemble.models:
         p = sliding_window_probabilities(model.network, data, prompt_index, patch_size or model.patch_size,
-                                         ensemble.device, step, mirroring, overlap=overlap, blend=blend)
+                                         ensemble.device, step, mirroring, overlap=overlap, blend=blend,
+                                         precision=ensemble.precision)
         total = p if total is None else total + p.to(total.device)
     return total / len(ensemble.models)
-
-
-def resize_probabilities(probabilities: torch.Tensor, shape) -> np.ndarray:
-    """Trilinear resampling of a (Z, Y, X) or (K, Z, Y, X) probability map to ``shape`` (float32 numpy)."""
-    shape = tuple(int(s) for s in shape)
-    channels = probabilities[None] if probabilities.dim() == 3 else probabilities
-    if tuple(channels.shape[1:]) != shape:
-        try:
-            channels = F.interpolate(channels[None].float(), size=shape, mode="trilinear", align_corners=False)[0]
-        except RuntimeError as exc:
-            if channels.device.type != "cuda" or not _is_oom(exc):
-                raise
-            torch.cuda.empty_cache()
-            channels = F.interpolate(channels.cpu()[None].float(), size=shape, mode="trilinear", align_corners=False)[0]
-    channels = channels.float().cpu().numpy()
-    return channels[0] if probabilities.dim() == 3 else channels

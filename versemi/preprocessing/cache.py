@@ -28,9 +28,9 @@ from ..datasets.io import read_image, read_label
 from ..datasets.layout import RawCase, RawDataset
 from ..parallel import map_with_progress
 from ..plans.view import PlansView
-from .cropping import crop, nonzero_bbox
-from .normalization import normalize
-from .resampling import resample_image, resample_segmentation
+from .cropping import crop
+from .pipeline import to_network_input
+from .resampling import resample_segmentation
 
 CACHE_VERSION = 1
 MAX_LOCATIONS_PER_LABEL = 2_000  # foreground patch centres kept per label for oversampling
@@ -108,30 +108,27 @@ def read_array(path: Path) -> np.ndarray:
 
 
 def preprocess_case(job: CaseJob, dataset_plan: dict, folder: Path, digest: str) -> dict:
-    """Crop, normalize, resample and write one case; returns its properties."""
+    """Crop, normalize, resample (``pipeline.to_network_input``, as prediction does) and write one case; returns its properties."""
     case = job.case
     image, geometry = read_image(case.images)
-    original_shape = list(image.shape[1:])
-    bbox = nonzero_bbox(image)
-    image = normalize(crop(image, bbox), dataset_plan["normalization"])
+    image, cropped = to_network_input(image, geometry.spacing_zyx, dataset_plan)
     target = dataset_plan["target_spacing"]
-    image = resample_image(image, geometry.spacing_zyx, target)
     files = {"data": write_array(image, folder / f"{case.case_id}_data.b2nd")}
     props = {
         "dataset": job.dataset,
         "case_id": case.case_id,
         "labeled": job.labeled,
-        "original_shape": original_shape,
+        "original_shape": list(cropped.full_shape),
         "original_geometry": geometry.to_dict(),
         "original_spacing_zyx": list(geometry.spacing_zyx),
-        "crop_bbox": bbox,
-        "shape_after_crop": [hi - lo for lo, hi in bbox],
+        "crop_bbox": cropped.bbox,
+        "shape_after_crop": list(cropped.shape),
         "spacing": target,
         "shape": list(image.shape[1:]),
     }
     if job.labeled:
         label, _ = read_label(case.label)
-        seg = resample_segmentation(crop(label, bbox), geometry.spacing_zyx, target).astype(np.int8)
+        seg = resample_segmentation(crop(label, cropped.bbox), geometry.spacing_zyx, target).astype(np.int8)
         files["seg"] = write_array(seg[None], folder / f"{case.case_id}_seg.b2nd")
         props["class_locations"] = sample_class_locations(seg, np.random.default_rng(job.seed))
     props["files"] = files
