@@ -29,8 +29,8 @@ demo: venv
 	$(BIN)/versemi_evaluate -r "$(VERSEMI_ROOT)/raw/DemoLA/labelsTs" -p "$(VERSEMI_ROOT)/predictions/DemoLA"
 	$(BIN)/versemi_predict -i "$(VERSEMI_ROOT)/raw/DemoPancreas/imagesTs" -o "$(VERSEMI_ROOT)/predictions/DemoPancreas" -p DemoPancreas --overwrite
 	$(BIN)/versemi_evaluate -r "$(VERSEMI_ROOT)/raw/DemoPancreas/labelsTs" -p "$(VERSEMI_ROOT)/predictions/DemoPancreas"
-	# every structure of the experiment in one label map per case (values in labels.json)
-	$(BIN)/versemi_predict -i "$(VERSEMI_ROOT)/raw/DemoLA/imagesTs" -o "$(VERSEMI_ROOT)/predictions/all_structures" --overwrite
+	# every structure of the experiment in one label map per case (values in labels.json), drawn per case
+	$(BIN)/versemi_predict -i "$(VERSEMI_ROOT)/raw/DemoLA/imagesTs" -o "$(VERSEMI_ROOT)/predictions/all_structures" --overwrite --overlays
 	@cat "$(VERSEMI_ROOT)/predictions/all_structures/labels.json"
 	$(BIN)/versemi_export_bundle -p DemoLA -o "$(VERSEMI_ROOT)/bundles/demola_versemi" --overwrite
 	$(BIN)/python -m monai.bundle run --config_file "$(VERSEMI_ROOT)/bundles/demola_versemi/configs/inference.json" \
