@@ -1,6 +1,6 @@
 """MONAI bundle export: the spec's metadata, the network's I/O, a bundle that runs without versemi
 and agrees with versemi_predict voxel for voxel, model-file integrity, reproducible configs and
-clear errors."""
+clear errors; several prompts in one bundle and one label map, as versemi_predict -p A B."""
 from __future__ import annotations
 
 import json
@@ -20,19 +20,26 @@ import SimpleITK as sitk
 import torch
 
 from versemi.bundles import export as bundle_export
-from versemi.cli import export_bundle_main
+from versemi.cli import export_bundle_main, train_main
 from versemi.datasets.io import Geometry, write_image
 from versemi.errors import InputError
-from versemi.inference import load_models, predict_cases
+from versemi.inference import load_models, predict_cases, resolve_prompts
+from versemi.inference.label_map import compose, label_table
+from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
 from versemi.preprocessing.resampling import resample_image
 
-from conftest import toy_experiment
+from conftest import TINY_TRAINING, toy_experiment, write_tiny_dataset
 
 EXPERIMENT = "DemoLA_DemoPancreas"
 TRAINER = "SupervisedTrainer"
 # tiny, but trained long enough (Adam) to draw a real boundary: agreement is then a real test
 TRAINING = ["-tr", TRAINER, "--optimizer", "adam", "--lr", "0.01"]  # added to conftest's TINY_TRAINING
 ITERATIONS = {"0": "60", "1": "60"}
+# two datasets preprocessed alike (MRI z-score, the same spacing): Tiny2 with labels target=1 and
+# second=2, TinyB with target=1 on the same images, so prompts overlap and values collide
+LABEL_MAP_EXPERIMENT = "Tiny2_TinyB"
+# patch 16^3 on 16 x 24 x 24 images: several overlapping windows, so the stitching of every channel counts
+LABEL_MAP_TRAINING = [*TRAINING, "--iterations-per-epoch", "80", "--patch-size", "16", "16", "16"]
 # the MONAI bundle spec's mandatory metadata keys and their JSON types (meta_schema_20240725.json)
 MANDATORY = {"schema": str, "version": str, "monai_version": str, "pytorch_version": str, "numpy_version": str,
              "required_packages_version": dict, "task": str, "description": str, "authors": str, "copyright": str,
@@ -109,15 +116,21 @@ def _versemi_predictions(trained, inputs: Path, output: Path, prompt: str) -> Pa
     return output
 
 
-def _assert_same_segmentation(bundle_output: Path, reference: Path) -> float:
-    """Same grid (size, spacing, origin, direction; NIfTI affine), uint8 0/1; returns the Dice."""
+def _assert_same_grid(bundle_output: Path, reference: Path) -> tuple[sitk.Image, sitk.Image]:
+    """Same grid (size, spacing, origin, direction; NIfTI affine), uint8; returns both images."""
     out, ref = sitk.ReadImage(str(bundle_output)), sitk.ReadImage(str(reference))
     assert out.GetSize() == ref.GetSize()
     np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), rtol=1e-6)
     np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-5)
     np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-6)
-    assert out.GetPixelID() == sitk.sitkUInt8
+    assert out.GetPixelID() == ref.GetPixelID() == sitk.sitkUInt8
     np.testing.assert_allclose(nib.load(str(bundle_output)).affine, nib.load(str(reference)).affine, atol=1e-5)
+    return out, ref
+
+
+def _assert_same_segmentation(bundle_output: Path, reference: Path) -> float:
+    """Same grid, uint8 0/1; returns the Dice."""
+    out, ref = _assert_same_grid(bundle_output, reference)
     a, b = sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(ref)
     assert set(np.unique(a)) <= {0, 1}
     a, b = a.astype(bool), b.astype(bool)
@@ -356,3 +369,153 @@ def test_bad_input_is_refused_with_nothing_written(trained, tmp_path, capsys, mo
     with pytest.raises(OSError, match="disk full"):
         bundle_export.export_bundle(tmp_path / "half", "DemoLA", EXPERIMENT, ["0"], TRAINER)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"], "nothing half-written"
+
+
+# ----- several prompts: one bundle, one label map -----
+def test_prompts_of_datasets_preprocessed_differently_are_refused(trained, tmp_path, capsys):
+    """DemoLA (MRI z-score, 1 mm) and DemoPancreas (CT, 0.8 x 0.8 x 2.5 mm) cannot share the bundle's
+    one preprocessing pipeline: named together, as all, or by default, nothing is written."""
+    bundles = sorted((trained.root / "bundles").iterdir())
+    target = tmp_path / "bundle"
+    for prompts, option in ((["DemoLA", "DemoPancreas:pancreas"], "-p DemoLA DemoPancreas:pancreas"),
+                            (["all"], "-p all"), ([], "-p all (the default)")):
+        assert _export("-f", "0", "-o", str(target), *(["-p", *prompts] if prompts else [])) == 2
+        err = capsys.readouterr().err
+        assert f"{option}: a bundle has one preprocessing pipeline" in err
+        assert "DemoLA: zscore normalization, spacing 1 x 1 x 1 mm" in err and "DemoPancreas: CT normalization" in err
+        assert "versemi_export_bundle -p DemoLA:left_atrium, then versemi_export_bundle -p DemoPancreas:pancreas" in err
+    assert _export("-f", "0", "-p", "all") == 2  # the default folder is not created either
+    assert not target.exists() and sorted((trained.root / "bundles").iterdir()) == bundles
+
+
+def test_label_mapd_applies_composes_rule_and_equals_the_argmax():
+    """scripts/inference.py's LabelMapd against versemi's compose, threshold and ties included, and
+    the argmax over (0.5, p_1 .. p_K) gives the same labels."""
+    code = runpy.run_path(str(bundle_export.TEMPLATES / "scripts" / "inference.py"))
+    rng = np.random.default_rng(0)
+    probabilities = rng.choice(np.float32([0.0, 0.3, 0.5, 0.5000001, 0.7, 0.9]), size=(3, 4, 5, 6))
+    probabilities[:, 0, 0, :3] = [[0.5, 0.7, 0.7], [0.5, 0.7, 0.2], [0.2, 0.1, 0.7]]  # p = 0.5, a tie, another
+    prompts = [{"index": i, "dataset": "A", "label": str(i), "label_value": v} for i, v in enumerate((300, 2, 7))]
+    table = label_table(prompts)
+    expected = compose(probabilities, table)
+    assert expected.dtype == np.uint16 and {0, 300, 2, 7} <= set(np.unique(expected))
+    channels = torch.from_numpy(np.concatenate([np.full((1, 4, 5, 6), 0.5, np.float32), probabilities]))
+    labels = code["LabelMapd"](keys="pred", values=table.values)({"pred": channels})["pred"]
+    assert labels.shape == (1, 4, 5, 6)
+    np.testing.assert_array_equal(labels[0].numpy(), expected)
+    np.testing.assert_array_equal(np.array([0, *table.values])[channels.argmax(0).numpy()], expected)
+
+
+@pytest.fixture(scope="module")
+def label_map_trained(one_thread, tmp_path_factory):
+    """Tiny2 (two labels) and TinyB planned together, folds 0 and 1 of a tiny SupervisedTrainer."""
+    root = tmp_path_factory.mktemp("label_map")
+    raw = root / "raw"
+    write_tiny_dataset(raw / "Tiny2", num_cases=4, shape=(16, 24, 24), two_labels=True)
+    write_tiny_dataset(raw / "TinyB", num_cases=4, shape=(16, 24, 24))
+    with pytest.MonkeyPatch.context() as env:  # only while training: `trained` may hold these variables
+        env.setenv("VERSEMI_PLANS", str(root / "plans"))
+        env.setenv("VERSEMI_RESULTS", str(root / "results"))
+        plan_and_preprocess(ExperimentRequest(["Tiny2", "TinyB"], raw, root / "plans", num_processes=1,
+                                              show_progress=False))
+        for fold in ITERATIONS:
+            assert train_main(["3d_fullres", fold, *TINY_TRAINING, *LABEL_MAP_TRAINING]) == 0
+    return SimpleNamespace(root=root, raw=raw, experiment=root / "results" / LABEL_MAP_EXPERIMENT)
+
+
+@pytest.fixture
+def label_map(label_map_trained, monkeypatch):
+    for name, folder in (("VERSEMI_PLANS", "plans"), ("VERSEMI_RESULTS", "results"), ("VERSEMI_BUNDLES", "bundles")):
+        monkeypatch.setenv(name, str(label_map_trained.root / folder))
+    return label_map_trained
+
+
+def _label_map_inputs(label_map, folder: Path, oblique: bool = False) -> Path:
+    """A Tiny2 image, and a TinyB image or (``oblique``) the Tiny2 image on an oblique, anisotropic grid."""
+    folder.mkdir()
+    shutil.copy(label_map.raw / "Tiny2" / "imagesTr" / "case0_0000.nii.gz", folder / "tiny2_0000.nii.gz")
+    if not oblique:
+        shutil.copy(label_map.raw / "TinyB" / "imagesTr" / "case1_0000.nii.gz", folder / "tinyb_0000.nii.gz")
+    else:
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "tiny2_0000.nii.gz")))
+        write_image(array, Geometry((0.8, 1.3, 1.7), (4.0, -3.0, 2.5), OBLIQUE), folder / "oblique_0000.nii.gz")
+    return folder
+
+
+def _label_map_predictions(label_map, inputs: Path, output: Path, prompts: list[str]) -> Path:
+    ensemble = load_models(label_map.experiment, ["0", "1"], TRAINER)
+    predict_cases([inputs], output, resolve_prompts(ensemble.plans, prompts), ensemble, save_probabilities=True,
+                  show_progress=False)
+    return output
+
+
+def _assert_same_label_maps(bundle_output: Path, reference: Path) -> set[int]:
+    """The bundle's label maps equal versemi_predict's voxel for voxel, but where float rounding may
+    decide (the model card's tolerance: the largest probability within 1e-5 of 0.5 or of the
+    second largest); returns the values found. Overlaps must occur, so the rule is exercised."""
+    names = sorted(p.name for p in reference.glob("*.nii.gz"))
+    assert names and sorted(p.name for p in bundle_output.glob("*.nii.gz")) == names
+    found, overlaps = set(), 0
+    for name in names:
+        out, ref = _assert_same_grid(bundle_output / name, reference / name)
+        a, b = sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(ref)
+        p = np.sort(np.load(reference / name.replace(".nii.gz", "_prob.npz"))["probabilities"], axis=0)
+        undecided = (np.abs(p[-1] - 0.5) < 1e-5) | (np.abs(p[-1] - p[-2]) < 1e-5)
+        assert np.array_equal(a[~undecided], b[~undecided]), name
+        found |= set(np.unique(b).tolist())
+        overlaps += int(((p > 0.5).sum(0) > 1).sum())
+    assert overlaps > 0, "prompts should overlap somewhere, so the overlap rule is compared"
+    return found
+
+
+def test_label_map_bundle_runs_without_versemi_and_matches_versemi_predict(label_map, tmp_path):
+    """`-p all` of two datasets preprocessed alike: one bundle (default folder <experiment>_all) whose
+    `python -m monai.bundle run`, without versemi, writes versemi_predict's label maps and labels.json."""
+    assert export_bundle_main(["-tr", TRAINER, "-f", "0", "1", "-p", "all"]) == 0
+    bundle = label_map.root / "bundles" / f"{LABEL_MAP_EXPERIMENT}_all"
+    inputs = _label_map_inputs(label_map, tmp_path / "in", oblique=True)
+    result = _monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--dataset_dir",
+                           str(inputs), "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["all"])
+    table = json.loads((reference / "labels.json").read_text())
+    # both datasets call their target 1: numbered 1..3 in prompt order
+    assert [(e["dataset"], e["label"], e["value"]) for e in table["labels"]] == [
+        ("Tiny2", "target", 1), ("Tiny2", "second", 2), ("TinyB", "target", 3)]
+    for written in (bundle / "configs" / "labels.json", tmp_path / "out" / "labels.json"):
+        assert written.read_bytes() == (reference / "labels.json").read_bytes()
+    assert len(_assert_same_label_maps(tmp_path / "out", reference) - {0}) >= 2
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == 4 and pred["channel_def"] == {"0": "background", "1": "Tiny2/target",
+                                                                 "2": "Tiny2/second", "3": "TinyB/target"}
+    assert meta["label_classes"] == "0: background, 1: Tiny2/target, 2: Tiny2/second, 3: TinyB/target"
+    assert meta["versemi"]["label_table"] == table and "prompt" not in meta["versemi"]
+    assert "Tiny2/second_fold_1_dice" in meta["eval_metrics"]
+    card = (bundle / "docs" / "README.md").read_text()
+    assert "## Labels" in card and "| 3 | TinyB | target | 1 | 2 |" in card
+    assert "versemi_predict -p Tiny2:target Tiny2:second TinyB:target" in card
+
+
+def test_one_datasets_labels_keep_their_values(label_map, tmp_path):
+    """`-p Tiny2:target Tiny2/second`: default folder <experiment>_Tiny2, the dataset's own values,
+    versemi_predict's label maps (run in this process); the network gives K + 1 channels, channel 0
+    the constant 0.5, and passes MONAI's verify_net_in_out."""
+    from monai.bundle import verify_net_in_out
+
+    assert export_bundle_main(["-tr", TRAINER, "-f", "0", "1", "-p", "Tiny2:target", "Tiny2/second"]) == 0
+    bundle = label_map.root / "bundles" / f"{LABEL_MAP_EXPERIMENT}_Tiny2"
+    inputs = _label_map_inputs(label_map, tmp_path / "in")
+    _run_in_process(bundle, inputs, tmp_path / "out")
+    reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["Tiny2:target", "Tiny2/second"])
+    table = json.loads((bundle / "configs" / "labels.json").read_text())
+    assert [e["value"] for e in table["labels"]] == [1, 2] and table["values"] == "each dataset's own label values"
+    assert (tmp_path / "out" / "labels.json").read_bytes() == (reference / "labels.json").read_bytes()
+    assert _assert_same_label_maps(tmp_path / "out", reference) == {0, 1, 2}
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
+                      config_file=str(bundle / "configs" / "inference.json"), n=1, device="cpu",
+                      bundle_root=str(bundle))
+    traced = torch.jit.load(str(bundle / "models" / "model.ts"))
+    with torch.no_grad():
+        p = traced(torch.rand(2, 1, 16, 16, 16))
+    assert p.shape == (2, 3, 16, 16, 16) and bool((p[:, 0] == 0.5).all())

@@ -345,13 +345,18 @@ def export_bundle_main(argv: list[str] | None = None) -> int:
     from .bundles.export import BUNDLE_VERSION, export_bundle
 
     parser = argparse.ArgumentParser(prog="versemi_export_bundle",
-                                     description="Export one prompt of a trained experiment as a MONAI bundle that "
+                                     description="Export prompts of a trained experiment as a MONAI bundle that "
                                                  "runs without versemi (python -m monai.bundle run --config_file "
-                                                 "OUT/configs/inference.json --dataset_dir IN --output_dir PRED).")
-    parser.add_argument("-p", "--prompt", required=True,
-                        help="the task: a dataset (its single label), or DATASET:LABEL / DATASET/LABEL")
+                                                 "OUT/configs/inference.json --dataset_dir IN --output_dir PRED); "
+                                                 "one prompt: a 0/1 mask, several: one label map and labels.json, "
+                                                 "as versemi_predict. The prompts' datasets must share "
+                                                 "normalization and target spacing (one preprocessing pipeline).")
+    parser.add_argument("-p", "--prompt", nargs="+",
+                        help="the task(s): a dataset (its single label), DATASET:LABEL / DATASET/LABEL, several of "
+                             "them, or all (the default: every structure of the experiment in one label map)")
     parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="bundle folder (default: $VERSEMI_BUNDLES/<experiment>_<dataset>_<label>)")
+                        help="bundle folder (default: $VERSEMI_BUNDLES/<experiment>_<dataset>_<label> for one "
+                             "prompt, <experiment>_<dataset> for all of a dataset's, <experiment>_all for all)")
     add_model_selection(parser, ENSEMBLE_FOLDS)
     parser.add_argument("--version", default=BUNDLE_VERSION, help=f"bundle version (default {BUNDLE_VERSION})")
     parser.add_argument("--authors", default="VerSemi contributors", help="metadata.json 'authors'")
@@ -362,6 +367,8 @@ def export_bundle_main(argv: list[str] | None = None) -> int:
                            args.checkpoint, overwrite=args.overwrite, version=args.version, authors=args.authors,
                            copyright_=args.copyright, plans_root=args.plans_root)
     print(f"wrote {folder}")
+    if (folder / "configs" / "labels.json").is_file():
+        print(f"one label map; its values: {folder / 'configs' / 'labels.json'}")
     print(f"run it: python -m monai.bundle run --config_file {folder / 'configs' / 'inference.json'} "
           "--dataset_dir IN --output_dir OUT")
     return 0

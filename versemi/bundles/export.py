@@ -1,22 +1,33 @@
-"""Export one prompt of a trained experiment as a MONAI bundle that runs without versemi.
+"""Export prompts of a trained experiment as a MONAI bundle that runs without versemi.
 
     bundle = export_bundle("bundles/la_versemi", "LA", folds=["0", "1"])
     # python -m monai.bundle run --config_file bundles/la_versemi/configs/inference.json \
     #     --dataset_dir IN --output_dir OUT
+    export_bundle("bundles/heart", ["Heart:atrium", "Heart:ventricle"])  # one label map
 
-The bundle does what ``versemi_predict`` does for that prompt, with MONAI's transforms where they
+The bundle does what ``versemi_predict`` does for those prompts, with MONAI's transforms where they
 compute the same thing: crop to the nonzero region (CropForegroundd), the dataset plan's
 normalization (ScaleIntensityRanged / NormalizeIntensityd), resampling to the plan's spacing
 (versemi's own algorithm, ``ResampleToSpacingd`` in the bundle's scripts: MONAI's Spacingd aligns
 the grid differently), Gaussian sliding window (overlap 0.5) with the trained patch size, mirroring
 over the 3 axes and the mean over the exported folds (both inside ``models/model.ts``), inversion
-to the input's voxel grid (Invertd), and ``p > 0.5`` written in the input's geometry. Layout::
+to the input's voxel grid (Invertd), and ``p > 0.5`` written in the input's geometry.
+
+Several prompts give one bundle with one label map, as ``versemi_predict -p A B`` does
+(``versemi.inference.label_map``): the model returns a background channel (the constant 0.5) and
+one probability channel per prompt, every window going through each fold's backbone once for all
+of them; ``LabelMapd`` (scripts/inference.py) gives each voxel the value of its most probable
+prompt when that probability is > 0.5, and ``configs/labels.json`` (copied to the output folder)
+is the table of values. The bundle has one preprocessing pipeline, so the prompts' datasets must
+share normalization and target spacing. Layout::
 
     configs/metadata.json     the MONAI metadata (mandatory keys of the bundle spec, provenance)
     configs/inference.json    the inference workflow; every path hangs off ``bundle_root``
     configs/logging.conf
+    configs/labels.json       several prompts only: the label map's values (versemi_predict's labels.json)
     models/model.ts           TorchScript: (B, C, X, Y, Z) -> (B, 2, X, Y, Z) probabilities, prompt
                               fixed, averaged over the 8 mirror flips and the exported folds
+                              (K prompts: (B, K + 1, X, Y, Z))
     models/model.pt           the plain state dict of that module (``torch.load(weights_only=True)``):
                               ``networks.<i>.*`` is fold i's network (order in metadata ``versemi.folds``)
     models/checksums.json     SHA-256 of each model file, checked before the model loads
@@ -47,7 +58,8 @@ from torch import nn
 from .. import __version__ as versemi_version
 from .. import paths
 from ..errors import InputError, Problem, input_error
-from ..inference.predictor import Ensemble, find_experiment_dir, load_models, mirror_axes, resolve_prompt
+from ..inference.label_map import OVERLAP_RULE, THRESHOLD, LabelTable, label_table
+from ..inference.predictor import Ensemble, find_experiment_dir, load_models, mirror_axes, resolve_prompts
 from ..plans.view import PlansView
 
 BUNDLE_VERSION = "0.1.0"
@@ -58,6 +70,7 @@ METADATA_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/relea
 REQUIRED_PACKAGES = ("nibabel", "scipy", "fire", "pyyaml")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SW_BATCH_SIZE = 2  # windows per network call, as versemi_predict
+LABELS = "configs/labels.json"  # several prompts: the label map's values (LabelTable.to_json)
 
 
 class BundleNetwork(nn.Module):
@@ -91,8 +104,46 @@ class BundleNetwork(nn.Module):
         return (total / count).permute(0, 1, 4, 3, 2)
 
 
+class LabelMapNetwork(nn.Module):
+    """The exported model of K prompts: channel 0 background, channel k prompt k's probability.
+
+    Takes ``(B, C, X, Y, Z)`` and returns ``(B, K + 1, X, Y, Z)``. Channel k (1..K) is the
+    foreground probability of the k-th prompt as ``versemi_predict`` computes it (softmax per
+    flip, flipped back, mean over the 8 flips and the folds); each window goes through each
+    fold's backbone once for all K prompts. Channel 0 is the constant 0.5, so the argmax over the
+    channels is the label-map rule: a prompt wins only with a probability > 0.5 (at exactly 0.5
+    the first maximum, background, wins), and among those the most probable (ties: the first
+    prompt, as numpy's argmax in versemi). ``1 - max p`` would not do: it is not linear, so
+    averaging it over overlapping windows is not ``1 - max`` of the averaged probabilities.
+    """
+
+    def __init__(self, networks: Sequence[nn.Module], prompt_indices: Sequence[int], mirroring: bool = True) -> None:
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+        self.prompt_indices = [int(i) for i in prompt_indices]
+        self.flips = mirror_axes(mirroring)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 1, 4, 3, 2)  # (B, C, X, Y, Z) -> (B, C, Z, Y, X)
+        # (B, K) prompt matrix built from x, so the trace keeps batch size and device dynamic
+        base = torch.zeros_like(x[:, :1, 0, 0, 0], dtype=torch.long)
+        prompts = torch.cat([base + i for i in self.prompt_indices], dim=1)
+        total, count = None, 0
+        for network in self.networks:
+            for axes in self.flips:
+                flipped = torch.flip(x, axes) if axes else x
+                logits = network.prompt_head(network.features(flipped), prompts)[0]  # (B, K, 2, Z, Y, X)
+                p = torch.softmax(logits.float(), dim=2)[:, :, 1]
+                p = torch.flip(p, axes) if axes else p
+                total = p if total is None else total + p
+                count += 1
+        p = total / count
+        background = torch.zeros_like(p[:, :1]) + THRESHOLD
+        return torch.cat([background, p], dim=1).permute(0, 1, 4, 3, 2)
+
+
 # ----- the bundle's parts -----
-def trace_network(module: BundleNetwork, in_channels: int, divisor: Sequence[int]) -> torch.jit.ScriptModule:
+def trace_network(module: nn.Module, in_channels: int, divisor: Sequence[int]) -> torch.jit.ScriptModule:
     """TorchScript of ``module`` (eval mode), traced on a small input and checked on another size.
 
     The trace runs on twice the network's divisor per axis (cheap even for large networks; the
@@ -190,9 +241,29 @@ OUTPUT_NAME = ("$lambda meta, saver: {'subject': re.sub('_0000(?=[.]nii([.]gz)?$
                "str(meta['filename_or_obj'])), 'idx': None}")
 
 
+def discretize_transforms(values: Sequence[int] | None) -> list:
+    """Probabilities -> labels. One prompt: argmax of (1 - p, p), i.e. p > 0.5, versemi_predict's
+    threshold. Several: the label map by ``compose``'s rule (``LabelMapd`` of scripts/inference.py)."""
+    if values is None:
+        return [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
+    return [f"$@code['LabelMapd'](keys='pred', values={[int(v) for v in values]}, threshold={THRESHOLD})"]
+
+
+def save_transform(values: Sequence[int] | None) -> dict:
+    """SaveImaged as ``CASE.nii.gz`` in the input's geometry; uint8, or uint16 for a value above 255
+    (as versemi_predict)."""
+    dtype = "$numpy.uint16" if values is not None and max(values) > 255 else "$numpy.uint8"
+    return {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "",
+            "writer": "NibabelWriter", "output_ext": ".nii.gz", "output_dtype": dtype, "resample": False,
+            "separate_folder": False, "squeeze_end_dims": True, "print_log": False,
+            "output_name_formatter": OUTPUT_NAME}
+
+
 def inference_config(in_channels: int, patch_size_zyx: Sequence[int], target_spacing_zyx: Sequence[float],
-                     channel_plans: list[dict]) -> dict:
-    """configs/inference.json: the versemi_predict pipeline in MONAI's (x, y, z) axis order."""
+                     channel_plans: list[dict], values: Sequence[int] | None = None) -> dict:
+    """configs/inference.json: the versemi_predict pipeline in MONAI's (x, y, z) axis order.
+
+    ``values``: the label table's values of several prompts (None: one prompt, a 0/1 mask)."""
     preprocessing = [
         # pinned readers/writers: the same result whether or not ITK is installed
         {"_target_": "LoadImaged", "keys": "image", "image_only": True, "reader": "NibabelReader"},
@@ -209,13 +280,12 @@ def inference_config(in_channels: int, patch_size_zyx: Sequence[int], target_spa
         # (zeros outside it)
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
          "nearest_interp": False, "to_tensor": True},
-        # argmax of (1 - p, p): p > 0.5, versemi_predict's threshold
-        {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-        {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "",
-         "writer": "NibabelWriter", "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "resample": False,
-         "separate_folder": False, "squeeze_end_dims": True, "print_log": False,
-         "output_name_formatter": OUTPUT_NAME},
+        *discretize_transforms(values),
+        save_transform(values),
     ]
+    run = ["$@code['predict'](@dataloader, @inferer, @network, @postprocessing, @device)"]
+    if values is not None:  # OUT/labels.json next to the label maps, as versemi_predict writes it
+        run.append(f"$@code['copy_label_table'](@bundle_root, '{LABELS}', @output_dir)")
     return {
         "imports": ["$import os", "$import re", "$import runpy", "$import sys"],
         "bundle_root": BUNDLE_ROOT,
@@ -239,7 +309,7 @@ def inference_config(in_channels: int, patch_size_zyx: Sequence[int], target_spa
                     "sw_batch_size": SW_BATCH_SIZE, "overlap": 0.5, "mode": "gaussian"},
         "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
         # a plain loop rather than SupervisedEvaluator, which needs pytorch-ignite
-        "run": ["$@code['predict'](@dataloader, @inferer, @network, @postprocessing, @device)"],
+        "run": run,
     }
 
 
@@ -342,10 +412,126 @@ def metadata(ensemble: Ensemble, prompt: dict, patch_size_zyx: Sequence[int], di
     }
 
 
+def label_map_metadata(ensemble: Ensemble, table: LabelTable, patch_size_zyx: Sequence[int],
+                       dice: dict[str, dict[str, float | None]], version: str, authors: str, copyright_: str) -> dict:
+    """configs/metadata.json of several prompts: the one-prompt metadata, with the label map's
+    classes, K + 1 output channels, each prompt's Dice (``dice``: prompt name -> fold -> Dice) and
+    the label table."""
+    prompts = list(table.prompts)
+    meta = metadata(ensemble, prompts[0], patch_size_zyx, {}, version, authors, copyright_)
+    plans, names = ensemble.plans, [_prompt_name(p) for p in prompts]
+    datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
+    channels = PlansView(plans).dataset_plan(datasets[0])["channel_names"]
+    classes = ", ".join(["0: background", *(f"{v}: {n}" for v, n in zip(table.values, names))])
+    meta.update({
+        "name": f"VerSemi {' + '.join(datasets)} label map",
+        "task": f"Segmentation of {', '.join(names)} in {', '.join(channels)} images into one label map",
+        "description": (f"Prompts {', '.join(names)} of a VerSemi model ({ensemble.models[0].trainer}) trained "
+                        f"jointly on {', '.join(plans['dataset_names'])} with task prompts, in one label map "
+                        f"(overlaps: the most probable prompt); {len(ensemble.models)} fold(s) ensembled, "
+                        "test-time mirroring, nnU-Net-style preprocessing and Gaussian sliding window."),
+        "label_classes": classes,
+        "pred_classes": classes,
+        "eval_metrics": _label_map_metrics(dice),
+    })
+    meta["network_data_format"]["outputs"]["pred"].update(
+        num_channels=len(prompts) + 1, channel_def={"0": "background", **{str(k + 1): n for k, n in enumerate(names)}})
+    versemi = meta["versemi"]
+    del versemi["prompt"]
+    versemi["prompts"] = [{k: p[k] for k in ("index", "dataset", "label", "label_value")} for p in prompts]
+    versemi["label_table"] = table.to_json()
+    versemi["output_channels"] = ("0: background, the constant 0.5; k: the k-th prompt's probability; the argmax "
+                                  "over channels is the label map's rule (the most probable prompt above 0.5)")
+    return meta
+
+
+def _prompt_name(prompt: dict) -> str:
+    return f"{prompt['dataset']}/{prompt['label']}"
+
+
+def _label_map_metrics(dice: dict[str, dict[str, float | None]]) -> dict[str, float]:
+    """The mean Dice over every prompt and fold, then per prompt its mean and each fold's."""
+    defined = [v for scores in dice.values() for v in scores.values() if v is not None]
+    metrics = {"mean_dice": sum(defined) / len(defined)} if defined else {}
+    for name, scores in dice.items():
+        values = [v for v in scores.values() if v is not None]
+        if values:
+            metrics[f"{name}_mean_dice"] = sum(values) / len(values)
+        metrics.update({f"{name}_fold_{f}_dice": v for f, v in scores.items() if v is not None})
+    return metrics
+
+
 def model_card(meta: dict, dice: dict[str, float | None], plans: dict, prompt: dict) -> str:
-    """docs/README.md."""
-    v = meta["versemi"]
+    """docs/README.md of a one-prompt bundle."""
     dataset, label = prompt["dataset"], prompt["label"]
+    folds = "\n".join(f"| {f} | {_dice_text(s)} |" for f, s in dice.items())
+    mean = meta["eval_metrics"].get("mean_dice")
+    cross_validation = "\n".join([
+        f"Dice of {dataset}/{label} on each fold's validation cases (`validation/summary.json`, computed in the",
+        "preprocessed grid during training, without mirroring or ensembling):", "", "| fold | Dice |", "|---|---|",
+        folds, "", f"Mean: {_dice_text(mean)}."])
+    return _card(meta, plans, dataset,
+                 selection=f"prompt\n`{dataset}/{label}` (index {prompt['index']}).",
+                 scope=f"One prompt of a multi-dataset model: it segments {label} only.",
+                 cross_validation=cross_validation, output="output `p > 0.5` as uint8 `CASE.nii.gz`.", labels="",
+                 command=f"versemi_predict -p {dataset}:{label}",
+                 rounding="flip a voxel whose probability lies within about 1e-6 of 0.5.")
+
+
+def label_map_model_card(meta: dict, dice: dict[str, dict[str, float | None]], plans: dict, table: LabelTable) -> str:
+    """docs/README.md of a bundle of several prompts (one label map)."""
+    prompts = list(table.prompts)
+    names = [_prompt_name(p) for p in prompts]
+    folds = list(next(iter(dice.values())))
+    rows = "\n".join(f"| {f} | " + " | ".join(_dice_text(dice[n][f]) for n in names) + " |" for f in folds)
+    means = ", ".join(f"{n} {_dice_text(meta['eval_metrics'].get(f'{n}_mean_dice'))}" for n in names)
+    cross_validation = f"""Dice of each prompt on each fold's validation cases (`validation/summary.json`, computed in
+the preprocessed grid during training, without mirroring or ensembling):
+
+| fold | {' | '.join(names)} |
+|---{'|---' * len(names)}|
+{rows}
+
+Mean: {means}."""
+    entries = "\n".join(f"| {v} | {p['dataset']} | {p['label']} | {p['label_value']} | {p['index']} |"
+                         for p, v in zip(prompts, table.values))
+    dtype = "uint16" if max(table.values) > 255 else "uint8"
+    labels = f"""
+## Labels
+One label map per case, `CASE.nii.gz` ({dtype}). `configs/labels.json` (written to the output folder as
+`labels.json` too, the table `versemi_predict` writes) holds its values:
+
+| value | dataset | label | the dataset's own value | prompt |
+|---|---|---|---|---|
+| 0 | background | | | |
+{entries}
+
+Values: {table.to_json()['values']}.
+Overlaps: {OVERLAP_RULE}.
+`models/model.ts` returns {len(prompts) + 1} channels: 0 the background (the constant 0.5), 1..{len(prompts)} the
+prompts' probabilities in this order; their argmax is this rule, which `LabelMapd`
+(`scripts/inference.py`) applies.
+"""
+    return _card(meta, plans, prompts[0]["dataset"],
+                 selection=f"prompts\n{', '.join(f'`{n}`' for n in names)} (indices "
+                           f"{', '.join(str(p['index']) for p in prompts)}) in one label map.",
+                 scope=f"{len(prompts)} prompts of a multi-dataset model in one label map:\nit segments "
+                       f"{', '.join(names)} only.",
+                 cross_validation=cross_validation, output=f"output one label map (see Labels) as {dtype} "
+                                                           "`CASE.nii.gz`.", labels=labels,
+                 command="versemi_predict -p " + " ".join(f"{p['dataset']}:{p['label']}" for p in prompts),
+                 rounding="change a voxel whose largest probability lies within about 1e-6 of 0.5 or of "
+                          "another prompt's.")
+
+
+def _dice_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _card(meta: dict, plans: dict, dataset: str, *, selection: str, scope: str, cross_validation: str, output: str,
+          labels: str, command: str, rounding: str) -> str:
+    """The model card; the arguments are the parts that depend on the exported prompts."""
+    v = meta["versemi"]
     plan = PlansView(plans).dataset_plan(dataset)
     norm = plan["normalization"][0]
     if norm["scheme"] == "ct":
@@ -356,8 +542,6 @@ def model_card(meta: dict, dice: dict[str, float | None], plans: dict, prompt: d
     rows = "\n".join(f"| {d} | {', '.join(f'{k}={v}' for k, v in plans['datasets'][d]['labels'].items())} | "
                      f"{len(plans['datasets'][d].get('labeled_cases', []))} | "
                      f"{len(plans['datasets'][d].get('unlabeled_cases', []))} |" for d in plans["dataset_names"])
-    folds = "\n".join(f"| {f} | {'n/a' if s is None else f'{s:.4f}'} |" for f, s in dice.items())
-    mean = meta["eval_metrics"].get("mean_dice")
     spacing_xyz = ", ".join(f"{s:g}" for s in reversed(plan["target_spacing"]))
     patch_xyz = " x ".join(str(s) for s in reversed(v["patch_size_zyx"]))
     changelog = "\n".join(f"- {k}: {c}" for k, c in sorted(meta["changelog"].items()))
@@ -366,14 +550,13 @@ def model_card(meta: dict, dice: dict[str, float | None], plans: dict, prompt: d
 {meta['description']}
 
 Version {meta['version']}. Exported by versemi {v['versemi_version']} from experiment `{v['experiment']}`
-({v['trainer']}, configuration {v['configuration']}, fold(s) {', '.join(v['folds'])}), prompt
-`{dataset}/{label}` (index {prompt['index']}).
+({v['trainer']}, configuration {v['configuration']}, fold(s) {', '.join(v['folds'])}), {selection}
 
 ## Intended use and limitations
 For research and clinical pilot studies only. **This is not a medical device**: it is not cleared or
 approved for diagnosis or treatment decisions, and every output needs review by a qualified person.
 It was validated only on the data below; expect lower accuracy on other scanners, protocols,
-anatomy or pathology. One prompt of a multi-dataset model: it segments {label} only.
+anatomy or pathology. {scope}
 
 ## Training data
 | dataset | labels | labeled cases | unlabeled cases |
@@ -381,14 +564,7 @@ anatomy or pathology. One prompt of a multi-dataset model: it segments {label} o
 {rows}
 
 ## Cross-validation
-Dice of {dataset}/{label} on each fold's validation cases (`validation/summary.json`, computed in the
-preprocessed grid during training, without mirroring or ensembling):
-
-| fold | Dice |
-|---|---|
-{folds}
-
-Mean: {'n/a' if mean is None else f'{mean:.4f}'}.
+{cross_validation}
 
 ## Input requirements
 - NIfTI images (`.nii.gz`, `.nii`), one 3D file per channel: `CASE_0000.nii.gz` ({', '.join(plan['channel_names'])});
@@ -398,8 +574,8 @@ Mean: {'n/a' if mean is None else f'{mean:.4f}'}.
   in the input's own voxel grid, spacing, origin and direction.
 - Preprocessing: crop to the nonzero region; {normalization}; spline resampling; Gaussian sliding
   window with patch {patch_xyz} (x, y, z) and overlap 0.5; mirroring over 3 axes and the mean over
-  the folds inside `models/model.ts`; output `p > 0.5` as uint8 `CASE.nii.gz`.
-
+  the folds inside `models/model.ts`; {output}
+{labels}
 ## Run
 ```bash
 pip install "monai=={meta['monai_version']}" {' '.join(f'{k}' for k in meta['required_packages_version'])}
@@ -414,11 +590,11 @@ stops on any difference. `models/model.pt` is the plain state dict of the module
 ({', '.join(v['folds'])}), rebuilt in versemi with `versemi.nets.build_network` and the plan's network.
 
 ## Agreement with versemi_predict
-The same steps as `versemi_predict -p {dataset}:{label}` with these folds: MONAI transforms for
+The same steps as `{command}` with these folds: MONAI transforms for
 reading, cropping, normalization and the sliding window, and versemi's own resampling
 (`ResampleToSpacingd` in `scripts/inference.py`: edge-aligned third-order splines there, trilinear
 back). Only float rounding differs (the folds and flips are summed in another order), which can
-flip a voxel whose probability lies within about 1e-6 of 0.5.
+{rounding}
 
 ## Version history
 {changelog}
@@ -457,23 +633,83 @@ def _replace(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_bundle(output: str | Path | None, prompt: str, experiment: str | None = None,
+def select_prompts(plans: dict, prompt: str | Sequence[str] | None) -> list[dict]:
+    """The prompts to export, named as for versemi_predict (``resolve_prompts``): one text, several,
+    ``all``, or None (all)."""
+    return resolve_prompts(plans, [prompt] if isinstance(prompt, str) else prompt)
+
+
+def _prompt_option(prompt: str | Sequence[str] | None) -> str:
+    texts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+    return f"-p {' '.join(texts)}" if texts else "-p all (the default)"
+
+
+def _preprocessing(plan: dict) -> str:
+    """The bundle transforms a dataset plan gives: datasets with the same ones can share a bundle."""
+    return json.dumps([normalization_transforms(plan["normalization"]), spacing_transform(plan["target_spacing"])],
+                      sort_keys=True)
+
+
+def _describe_preprocessing(dataset: str, plan: dict) -> str:
+    norm = plan["normalization"][0]
+    scheme = (f"CT normalization (clip {norm['clip']}, mean {norm['mean']:.4g}, std {norm['std']:.4g})"
+              if norm["scheme"] == "ct" else f"{norm['scheme']} normalization")
+    spacing = " x ".join(f"{s:g}" for s in plan["target_spacing"])
+    return f"{dataset}: {scheme}, spacing {spacing} mm (z, y, x)"
+
+
+def shared_dataset_plan(plans: dict, prompts: list[dict], option: str) -> dict:
+    """The dataset plan whose preprocessing every prompt's dataset has; the bundle has one pipeline,
+    so prompts of datasets that differ in normalization or target spacing raise InputError."""
+    view = PlansView(plans)
+    datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
+    dataset_plans = {d: view.dataset_plan(d) for d in datasets}
+    if len({_preprocessing(plan) for plan in dataset_plans.values()}) > 1:
+        per_dataset = ["versemi_export_bundle -p " + " ".join(f"{d}:{p['label']}" for p in prompts if p["dataset"] == d)
+                       for d in datasets]
+        raise input_error(option, "a bundle has one preprocessing pipeline, and these prompts' datasets are "
+                                  "preprocessed differently: " + "; ".join(_describe_preprocessing(d, plan) for d, plan
+                                                                           in dataset_plans.items()),
+                          f"export one bundle per dataset ({', then '.join(per_dataset)}), or name prompts of "
+                          "datasets that share normalization and target spacing")
+    return dataset_plans[datasets[0]]
+
+
+def default_bundle_name(experiment: str, plans: dict, prompts: list[dict]) -> str:
+    """``<experiment>_<dataset>_<label>`` for one prompt, ``<experiment>_all`` for every prompt,
+    ``<experiment>_<dataset>`` for all of one dataset's, else the prompts joined by ``+``."""
+    view = PlansView(plans)
+    indices = [p["index"] for p in prompts]
+    datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
+    if len(prompts) == 1:
+        return f"{experiment}_{prompts[0]['dataset']}_{prompts[0]['label']}"
+    if indices == view.real_prompt_indices:
+        return f"{experiment}_all"
+    if len(datasets) == 1 and indices == [p["index"] for p in view.prompts_of(datasets[0])]:
+        return f"{experiment}_{datasets[0]}"
+    return f"{experiment}_" + "+".join(f"{p['dataset']}_{p['label']}" for p in prompts)
+
+
+def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None = None, experiment: str | None = None,
                   folds: Iterable[str] | None = None, trainer: str = "VerSemiTrainer",
                   configuration: str = "3d_fullres", checkpoint: str = "final", overwrite: bool = False,
                   version: str = BUNDLE_VERSION, authors: str = "VerSemi contributors",
                   copyright_: str = "Copyright (c) VerSemi contributors", plans_root: Path | None = None) -> Path:
-    """Write the MONAI bundle of one prompt of a trained experiment; returns the bundle folder.
+    """Write the MONAI bundle of prompts of a trained experiment; returns the bundle folder.
 
-    ``experiment``: its name (None: the single planned one), as for versemi_predict. ``output``
-    None: ``$VERSEMI_BUNDLES/<experiment>_<dataset>_<label>``.
-    Bad input (unknown prompt, a fold never trained, an existing output without ``overwrite``)
-    raises InputError before anything is written.
+    ``prompt``: as versemi_predict's ``-p``: one prompt (a 0/1 mask), several or ``all`` (one
+    label map and ``configs/labels.json``); None: all. ``experiment``: its name (None: the single
+    planned one). ``output`` None: ``$VERSEMI_BUNDLES/`` + ``default_bundle_name``.
+    Bad input (unknown prompt, prompts of datasets preprocessed differently, a fold never trained,
+    an existing output without ``overwrite``) raises InputError before anything is written.
     """
     experiment_dir = find_experiment_dir(experiment, plans_root)
     ensemble = load_models(experiment_dir, folds, trainer, configuration, checkpoint, "cpu")
-    chosen = resolve_prompt(ensemble.plans, prompt)
+    plans = ensemble.plans
+    chosen = select_prompts(plans, prompt)
+    plan = shared_dataset_plan(plans, chosen, _prompt_option(prompt))
     if output is None:
-        output = paths.bundles_root() / f"{experiment_dir.name}_{chosen['dataset']}_{chosen['label']}"
+        output = paths.bundles_root() / default_bundle_name(experiment_dir.name, plans, chosen)
     output = Path(output).absolute()
     _check_output(output, overwrite)
     patch_sizes = {tuple(m.patch_size) for m in ensemble.models}
@@ -482,32 +718,22 @@ def export_bundle(output: str | Path | None, prompt: str, experiment: str | None
                                   "export folds trained with the same patch size (choose them with -f)")
                           for m in ensemble.models])
     patch_size = list(patch_sizes.pop())
-    plans = ensemble.plans
-    plan = PlansView(plans).dataset_plan(chosen["dataset"])
-    config = inference_config(ensemble.in_channels, patch_size, plan["target_spacing"], plan["normalization"])
-
-    module = BundleNetwork([m.network for m in ensemble.models], chosen["index"]).eval()
-    traced = trace_network(module, ensemble.in_channels, ensemble.models[0].network.divisor)
-    models = {}
-    buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
-    models["models/model.ts"] = buffer.getvalue()
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, buffer)
-    models["models/model.pt"] = buffer.getvalue()
+    table = label_table(chosen) if len(chosen) > 1 else None
+    config = inference_config(ensemble.in_channels, patch_size, plan["target_spacing"], plan["normalization"],
+                              None if table is None else table.values)
+    networks = [m.network for m in ensemble.models]
+    module = BundleNetwork(networks, chosen[0]["index"]) if table is None else \
+        LabelMapNetwork(networks, [p["index"] for p in chosen])
+    models = _model_files(module.eval(), ensemble)
     checksums = {"algorithm": "sha256", "sha256": {name: _sha256(data) for name, data in models.items()}}
-
-    dice = cross_validation_dice(ensemble, f"{chosen['dataset']}/{chosen['label']}")
-    meta = metadata(ensemble, chosen, patch_size, dice, version, authors, copyright_)
     files = {
-        "configs/metadata.json": _json_bytes(meta),
+        **_description_files(ensemble, chosen, table, patch_size, version, authors, copyright_),
         "configs/inference.json": _json_bytes(config),
         "configs/logging.conf": (TEMPLATES / "logging.conf").read_bytes(),
         **models,
         "models/checksums.json": _json_bytes(checksums),
         "scripts/__init__.py": (TEMPLATES / "scripts" / "__init__.py").read_bytes(),
         "scripts/inference.py": (TEMPLATES / "scripts" / "inference.py").read_bytes(),
-        "docs/README.md": model_card(meta, dice, plans, chosen).encode(),
         "LICENSE": (TEMPLATES / "LICENSE").read_bytes(),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -522,6 +748,33 @@ def export_bundle(output: str | Path | None, prompt: str, experiment: str | None
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def _model_files(module: nn.Module, ensemble: Ensemble) -> dict[str, bytes]:
+    """models/model.ts (traced ``module``) and models/model.pt (its plain state dict)."""
+    traced = trace_network(module, ensemble.in_channels, ensemble.models[0].network.divisor)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    models = {"models/model.ts": buffer.getvalue()}
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, buffer)
+    models["models/model.pt"] = buffer.getvalue()
+    return models
+
+
+def _description_files(ensemble: Ensemble, prompts: list[dict], table: LabelTable | None, patch_size: list[int],
+                       version: str, authors: str, copyright_: str) -> dict[str, bytes]:
+    """configs/metadata.json and docs/README.md (and configs/labels.json for several prompts)."""
+    if table is None:
+        dice = cross_validation_dice(ensemble, _prompt_name(prompts[0]))
+        meta = metadata(ensemble, prompts[0], patch_size, dice, version, authors, copyright_)
+        return {"configs/metadata.json": _json_bytes(meta),
+                "docs/README.md": model_card(meta, dice, ensemble.plans, prompts[0]).encode()}
+    dice = {_prompt_name(p): cross_validation_dice(ensemble, _prompt_name(p)) for p in prompts}
+    meta = label_map_metadata(ensemble, table, patch_size, dice, version, authors, copyright_)
+    # formatted as versemi_predict writes labels.json, so the two files are byte-identical
+    return {"configs/metadata.json": _json_bytes(meta), LABELS: (json.dumps(table.to_json(), indent=2) + "\n").encode(),
+            "docs/README.md": label_map_model_card(meta, dice, ensemble.plans, table).encode()}
 
 
 def _umask() -> int:

@@ -3,7 +3,8 @@
 - ``load_torchscript``: the model, after checking the integrity of the model files;
 - ``find_images``: the input folder's NIfTI files grouped into cases;
 - ``ResampleToSpacingd``: resampling to the plan's spacing exactly as nnU-Net/versemi do it, invertible;
-- ``predict``: the loop (sliding window per case, then the postprocessing transforms).
+- ``predict``: the loop (sliding window per case, then the postprocessing transforms);
+- ``LabelMapd`` and ``copy_label_table``: several prompts in one label map, and its table of values.
 
 ``models/checksums.json`` records the SHA-256 of each model file. A missing or changed model file
 stops the bundle with ``BundleIntegrityError`` naming the file and the fix, instead of silently
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -127,6 +129,51 @@ def predict(dataloader, inferer, network, postprocessing, device):
                 count += 1
                 logger.info("segmented %s", item["image"].meta.get("filename_or_obj", f"case {count}"))
     return count
+
+
+# ----- several prompts: one label map, as versemi.inference.label_map.compose -----
+class LabelMapd(MapTransform):
+    """Probabilities (K + 1, X, Y, Z) -> one label map (1, X, Y, Z) of ``values``.
+
+    Channel 0 is the background (the constant 0.5), channel k the probability of the k-th prompt
+    of configs/labels.json. A voxel takes ``values[k - 1]`` of its most probable prompt (ties: the
+    first) when that probability is > ``threshold``, else 0: the argmax over all channels. The rule
+    is applied to the prompt channels themselves, so rounding of the constant channel in the
+    stitching and resampling cannot move a voxel across the threshold.
+    """
+
+    def __init__(self, keys, values, threshold=0.5, allow_missing_keys=False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.values = [int(v) for v in values]
+        self.threshold = float(threshold)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.label_map(d[key])
+        return d
+
+    def label_map(self, probabilities):
+        values = probabilities.as_tensor() if isinstance(probabilities, MetaTensor) else torch.as_tensor(probabilities)
+        if values.shape[0] != len(self.values) + 1:
+            raise ValueError(f"the model gave {values.shape[0]} channels; configs/inference.json names "
+                             f"{len(self.values)} prompt(s) plus the background: export the bundle again")
+        prompts = values[1:]
+        best = prompts.argmax(0)
+        claimed = prompts.amax(0) > self.threshold
+        table = torch.as_tensor(self.values, dtype=torch.int64, device=best.device)
+        labels = torch.where(claimed, table[best], torch.zeros_like(best))[None]
+        out = MetaTensor(labels)
+        return out.copy_meta_from(probabilities) if isinstance(probabilities, MetaTensor) else out
+
+
+def copy_label_table(bundle_root, relative_path, output_dir):
+    """The label map's table of values (``relative_path`` of the bundle) as OUTPUT_DIR/labels.json."""
+    os.makedirs(output_dir, exist_ok=True)
+    target = os.path.join(output_dir, "labels.json")
+    shutil.copyfile(os.path.join(bundle_root, relative_path), target)
+    logger.info("wrote %s", target)
+    return target
 
 
 # ----- resampling, as versemi.preprocessing.resampling (kept identical so bundle and versemi_predict agree) -----
