@@ -26,6 +26,8 @@ from versemi.errors import InputError
 from versemi.inference import load_models, predict_cases, resolve_prompts
 from versemi.inference.label_map import compose, label_table
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+from versemi.plans.view import PlansView
+from versemi.preprocessing.pipeline import to_network_input
 from versemi.preprocessing.resampling import resample_image
 
 from conftest import TINY_TRAINING, toy_experiment, write_tiny_dataset
@@ -252,6 +254,28 @@ def test_bundle_resampling_is_versemis():
         back = transform.inverse(out)["image"]
         assert back.shape == data["image"].shape
         np.testing.assert_allclose(back.affine.numpy(), affine)
+
+
+def test_bundle_preprocessing_gives_the_network_versemis_input(trained, tmp_path):
+    """The bundle's preprocessing (MONAI transforms and ResampleToSpacingd) hands the network what
+    versemi's one preprocessing path (``pipeline.to_network_input``: crop, normalize, resample)
+    hands it, on a case with a zero border and another spacing than the plan's."""
+    from monai.bundle import ConfigParser
+
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(_test_image(trained.raw, "DemoLA")))).astype(np.float32)
+    array[:2], array[:, :3] = 0, 0  # a border for the crop to remove
+    geometry = Geometry((1.3, 0.8, 1.1), (3.0, -2.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_image(array, geometry, tmp_path / "case_0000.nii.gz")
+    parser = ConfigParser()
+    parser.read_config(str(trained.bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(trained.bundle)
+    bundle_input = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "case_0000.nii.gz")})["image"]
+    plan = PlansView(load_models(trained.experiment, ["0"], TRAINER).plans).dataset_plan("DemoLA")
+    expected, cropped = to_network_input(array[None], geometry.spacing_zyx, plan)
+    assert cropped.shape != tuple(array.shape) and expected.shape[1:] != cropped.shape  # cropped and resampled
+    got = bundle_input.numpy().transpose(0, 3, 2, 1)  # MONAI's (c, x, y, z) -> (c, z, y, x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_bundle_finds_cases_like_versemi_predict(tmp_path):
