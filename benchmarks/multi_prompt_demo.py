@@ -8,13 +8,12 @@ label map (``versemi_predict -p all``) and each prompt on its own (0/1 masks), a
 the voxels of each label value; how many voxels of each single-prompt mask and of the label map's
 value disagree outside the voxels that several prompts claim (the multi-prompt rule says: none);
 the claimed-by-several voxels; and the Dice of the image's own structure against its reference,
-from the label map and from the single prompt. Also the wall time of both ways. Not a test.
+from the label map and from the single prompt. Not a test.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,26 +35,22 @@ def main() -> None:
     from versemi.plans.view import PlansView
 
     ensemble = load_models(paths.results_root() / args.experiment, args.folds, args.trainer)
-    prompts = PlansView(ensemble.plans).real_prompts()
+    prompts = PlansView(ensemble.plans).real_prompts
     mirroring = not args.no_mirroring
     print(f"{args.experiment}, {args.trainer} fold(s) {', '.join(ensemble.folds)}, mirroring "
           f"{'on' if mirroring else 'off'}; prompts: " + ", ".join(f"{p['index']} {p['dataset']}/{p['label']}"
                                                                    for p in prompts))
-    rows, seconds = [], {"label map": 0.0, "one prompt at a time": 0.0}
+    rows = []
     for dataset in dict.fromkeys(p["dataset"] for p in prompts):
         images = paths.raw_root() / dataset / "imagesTs"
-        started = time.perf_counter()
         maps = predict_cases([images], args.work / dataset / "all", prompts, ensemble, mirroring=mirroring,
                              save_probabilities=True, overwrite=True, show_progress=False)
-        seconds["label map"] += time.perf_counter() - started
         table = json.loads((args.work / dataset / "all" / "labels.json").read_text())
         single = {}
-        started = time.perf_counter()
         for p in prompts:
             folder = args.work / dataset / f"prompt{p['index']}"
             single[p["index"]] = predict_cases([images], folder, p, ensemble, mirroring=mirroring, overwrite=True,
                                                show_progress=False)
-        seconds["one prompt at a time"] += time.perf_counter() - started
         own = [p for p in prompts if p["dataset"] == dataset]
         for n, path in enumerate(maps):
             labels = read_image([path])[0][0].astype(np.int64)
@@ -81,7 +76,6 @@ def main() -> None:
           "voxels claimed by several prompts | own structure Dice %: label map / single prompt |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print("\nwall time over both datasets' test images: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
 
 
 if __name__ == "__main__":
