@@ -157,9 +157,10 @@ train_main(sys.argv[1:])
 """
 
 
-def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_path: Path) -> tuple[dict, dict]:
+def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_path: Path,
+                             preamble: str = "") -> tuple[dict, dict]:
     """The final checkpoints of an uninterrupted ``versemi_train args`` and of one SIGKILLed at
-    iteration 5, then continued with ``--continue``."""
+    iteration 5, then continued with ``--continue`` (``preamble``: code the killed child runs first)."""
     import os
     import subprocess
     import sys
@@ -173,7 +174,7 @@ def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_p
     uninterrupted = torch.load(results / folder, weights_only=False)
     os.environ["VERSEMI_RESULTS"] = str(tmp_path / "killed")
     # the child computes with one thread like this process (another thread count rounds differently)
-    child = subprocess.run([sys.executable, "-c", KILL_AT_ITERATION_5, *args], capture_output=True,
+    child = subprocess.run([sys.executable, "-c", preamble + "\n" + KILL_AT_ITERATION_5, *args], capture_output=True,
                            encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert child.returncode == -9, child.stderr[-2000:]
     assert train_main([*args, "--continue"]) == 0
@@ -181,10 +182,31 @@ def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_p
 
 
 def assert_same_weights(first: dict, second: dict, parts=("network",)) -> None:
-    """Checkpoints hold bit-identical weights: ``network``, or a teacher kept under ``extra``."""
+    """Checkpoints hold bit-identical weights: ``network``, a teacher kept under ``extra``, or
+    ``networks`` (every further network of a trainer with several, with its optimizer state)."""
     import torch
 
+    def same(a, b, where):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), where
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for key in a:
+                same(a[key], b[key], (*where, key))
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, (*where, i))
+        else:
+            assert a == b, where
+
     for part in parts:
+        if part == "networks":
+            assert first["networks"].keys() == second["networks"].keys()
+            for name in first["networks"]:
+                for kind in ("network", "optimizer", "scheduler"):
+                    same(first["networks"][name][kind], second["networks"][name][kind], (name, kind))
+            continue
         a = first["network"] if part == "network" else first["extra"][part]
         b = second["network"] if part == "network" else second["extra"][part]
         assert a.keys() == b.keys()

@@ -196,8 +196,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def add_model_selection(parser: argparse.ArgumentParser, folds_help: str) -> None:
-    """The options that choose trained models, the same for every command that loads them."""
+def add_model_selection(parser: argparse.ArgumentParser, folds_help: str, members: bool = False) -> None:
+    """The options that choose trained models, the same for every command that loads them
+    (``members``: also ``--member``, one network of a trainer that trains several)."""
     from .inference.predictor import CHECKPOINT_KINDS
 
     group = parser.add_argument_group("model selection")
@@ -208,6 +209,9 @@ def add_model_selection(parser: argparse.ArgumentParser, folds_help: str) -> Non
     group.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
     group.add_argument("--plans-root", type=Path, help="where to look for the planned experiment (default: "
                                                        "$VERSEMI_PLANS or $VERSEMI_ROOT/versemi_plans)")
+    if members:
+        group.add_argument("--member", help="one network of a trainer that trains several, by name (e.g. "
+                                            "unet or vnet); default: the mean of all of them, like folds")
 
 
 ENSEMBLE_FOLDS = "folds to ensemble: 0 .. 4 or all (default: every fold folder present)"
@@ -230,7 +234,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--prompt", nargs="+",
                         help="the task(s): a dataset (its single label), DATASET:LABEL / DATASET/LABEL, several of "
                              "them, or all (the default: every structure of the experiment in one label map)")
-    add_model_selection(parser, ENSEMBLE_FOLDS)
+    add_model_selection(parser, ENSEMBLE_FOLDS, members=True)
     parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring (8x faster)")
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch "
                                                                 "(0.5: windows overlap by half)")
@@ -254,7 +258,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         raise input_error(f"--device {args.device}", "CUDA is not available here", "use --device cpu")
     experiment_dir = find_experiment_dir(args.experiment, args.plans_root)
     dtype = inference_dtype(args.precision, torch.device(args.device))  # refuses fp16 on a CPU before any work
-    ensemble = load_models(experiment_dir, args.folds, args.trainer, args.configuration, args.checkpoint, args.device)
+    ensemble = load_models(experiment_dir, args.folds, args.trainer, args.configuration, args.checkpoint, args.device,
+                           member=args.member)
     ensemble.precision = args.precision
     prompts = resolve_prompts(ensemble.plans, args.prompt)
     lcc = {p["index"] for p in prompts} if args.lcc else set()
@@ -357,7 +362,7 @@ def export_bundle_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="bundle folder (default: $VERSEMI_BUNDLES/<experiment>_<dataset>_<label> for one "
                              "prompt, <experiment>_<dataset> for all of a dataset's, <experiment>_all for all)")
-    add_model_selection(parser, ENSEMBLE_FOLDS)
+    add_model_selection(parser, ENSEMBLE_FOLDS, members=True)
     parser.add_argument("--version", default=BUNDLE_VERSION, help=f"bundle version (default {BUNDLE_VERSION})")
     parser.add_argument("--authors", default="VerSemi contributors", help="metadata.json 'authors'")
     parser.add_argument("--copyright", default="Copyright (c) VerSemi contributors", help="metadata.json 'copyright'")
@@ -365,7 +370,7 @@ def export_bundle_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = export_bundle(args.output, args.prompt, args.experiment, args.folds, args.trainer, args.configuration,
                            args.checkpoint, overwrite=args.overwrite, version=args.version, authors=args.authors,
-                           copyright_=args.copyright, plans_root=args.plans_root)
+                           copyright_=args.copyright, plans_root=args.plans_root, member=args.member)
     print(f"wrote {folder}")
     if (folder / "configs" / "labels.json").is_file():
         print(f"one label map; its values: {folder / 'configs' / 'labels.json'}")

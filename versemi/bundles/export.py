@@ -45,6 +45,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -694,17 +695,19 @@ def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None 
                   folds: Iterable[str] | None = None, trainer: str = "VerSemiTrainer",
                   configuration: str = "3d_fullres", checkpoint: str = "final", overwrite: bool = False,
                   version: str = BUNDLE_VERSION, authors: str = "VerSemi contributors",
-                  copyright_: str = "Copyright (c) VerSemi contributors", plans_root: Path | None = None) -> Path:
+                  copyright_: str = "Copyright (c) VerSemi contributors", plans_root: Path | None = None,
+                  member: str | None = None) -> Path:
     """Write the MONAI bundle of prompts of a trained experiment; returns the bundle folder.
 
     ``prompt``: as versemi_predict's ``-p``: one prompt (a 0/1 mask), several or ``all`` (one
     label map and ``configs/labels.json``); None: all. ``experiment``: its name (None: the single
-    planned one). ``output`` None: ``$VERSEMI_BUNDLES/`` + ``default_bundle_name``.
+    planned one). ``output`` None: ``$VERSEMI_BUNDLES/`` + ``default_bundle_name``. ``member``:
+    one network of a trainer that trains several (None: all of them, averaged like folds).
     Bad input (unknown prompt, prompts of datasets preprocessed differently, a fold never trained,
     an existing output without ``overwrite``) raises InputError before anything is written.
     """
     experiment_dir = find_experiment_dir(experiment, plans_root)
-    ensemble = load_models(experiment_dir, folds, trainer, configuration, checkpoint, "cpu")
+    ensemble = load_models(experiment_dir, folds, trainer, configuration, checkpoint, "cpu", member=member)
     plans = ensemble.plans
     chosen = select_prompts(plans, prompt)
     plan = shared_dataset_plan(plans, chosen, _prompt_option(prompt))
@@ -752,7 +755,9 @@ def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None 
 
 def _model_files(module: nn.Module, ensemble: Ensemble) -> dict[str, bytes]:
     """models/model.ts (traced ``module``) and models/model.pt (its plain state dict)."""
-    traced = trace_network(module, ensemble.in_channels, ensemble.models[0].network.divisor)
+    # every network must take the traced sizes: the least common multiple of their divisors (members may differ)
+    divisor = [math.lcm(*axis) for axis in zip(*(m.network.divisor for m in ensemble.models))]
+    traced = trace_network(module, ensemble.in_channels, divisor)
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
     models = {"models/model.ts": buffer.getvalue()}

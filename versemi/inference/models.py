@@ -1,5 +1,6 @@
 """Trained folds: an experiment's checkpoints found, loaded and checked, their networks rebuilt,
-and the ensemble they form."""
+and the ensemble they form. A checkpoint of a trainer with several networks holds
+several members; by default each is one more model of the ensemble, or one is chosen by name."""
 from __future__ import annotations
 
 import json
@@ -20,18 +21,21 @@ CHECKPOINT_KEYS = ("trainer", "fold", "configuration", "config", "plans", "netwo
 
 @dataclass
 class FoldModel:
-    """One trained fold: its network (eval mode, on the ensemble's device) and patch size."""
+    """One trained fold's network (eval mode, on the ensemble's device) and patch size; ``member``
+    names the network where the fold's trainer trained several (None: the fold has one)."""
 
     fold: str
     checkpoint: Path
     trainer: str
     network: torch.nn.Module
     patch_size: list[int]
+    member: str | None = None
 
 
 @dataclass
 class Ensemble:
-    """The folds of one experiment (they share plans); probabilities are averaged over them."""
+    """The folds of one experiment (they share plans), each with one model per member of its
+    checkpoint (or the chosen member); probabilities are averaged over all ``models``."""
 
     plans: dict
     configuration: str
@@ -42,6 +46,11 @@ class Ensemble:
     @property
     def folds(self) -> list[str]:
         return [m.fold for m in self.models]
+
+    @property
+    def members(self) -> list[str | None]:
+        """Each model's member name (None for folds with one network), in the order of ``models``."""
+        return [m.member for m in self.models]
 
     @property
     def in_channels(self) -> int:
@@ -121,13 +130,20 @@ def checkpoint_paths(experiment_dir: Path, folds: Iterable[str] | None = None, t
 
 def load_models(experiment_dir_or_checkpoints: str | Path | Sequence[str | Path], folds: Iterable[str] | None = None,
                 trainer: str = "VerSemiTrainer", configuration: str = "3d_fullres", checkpoint: str = "final",
-                device: str | torch.device = "cpu") -> Ensemble:
+                device: str | torch.device = "cpu", member: str | None = None) -> Ensemble:
     """The trained folds of an experiment folder (``results/<experiment>``), or the given checkpoint
     files, each network rebuilt exactly as its training built it, in eval mode on ``device``.
 
     All checkpoints must hold the same plans (one experiment) and configuration. ``folds``,
     ``trainer``, ``configuration`` and ``checkpoint`` choose the files in an experiment folder
     (``folds`` None: every fold folder present); given checkpoint files are used as they are.
+    A checkpoint with several networks (of a trainer that trains several) gives
+    one model per member, so the ensemble averages them like folds; ``member`` keeps only the
+    network of that name from every checkpoint.
+
+    Raises:
+        InputError: a missing or foreign checkpoint, checkpoints of other plans or configurations,
+            or a ``member`` that a checkpoint does not hold (the message lists the members).
     """
     device = torch.device(device)
     source = experiment_dir_or_checkpoints
@@ -149,7 +165,7 @@ def load_models(experiment_dir_or_checkpoints: str | Path | Sequence[str | Path]
     models, plans, first, configuration_name = [], None, None, None
     for path in files:
         state = load_checkpoint(path, "cpu")
-        model = _fold_model(state, path, device)
+        fold_models = _fold_models(state, path, device, member)
         if plans is None:
             plans, first, configuration_name = state["plans"], path, state["configuration"]
         elif _canonical(state["plans"]) != _canonical(plans):
@@ -159,7 +175,7 @@ def load_models(experiment_dir_or_checkpoints: str | Path | Sequence[str | Path]
         elif state["configuration"] != configuration_name:
             raise input_error(path, f"configuration {state['configuration']!r} differs from {configuration_name!r} "
                                     f"of {first}", "ensemble folds of one configuration")
-        models.append(model)
+        models.extend(fold_models)
         del state
     return Ensemble(plans, configuration_name, models, device)
 
@@ -168,7 +184,15 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def _fold_model(state, path: Path, device: torch.device) -> FoldModel:
+def member_names(state: dict) -> list[str]:
+    """The members of a checkpoint: the main network's name, then every further network with a
+    plan (a checkpoint of one network, or of an older version, has one member, ``main``)."""
+    extra = [name for name, entry in state.get("networks", {}).items() if entry.get("network_plan")]
+    return [state.get("network_name", "main"), *extra]
+
+
+def _fold_models(state, path: Path, device: torch.device, member: str | None = None) -> list[FoldModel]:
+    """The checkpoint's members (or the one named ``member``) rebuilt, in eval mode on ``device``."""
     from ..nets import build_network
     from ..training.config import TrainingConfig
     from ..training.trainers import find_trainer
@@ -177,22 +201,36 @@ def _fold_model(state, path: Path, device: torch.device) -> FoldModel:
     if missing:
         raise input_error(path, f"is not a versemi training checkpoint (lacks {', '.join(missing)})",
                           "use a checkpoint_*.pth written by versemi_train")
+    names = member_names(state)
+    if member is not None and member not in names:
+        raise input_error(path, f"holds no member {member!r} (members: {', '.join(names)})",
+                          "choose one of its members with --member, or leave it out to average them all")
+    wanted = names if member is None else [member]
+    fold, out = str(state["fold"]), []
     try:
         config = TrainingConfig.from_dict(state["config"])
         plans = state["plans"]
-        if state.get("network_plan"):  # the network as trained, stored in the checkpoint
-            network = build_network(state["network_plan"], plans["in_channels"], plans["num_prompts"])
-            patch_size = list(config.patch_size or PlansView(plans).configuration(state["configuration"])["patch_size"])
-        else:
-            # checkpoints of older versions, and methods with their own build_network: the trainer
-            # builds it (building a trainer only reads the plans, it writes nothing)
-            trainer = find_trainer(state["trainer"])(plans, path.parent, state["configuration"], str(state["fold"]),
-                                                     path.parent, config, "cpu")
-            network, patch_size = trainer.build_network(), list(trainer.patch_size)
-        network.load_state_dict(state["network"])
+        patch_size = list(config.patch_size or PlansView(plans).configuration(state["configuration"])["patch_size"])
+        for name in wanted:
+            if name != names[0]:  # a further member: always stored with its plan
+                entry = state["networks"][name]
+                network = build_network(entry["network_plan"], plans["in_channels"], plans["num_prompts"])
+                network.load_state_dict(entry["network"])
+            elif state.get("network_plan"):  # the network as trained, stored in the checkpoint
+                network = build_network(state["network_plan"], plans["in_channels"], plans["num_prompts"])
+                network.load_state_dict(state["network"])
+            else:
+                # checkpoints of older versions, and methods with their own build_network: the trainer
+                # builds it (building a trainer only reads the plans, it writes nothing)
+                trainer = find_trainer(state["trainer"])(plans, path.parent, state["configuration"], fold,
+                                                         path.parent, config, "cpu")
+                network, patch_size = trainer.build_network(), list(trainer.patch_size)
+                network.load_state_dict(state["network"])
+            network.to(device).eval()
+            out.append(FoldModel(fold, Path(path), state["trainer"], network, patch_size,
+                                 name if len(names) > 1 else None))
     except (TypeError, KeyError, ValueError, RuntimeError) as exc:
         raise input_error(path, f"the network cannot be rebuilt from the checkpoint ({type(exc).__name__}: "
                                 f"{str(exc)[:200]})",
                           "use a checkpoint written by this version of versemi_train, or train again") from exc
-    network.to(device).eval()
-    return FoldModel(str(state["fold"]), Path(path), state["trainer"], network, patch_size)
+    return out

@@ -4,7 +4,8 @@ A subclass sets ``uses_unlabeled`` and overrides ``train_step`` (and, if it need
 ``build_network``, ``on_train_start``, ``stage_starts``, ``on_stage_start``, ``on_epoch_start``,
 ``after_optimizer_step``, ``unlabeled_from`` or ``budget_phases``); the loop does the rest: data
 streams in background workers, optimizer and poly LR, mixed precision, EMA teachers (``add_teacher``),
-a schedule fitted to a time budget, checkpoints, resume, validation, logging of every loss term, DDP.
+further networks trained beside the main one (``add_network``), a schedule fitted to a time budget,
+checkpoints, resume, validation, logging of every loss term, DDP.
 The shared pieces of the methods' mathematics live beside it: ``losses`` (masked Dice + CE),
 ``mixing`` (boxes, block masks, copy-paste), ``pseudo_labels``, ``feature_taps``, ``prompts``.
 """
@@ -17,7 +18,9 @@ import os
 import random
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -43,6 +46,17 @@ from .validation import pseudo_dice_counts, sliding_window_validation
 EMA_DICE_MOMENTUM = 0.9
 
 
+@dataclass
+class ExtraNetwork:
+    """A network trained beside the main one (``Trainer.add_network``)."""
+
+    model: torch.nn.Module        # the module whose weights are checkpointed
+    network: torch.nn.Module      # what a step calls: the model wrapped (DDP, compile) like the main one
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    network_plan: dict | None     # a prediction member's plan; None: used in training only (e.g. a projection head)
+
+
 def fold_split(plans: dict, fold: str) -> dict:
     """Case keys of one fold (``0``..``4``) or of ``all`` (every labeled case trains; no validation)."""
     folds = plans["splits"]["folds"]
@@ -56,6 +70,8 @@ class Trainer:
     """Supervised-loss plumbing shared by all methods; see ``SupervisedTrainer`` for the simplest."""
 
     uses_unlabeled = False
+    # the main network's name among the members of a trainer with several (``add_network``, ``--member``)
+    network_name = "main"
     # settings a method reads from --method, with their defaults, and named sets of them
     method_defaults: dict = {}
     method_presets: dict[str, dict] = {}
@@ -85,6 +101,7 @@ class Trainer:
         self.loss = DiceCE()
         self.epoch, self.best_ema = 0, -1.0
         self.teachers: dict[str, EMATeacher] = {}
+        self.extra_networks: dict[str, ExtraNetwork] = {}
         self.log = TrainingLog(self.output_folder)
 
     # ----- hooks a method may override -----
@@ -152,6 +169,54 @@ class Trainer:
         self.teachers[name] = EMATeacher(self.model, decay).to(self.device)
         return self.teachers[name]
 
+    def add_network(self, name: str, network_plan: dict | None = None, module: torch.nn.Module | None = None,
+                    optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None = None
+                    ) -> torch.nn.Module:
+        """A further network trained beside the main one; returns it, ready to call in ``train_step``.
+
+        Give ``network_plan`` for a segmenter built like the main one (``build_network``): it is a
+        member of the trained model, and prediction averages the members' probabilities (or uses
+        one, ``--member``). Give ``module`` for a part used in training only (e.g. a projection
+        head). Either way the network gets its own optimizer (the main one's settings, or
+        ``optimizer(parameters)``) and poly LR schedule, is wrapped in DDP like the main network,
+        has its gradients clipped and stepped after the one backward of the step's loss, follows
+        the main network's train/eval mode, and is checkpointed, resumed and restored with it.
+        Call it from ``on_train_start``.
+        """
+        if (network_plan is None) == (module is None):
+            raise ValueError("add_network needs exactly one of network_plan (a member) or module (training only)")
+        taken = {self.network_name, *self.extra_networks, *self.teachers}
+        if name in taken:
+            raise ValueError(f"network name {name!r} is taken (names in use: {', '.join(sorted(taken))})")
+        if network_plan is not None:
+            network_plan = dict(network_plan)
+            module = build_network(network_plan, self.plans["in_channels"], self.num_prompts)
+        model = module.to(self.device)
+        network = self._wrap(model)
+        chosen = (optimizer or self._make_optimizer)(model.parameters())
+        self.extra_networks[name] = ExtraNetwork(model, network, chosen, self._make_scheduler(chosen), network_plan)
+        return network
+
+    def members(self) -> dict[str, torch.nn.Module]:
+        """The networks that predict, by name: the main one, then every extra network with a plan."""
+        return {self.network_name: self.model,
+                **{name: e.model for name, e in self.extra_networks.items() if e.network_plan is not None}}
+
+    def predict_logits(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """What the trained model says, as logits: the main network's, or, with several members, the
+        log of the mean of their probabilities (so a softmax of it is the members' mean)."""
+        members = list(self.members().values())
+        if len(members) == 1:
+            return members[0](x, prompts)
+        mean = sum(torch.softmax(m(x, prompts).float(), dim=-4) for m in members) / len(members)
+        return torch.log(mean.clamp_min(1e-12))
+
+    def train_mode(self, mode: bool = True) -> None:
+        """The main network and every extra network in training (or eval) mode."""
+        self.network.train(mode)
+        for extra in self.extra_networks.values():
+            extra.network.train(mode)
+
     def extra_state(self) -> dict:
         """Method state to checkpoint besides network and optimizer (e.g. a teacher)."""
         return {}
@@ -170,14 +235,9 @@ class Trainer:
         if any(p % d for p, d in zip(self.patch_size, divisor)):
             raise input_error("--patch-size", f"patch {self.patch_size} is not divisible by the network's "
                                               f"downsampling {list(divisor)}", "choose multiples of it")
-        self.network = self.model
-        if self.world_size > 1:
-            self.network = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.config.compile and self.device.type == "cuda":
-            self.network = torch.compile(self.network)
-        self.optimizer = self._make_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda epoch: (1 - min(epoch, self.config.epochs - 1) / self.config.epochs) ** self.config.poly_exponent)
+        self.network = self._wrap(self.model)
+        self.optimizer = self._make_optimizer(self.model.parameters())
+        self.scheduler = self._make_scheduler(self.optimizer)
         self.autocast_dtype = autocast_dtype(self.config.precision, self.config.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         seed = self.config.seed * 1000 + self.rank
@@ -196,15 +256,33 @@ class Trainer:
         return StreamSettings(batch_size or self.batch_size, self.patch_size, labeled, self.config.oversample_foreground,
                               augmentation)
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module a step calls: DDP across processes, compiled on CUDA when asked."""
+        network = model
+        if self.world_size > 1:
+            network = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.config.compile and self.device.type == "cuda":
+            network = torch.compile(network)
+        return network
+
+    def _make_optimizer(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         c = self.config
         if c.optimizer == "sgd":
-            return torch.optim.SGD(self.model.parameters(), lr=c.learning_rate, momentum=c.momentum,
+            return torch.optim.SGD(parameters, lr=c.learning_rate, momentum=c.momentum,
                                    weight_decay=c.weight_decay, nesterov=True)
         if c.optimizer == "adam":
-            return torch.optim.Adam(self.model.parameters(), lr=c.learning_rate, betas=tuple(c.adam_betas),
+            return torch.optim.Adam(parameters, lr=c.learning_rate, betas=tuple(c.adam_betas),
                                     weight_decay=c.weight_decay)
         raise input_error("--optimizer", f"unknown optimizer {c.optimizer!r}", "use sgd or adam")
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Poly decay per epoch (it reads ``config.epochs`` when it steps: a time budget may set it later)."""
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: (1 - min(epoch, self.config.epochs - 1) / self.config.epochs) ** self.config.poly_exponent)
+
+    def _optimized(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """(model, optimizer) of the main network, then of every extra network."""
+        return [(self.model, self.optimizer)] + [(e.model, e.optimizer) for e in self.extra_networks.values()]
 
     # ----- checkpoints -----
     def checkpoint_path(self, kind: str) -> Path:
@@ -221,6 +299,11 @@ class Trainer:
             "plans": self.plans, "extra": self.method_state(),
             # the network as built, so prediction rebuilds it without a Trainer (unless a method builds its own)
             "network_plan": self.network_plan() if type(self).build_network is Trainer.build_network else None,
+            # further networks (add_network): members carry their plan, so prediction rebuilds every one
+            "network_name": self.network_name,
+            "networks": {name: {"network": e.model.state_dict(), "network_plan": e.network_plan,
+                                "optimizer": e.optimizer.state_dict(), "scheduler": e.scheduler.state_dict()}
+                         for name, e in self.extra_networks.items()},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         })
 
@@ -237,6 +320,15 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        missing = sorted(set(self.extra_networks) - set(state.get("networks", {})))
+        if missing:
+            raise input_error(path, f"holds no network {', '.join(map(repr, missing))} of {type(self).__name__}",
+                              "continue with the trainer that wrote it, or move the folder away to start over")
+        for name, extra in self.extra_networks.items():
+            saved = state["networks"][name]
+            extra.model.load_state_dict(saved["network"])
+            extra.optimizer.load_state_dict(saved["optimizer"])
+            extra.scheduler.load_state_dict(saved["scheduler"])
         self.epoch, self.best_ema = state["epoch"], state["best_ema"]
         self.log.history = state["history"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -291,6 +383,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             self.epoch += 1
             self.scheduler.step()
+            for extra in self.extra_networks.values():
+                extra.scheduler.step()
             self._record_epoch(train_loss, iteration_losses, terms, val_loss, dice, lr, time.time() - started)
         self.save("final")
         if self.is_main and self.split["val"]:
@@ -323,20 +417,24 @@ class Trainer:
         self.seed_iteration(iteration)
         labeled = self._to_device(labeled)
         unlabeled = self._to_device(unlabeled) if unlabeled is not None else None
-        self.optimizer.zero_grad(set_to_none=True)
+        optimized = self._optimized()
+        for _, optimizer in optimized:
+            optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             terms = self.train_step(labeled, unlabeled)
-        self.scaler.scale(terms["loss"]).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.scale(terms["loss"]).backward()  # one backward; each optimizer steps its own parameters
+        for model, optimizer in optimized:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+        for _, optimizer in optimized:
+            self.scaler.step(optimizer)
         self.scaler.update()
         self.after_optimizer_step(iteration)
         return {name: float(value.detach()) for name, value in terms.items()}
 
     def train_epoch(self) -> tuple[float, list[float], dict[str, float]]:
         """Mean loss, the loss of each iteration, and the mean of every term of the epoch."""
-        self.network.train()
+        self.train_mode(True)
         n = self.config.iterations_per_epoch
         start = self.epoch * n
         losses, terms = [], {}
@@ -357,25 +455,31 @@ class Trainer:
     def snapshot(self) -> dict:
         """A copy of everything a step changes (the time-budget warm-up puts it back afterwards)."""
         return copy.deepcopy({"network": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "scaler": self.scaler.state_dict(), "extra": self.method_state(), "epoch": self.epoch})
+                              "scaler": self.scaler.state_dict(), "extra": self.method_state(), "epoch": self.epoch,
+                              "networks": {name: {"network": e.model.state_dict(), "optimizer": e.optimizer.state_dict()}
+                                           for name, e in self.extra_networks.items()}})
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        for name, extra in self.extra_networks.items():
+            extra.model.load_state_dict(state["networks"][name]["network"])
+            extra.optimizer.load_state_dict(state["networks"][name]["optimizer"])
         self.load_method_state(state["extra"])
         self.epoch = state["epoch"]
 
     @torch.no_grad()
     def validate_epoch(self) -> tuple[float, dict[str, float]]:
-        """Validation loss and pseudo-Dice per prompt on patches of the fold's validation cases."""
+        """Validation loss and pseudo-Dice per prompt on patches of the fold's validation cases (of
+        the members' mean where the trainer trains several networks)."""
         if self.val_source is None or not self.is_main:
             return float("nan"), {}
-        self.network.eval()
+        self.train_mode(False)
         counts, losses = {}, []
         for batch in batch_loader(self.val_source, 0, self.config.val_iterations, 0):
             batch = self._to_device(batch)
-            logits = self.model(batch["data"], batch["prompt"])
+            logits = self.predict_logits(batch["data"], batch["prompt"])
             losses.append(float(self.loss(logits, batch["target"])))
             pseudo_dice_counts(logits, batch, counts)
         dice = {self.prompt_names[p]: 2 * tp / max(2 * tp + fp + fn, 1) for p, (tp, fp, fn) in sorted(counts.items())}

@@ -27,9 +27,10 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def predict_case_probabilities(model: torch.nn.Module, data: np.ndarray, prompts: list[int], patch_size,
+def predict_case_probabilities(model, data: np.ndarray, prompts: list[int], patch_size,
                                device: torch.device, overlap: float = 0.5) -> torch.Tensor:
-    """Target-class probabilities (K, Z, Y, X) of all ``prompts`` by Gaussian sliding window, one backbone pass per window."""
+    """Target-class probabilities (K, Z, Y, X) of all ``prompts`` by Gaussian sliding window, one backbone
+    pass per window; ``model(x, prompts)`` returns logits (a network, or ``Trainer.predict_logits``)."""
     image = torch.from_numpy(np.ascontiguousarray(data))[None].to(device)
     prompt_tensor = torch.tensor(prompts, device=device)
 
@@ -43,14 +44,15 @@ def predict_case_probabilities(model: torch.nn.Module, data: np.ndarray, prompts
 
 def sliding_window_validation(trainer) -> dict:
     """Dice per case and prompt on the fold's validation cases, in the preprocessed (cropped,
-    resampled) grid; written to ``validation/summary.json``."""
-    trainer.model.eval()
+    resampled) grid, of the trained model (the mean of its members, if several); written to
+    ``validation/summary.json``."""
+    trainer.train_mode(False)
     cases = []
     for key in trainer.split["val"]:
         dataset = key.split("/", 1)[0]
         prompts = [(p["index"], p["label_value"]) for p in PlansView(trainer.plans).prompts_of(dataset)]
         data, seg = trainer.store.arrays(key)
-        probabilities = predict_case_probabilities(trainer.model, data[:], [p for p, _ in prompts],
+        probabilities = predict_case_probabilities(trainer.predict_logits, data[:], [p for p, _ in prompts],
                                                    trainer.patch_size, trainer.device).cpu().numpy()
         labels = seg[:][0]
         cases.append({"case": key, "dice": {trainer.prompt_names[p]: dice(probabilities[i] > 0.5, labels == value)

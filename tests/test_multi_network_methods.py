@@ -1,0 +1,247 @@
+"""Several networks in one trainer: each with its own optimizer and schedule, one backward, DDP,
+exact resume, the time-budget snapshot, and prediction from every member or a chosen one."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from versemi.bundles.export import export_bundle
+from versemi.cli import predict_main
+from versemi.errors import InputError
+from versemi.inference import load_models
+from versemi.inference.sliding_window import ensemble_probabilities
+from versemi.training.config import TrainingConfig
+from versemi.training.losses import finest, multiscale
+from versemi.training.trainer import Trainer
+
+from conftest import TOY_EXPERIMENT, assert_same_weights, train_killed_and_resumed
+
+TESTS = Path(__file__).resolve().parent
+TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
+        "--val-iterations", "1"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class TwoNetworkTrainer(Trainer):
+    """A U-Net and a V-Net member, each supervised, and a head used in training only."""
+
+    network_name = "unet"
+
+    def on_train_start(self) -> None:
+        self.second = self.add_network("vnet", {**self.network_plan(), "architecture": "vnet"})
+        self.head = self.add_network("head", module=torch.nn.Conv3d(2, 2, 1))
+
+    def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
+        x, prompt, target = labeled["data"], labeled["prompt"], labeled["target"]
+        second = self.second(x, prompt)
+        terms = {"unet": multiscale(self.loss, self.network(x, prompt), target),
+                 "vnet": multiscale(self.loss, second, target),
+                 "head": 0.1 * self.loss(self.head(finest(second)), target)}
+        terms["loss"] = sum(terms.values())
+        return terms
+
+
+# the trainer above, found by name in processes that the tests start
+REGISTER = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+import versemi.training.run as run
+from test_multi_network_methods import TwoNetworkTrainer
+real_find = run.find_trainer
+run.find_trainer = lambda name: TwoNetworkTrainer if name == "TwoNetworkTrainer" else real_find(name)
+"""
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    import versemi.training.run as run
+
+    real = run.find_trainer
+    monkeypatch.setattr(run, "find_trainer", lambda name: TwoNetworkTrainer if name == "TwoNetworkTrainer" else real(name))
+
+
+def _plans(planned: Path) -> dict:
+    return json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())
+
+
+def two_networks(planned: Path, folder: Path, setup: bool = True, **config) -> TwoNetworkTrainer:
+    settings = dict(epochs=2, iterations_per_epoch=2, val_iterations=1, patch_size=[16, 32, 32], batch_size=2,
+                    features=[4, 8, 16], num_workers=0, optimizer="adam", lr=3e-3)
+    settings.update(config)
+    trainer = TwoNetworkTrainer(_plans(planned), planned, "3d_fullres", "0", folder, TrainingConfig(**settings))
+    if setup:
+        trainer.setup()
+    return trainer
+
+
+def two_networks_initial(planned: Path, tmp_path: Path) -> dict:
+    """The V-Net member's weights as set up, before any step."""
+    return _weights(two_networks(planned, tmp_path / "initial").extra_networks["vnet"].model)
+
+
+def _weights(module: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict, module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+# ----- the loop with several networks -----
+def test_one_step_moves_every_network_with_its_own_optimizer(planned, tmp_path):
+    trainer = two_networks(planned, tmp_path / "run")
+    assert set(trainer.extra_networks) == {"vnet", "head"} and set(trainer.members()) == {"unet", "vnet"}
+    assert trainer.extra_networks["head"].network_plan is None
+    models = [trainer.model] + [e.model for e in trainer.extra_networks.values()]
+    before = [_weights(m) for m in models]
+    step = trainer.optimize(0, trainer.labeled_source[0], None)
+    assert {"unet", "vnet", "head", "loss"} <= set(step)
+    assert all(_changed(b, m) for b, m in zip(before, models))
+    for extra in trainer.extra_networks.values():  # the main one's settings, its own parameters and state
+        assert type(extra.optimizer) is type(trainer.optimizer)
+        assert extra.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"]
+        owned = {id(p) for p in extra.model.parameters()}
+        assert {id(p) for g in extra.optimizer.param_groups for p in g["params"]} == owned
+        assert extra.optimizer.state
+    trainer.train_mode(False)
+    assert not any(m.training for m in models)
+    trainer.train_mode(True)
+    assert all(m.training for m in models)
+
+
+def test_names_are_unique_and_a_network_needs_a_plan_or_a_module(planned, tmp_path):
+    trainer = two_networks(planned, tmp_path / "run")
+    with pytest.raises(ValueError, match="taken"):
+        trainer.add_network("vnet", module=torch.nn.Conv3d(1, 1, 1))
+    with pytest.raises(ValueError, match="taken"):
+        trainer.add_network("unet", module=torch.nn.Conv3d(1, 1, 1))
+    with pytest.raises(ValueError, match="exactly one"):
+        trainer.add_network("third")
+
+
+def test_time_budget_snapshot_puts_every_network_back(planned, tmp_path):
+    trainer = two_networks(planned, tmp_path / "run")
+    models = [trainer.model] + [e.model for e in trainer.extra_networks.values()]
+    before = [_weights(m) for m in models]
+    state = trainer.snapshot()
+    trainer.optimize(0, trainer.labeled_source[0], None)
+    trainer.restore(state)
+    assert not any(_changed(b, m) for b, m in zip(before, models))
+    assert not trainer.optimizer.state and not any(e.optimizer.state for e in trainer.extra_networks.values())
+
+
+def test_every_network_follows_the_schedule_and_is_checkpointed(planned, tmp_path):
+    trainer = two_networks(planned, tmp_path / "run", setup=False, epochs=2, poly_exponent=1.0)
+    trainer.run()
+    state = torch.load(tmp_path / "run" / "checkpoint_final.pth", weights_only=False)
+    assert state["network_name"] == "unet" and set(state["networks"]) == {"vnet", "head"}
+    assert state["networks"]["vnet"]["network_plan"]["architecture"] == "vnet"
+    assert state["networks"]["head"]["network_plan"] is None
+    lrs = [e.optimizer.param_groups[0]["lr"] for e in trainer.extra_networks.values()]
+    assert lrs == [pytest.approx(trainer.optimizer.param_groups[0]["lr"])] * 2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * 0.5)  # poly decay, 2 epochs done
+    for name, extra in trainer.extra_networks.items():
+        assert all(torch.equal(v, state["networks"][name]["network"][k]) for k, v in extra.model.state_dict().items())
+
+
+def test_two_networks_resume_exactly_after_a_kill(planned, results, tmp_path, registered):
+    args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", "TwoNetworkTrainer", "--epochs", "3",
+            "--iterations-per-epoch", "3", *TINY, "--num-workers", "1"]
+    uninterrupted, resumed = train_killed_and_resumed(args, "TwoNetworkTrainer", results, tmp_path, REGISTER)
+    assert_same_weights(uninterrupted, resumed, ("network", "networks"))
+    assert set(uninterrupted["networks"]) == {"vnet", "head"}
+
+
+def test_two_networks_train_with_ddp_on_two_cpu_processes(planned, results, tmp_path):
+    script = tmp_path / "train_two_networks.py"
+    # each process keeps its final weights: the processes see other batches, so they agree only if
+    # every network's gradients are averaged across them
+    script.write_text(REGISTER + f"""
+import torch
+import versemi.training.trainer as loop
+from versemi.training.run import train
+real_run = loop.Trainer.run
+def run_and_keep(self, resume=False):
+    real_run(self, resume)
+    weights = {{name: e.model.state_dict() for name, e in self.extra_networks.items()}}
+    torch.save({{"unet": self.model.state_dict(), **weights}}, {str(tmp_path)!r} + f"/rank{{self.rank}}.pth")
+loop.Trainer.run = run_and_keep
+train(sys.argv[1:])
+""")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "3d_fullres", "1", "--plans-root", str(planned), "--epochs", "1", "--iterations-per-epoch", "2",
+               "--device", "cpu", *TINY, "--batch-size", "4", "-tr", "TwoNetworkTrainer"]
+    run = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace",
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = results / TOY_EXPERIMENT / "TwoNetworkTrainer__3d_fullres" / "fold_1"
+    assert "batch 2 x 2 process(es)" in (folder / "training_log.txt").read_text()
+    state = torch.load(folder / "checkpoint_final.pth", weights_only=False)
+    assert set(state["networks"]) == {"vnet", "head"}
+    first, second = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
+    assert first.keys() == second.keys() == {"unet", "vnet", "head"}
+    for name in first:
+        assert all(torch.equal(v, second[name][k]) for k, v in first[name].items()), name
+    assert not all(torch.equal(v, state["networks"]["vnet"]["network"][k])  # and they did train
+                   for k, v in two_networks_initial(planned, tmp_path).items())
+
+
+# ----- prediction -----
+def test_prediction_averages_the_members_or_uses_the_chosen_one(planned, results, tmp_path, toy_raw_master, capsys):
+    folder = results / TOY_EXPERIMENT / "TwoNetworkTrainer__3d_fullres" / "fold_0"
+    trainer = two_networks(planned, folder)
+    trainer.optimize(0, trainer.labeled_source[0], None)  # the two members differ
+    trainer.save("final")
+    path = folder / "checkpoint_final.pth"
+    both = load_models(path)
+    assert both.members == ["unet", "vnet"] and both.folds == ["0", "0"]
+    assert [type(m.network.backbone).__name__ for m in both.models] == ["UNetBackbone", "VNetBackbone"]
+    singles = [load_models(path, member=name) for name in ("unet", "vnet")]
+    assert [s.members for s in singles] == [["unet"], ["vnet"]]
+    data = np.random.default_rng(0).normal(size=(1, 16, 32, 32)).astype(np.float32)
+    for ensemble in (both, *singles):
+        ensemble.precision = "fp32"
+    mean = ensemble_probabilities(both, data, 0, mirroring=False)
+    each = [ensemble_probabilities(s, data, 0, mirroring=False) for s in singles]
+    assert not torch.allclose(each[0], each[1], atol=1e-3)
+    assert torch.allclose(mean, (each[0] + each[1]) / 2, atol=1e-6)
+    with pytest.raises(InputError, match="members: unet, vnet"):
+        load_models(path, member="head")  # trained beside them, but not a member
+    image = sorted((toy_raw_master / "DemoLA" / "imagesTs").glob("*_0000.nii.gz"))[0]
+    common = ["-i", str(image), "-p", "DemoLA", "-e", TOY_EXPERIMENT, "-tr", "TwoNetworkTrainer", "--plans-root",
+              str(planned), "--no-mirroring", "--device", "cpu", "--precision", "fp32", "--quiet"]
+    assert predict_main([*common, "-o", str(tmp_path / "vnet"), "--member", "vnet"]) == 0
+    assert len(list((tmp_path / "vnet").glob("*.nii.gz"))) == 1
+    assert predict_main([*common, "-o", str(tmp_path / "nope"), "--member", "nope"]) == 2
+    assert "holds no member 'nope' (members: unet, vnet)" in capsys.readouterr().err
+    for member, networks in ((None, {"0", "1"}), ("vnet", {"0"})):  # the bundle holds the chosen networks
+        bundle = export_bundle(tmp_path / f"bundle_{member}", "DemoLA", TOY_EXPERIMENT, trainer="TwoNetworkTrainer",
+                               plans_root=planned, member=member)
+        weights = torch.load(bundle / "models" / "model.pt", weights_only=True)
+        assert {key.split(".")[1] for key in weights if key.startswith("networks.")} == networks
+
+
+def test_checkpoints_of_one_network_still_load_as_one_model(planned, tmp_path):
+    from versemi.training.trainers import find_trainer
+
+    settings = dict(patch_size=[16, 32, 32], batch_size=2, features=[4, 8, 16], num_workers=0)
+    trainer = find_trainer("SupervisedTrainer")(_plans(planned), planned, "3d_fullres", "0", tmp_path / "one",
+                                                TrainingConfig(**settings))
+    trainer.setup()
+    trainer.save("final")
+    path = tmp_path / "one" / "checkpoint_final.pth"
+    state = torch.load(path, weights_only=False)
+    assert state["networks"] == {} and state["network_name"] == "main"
+    older = {k: v for k, v in state.items() if k not in ("networks", "network_name")}  # an older version's
+    torch.save(older, tmp_path / "older.pth")
+    for source in (path, tmp_path / "older.pth"):
+        ensemble = load_models(source)
+        assert ensemble.members == [None] and len(ensemble.models) == 1
+    assert load_models(path, member="main").members == [None]
