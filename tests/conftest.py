@@ -130,15 +130,19 @@ def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = 
 
 
 def fit_fixed_batch(trainer, steps: int) -> tuple[list[float], dict]:
-    """Optimize ``steps`` times on the trainer's first batch(es); returns the losses and the last terms."""
+    """Optimize ``steps`` times on the trainer's first batch(es) (every network of the trainer);
+    returns the losses and the last terms."""
     labeled = trainer.labeled_source[0]
     unlabeled = trainer.unlabeled_source[0] if trainer.unlabeled_source is not None else None
+    optimizers = [trainer.optimizer] + [extra.optimizer for extra in trainer.extra_networks.values()]
     losses = []
     for _ in range(steps):
-        trainer.optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         terms = trainer.train_step(labeled, unlabeled)
         terms["loss"].backward()
-        trainer.optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         losses.append(float(terms["loss"].detach()))
     return losses, terms
 
@@ -157,10 +161,9 @@ train_main(sys.argv[1:])
 """
 
 
-def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_path: Path,
-                             preamble: str = "") -> tuple[dict, dict]:
+def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_path: Path) -> tuple[dict, dict]:
     """The final checkpoints of an uninterrupted ``versemi_train args`` and of one SIGKILLed at
-    iteration 5, then continued with ``--continue`` (``preamble``: code the killed child runs first)."""
+    iteration 5, then continued with ``--continue``."""
     import os
     import subprocess
     import sys
@@ -174,7 +177,7 @@ def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_p
     uninterrupted = torch.load(results / folder, weights_only=False)
     os.environ["VERSEMI_RESULTS"] = str(tmp_path / "killed")
     # the child computes with one thread like this process (another thread count rounds differently)
-    child = subprocess.run([sys.executable, "-c", preamble + "\n" + KILL_AT_ITERATION_5, *args], capture_output=True,
+    child = subprocess.run([sys.executable, "-c", KILL_AT_ITERATION_5, *args], capture_output=True,
                            encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert child.returncode == -9, child.stderr[-2000:]
     assert train_main([*args, "--continue"]) == 0

@@ -1,5 +1,6 @@
-"""Several networks in one trainer: each with its own optimizer and schedule, one backward, DDP,
-exact resume, the time-budget snapshot, and prediction from every member or a chosen one."""
+"""Several networks in one trainer (each with its own optimizer and schedule, one backward, DDP,
+exact resume, the time-budget snapshot, prediction from every member or a chosen one) and the
+methods built on it: C3S3 and MEDL."""
 from __future__ import annotations
 
 import json
@@ -18,12 +19,12 @@ from versemi.errors import InputError
 from versemi.inference import load_models
 from versemi.inference.sliding_window import ensemble_probabilities
 from versemi.training.config import TrainingConfig
-from versemi.training.losses import finest, multiscale
+from versemi.training.losses import finest, multiscale, voxel_contrast
+from versemi.training.pseudo_labels import sharpened
 from versemi.training.trainer import Trainer
 
-from conftest import TOY_EXPERIMENT, assert_same_weights, train_killed_and_resumed
+from conftest import TOY_EXPERIMENT, assert_same_weights, fit_fixed_batch, make_trainer, train_killed_and_resumed
 
-TESTS = Path(__file__).resolve().parent
 TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
         "--val-iterations", "1"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,25 +49,6 @@ class TwoNetworkTrainer(Trainer):
         return terms
 
 
-# the trainer above, found by name in processes that the tests start
-REGISTER = f"""
-import sys
-sys.path.insert(0, {str(TESTS)!r})
-import versemi.training.run as run
-from test_multi_network_methods import TwoNetworkTrainer
-real_find = run.find_trainer
-run.find_trainer = lambda name: TwoNetworkTrainer if name == "TwoNetworkTrainer" else real_find(name)
-"""
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    import versemi.training.run as run
-
-    real = run.find_trainer
-    monkeypatch.setattr(run, "find_trainer", lambda name: TwoNetworkTrainer if name == "TwoNetworkTrainer" else real(name))
-
-
 def _plans(planned: Path) -> dict:
     return json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())
 
@@ -79,11 +61,6 @@ def two_networks(planned: Path, folder: Path, setup: bool = True, **config) -> T
     if setup:
         trainer.setup()
     return trainer
-
-
-def two_networks_initial(planned: Path, tmp_path: Path) -> dict:
-    """The V-Net member's weights as set up, before any step."""
-    return _weights(two_networks(planned, tmp_path / "initial").extra_networks["vnet"].model)
 
 
 def _weights(module: torch.nn.Module) -> dict:
@@ -151,48 +128,6 @@ def test_every_network_follows_the_schedule_and_is_checkpointed(planned, tmp_pat
         assert all(torch.equal(v, state["networks"][name]["network"][k]) for k, v in extra.model.state_dict().items())
 
 
-def test_two_networks_resume_exactly_after_a_kill(planned, results, tmp_path, registered):
-    args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", "TwoNetworkTrainer", "--epochs", "3",
-            "--iterations-per-epoch", "3", *TINY, "--num-workers", "1"]
-    uninterrupted, resumed = train_killed_and_resumed(args, "TwoNetworkTrainer", results, tmp_path, REGISTER)
-    assert_same_weights(uninterrupted, resumed, ("network", "networks"))
-    assert set(uninterrupted["networks"]) == {"vnet", "head"}
-
-
-def test_two_networks_train_with_ddp_on_two_cpu_processes(planned, results, tmp_path):
-    script = tmp_path / "train_two_networks.py"
-    # each process keeps its final weights: the processes see other batches, so they agree only if
-    # every network's gradients are averaged across them
-    script.write_text(REGISTER + f"""
-import torch
-import versemi.training.trainer as loop
-from versemi.training.run import train
-real_run = loop.Trainer.run
-def run_and_keep(self, resume=False):
-    real_run(self, resume)
-    weights = {{name: e.model.state_dict() for name, e in self.extra_networks.items()}}
-    torch.save({{"unet": self.model.state_dict(), **weights}}, {str(tmp_path)!r} + f"/rank{{self.rank}}.pth")
-loop.Trainer.run = run_and_keep
-train(sys.argv[1:])
-""")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "3d_fullres", "1", "--plans-root", str(planned), "--epochs", "1", "--iterations-per-epoch", "2",
-               "--device", "cpu", *TINY, "--batch-size", "4", "-tr", "TwoNetworkTrainer"]
-    run = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace",
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    folder = results / TOY_EXPERIMENT / "TwoNetworkTrainer__3d_fullres" / "fold_1"
-    assert "batch 2 x 2 process(es)" in (folder / "training_log.txt").read_text()
-    state = torch.load(folder / "checkpoint_final.pth", weights_only=False)
-    assert set(state["networks"]) == {"vnet", "head"}
-    first, second = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
-    assert first.keys() == second.keys() == {"unet", "vnet", "head"}
-    for name in first:
-        assert all(torch.equal(v, second[name][k]) for k, v in first[name].items()), name
-    assert not all(torch.equal(v, state["networks"]["vnet"]["network"][k])  # and they did train
-                   for k, v in two_networks_initial(planned, tmp_path).items())
-
-
 # ----- prediction -----
 def test_prediction_averages_the_members_or_uses_the_chosen_one(planned, results, tmp_path, toy_raw_master, capsys):
     folder = results / TOY_EXPERIMENT / "TwoNetworkTrainer__3d_fullres" / "fold_0"
@@ -245,3 +180,142 @@ def test_checkpoints_of_one_network_still_load_as_one_model(planned, tmp_path):
         ensemble = load_models(source)
         assert ensemble.members == [None] and len(ensemble.models) == 1
     assert load_models(path, member="main").members == [None]
+
+
+# ----- C3S3 -----
+C3S3 = {"projector_dim": 8}  # a narrow projection head keeps the toy steps fast
+
+
+def test_voxel_contrast_pulls_positives_together_and_pushes_negatives_apart():
+    similarity = torch.tensor([[0.9, 0.8, -0.5, 0.1]])
+    positive = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    t = 0.1
+    d = 1 + 1 + np.exp(-0.5 / t) + np.exp(0.1 / t)  # the positives add exp(0) each
+    expected = np.mean([-np.log(np.exp(0.9 / t) / (np.exp(0.9 / t) + d)), -np.log(np.exp(0.8 / t) / (np.exp(0.8 / t) + d)),
+                        -np.log(1 / (1 + d)), -np.log(1 / (1 + d))])
+    assert float(voxel_contrast(similarity, positive, t)) == pytest.approx(expected, rel=1e-5)
+    similarity.requires_grad_(True)
+    voxel_contrast(similarity, positive, t).backward()
+    assert (similarity.grad[0, :2] < 0).all() and (similarity.grad[0, 2:] > 0).all()
+    assert similarity.grad[0, 3] > similarity.grad[0, 2]  # the most similar negative is pushed hardest
+
+
+def test_sharpening_pushes_soft_labels_to_zero_and_one():
+    p = torch.tensor([0.3, 0.5, 0.9])
+    expected = p ** 10 / (p ** 10 + (1 - p) ** 10)
+    assert torch.allclose(sharpened(p, 0.1), expected, atol=1e-6)
+    assert torch.allclose(sharpened(p, 1.0), p, atol=1e-6)
+
+
+def test_c3s3_lowers_its_loss_on_a_fixed_batch(planned, tmp_path):
+    torch.manual_seed(0)
+    trainer = make_trainer("C3S3Trainer", planned, tmp_path, method=C3S3)
+    assert set(trainer.members()) == {"unet", "vnet"}
+    assert set(trainer.extra_networks) == {"vnet", "projector_unet", "projector_vnet"}
+    trainer.epoch = 5
+    supervised, real_step = [], trainer.train_step
+
+    def recording_step(*batches):
+        terms = real_step(*batches)
+        supervised.append(float(terms["supervised"].detach()))
+        return terms
+
+    trainer.train_step = recording_step
+    losses, terms = fit_fixed_batch(trainer, 12)
+    assert {"supervised", "pseudo", "consistency", "contrastive", "second_teaches"} <= set(terms)
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in terms.values())
+    # the contrastive term's positives are the networks' own predictions: when a voxel's prediction
+    # flips, the term's floor moves, so the total falls overall but not at every step
+    assert supervised[-1] < 0.7 * supervised[0], supervised
+    assert losses[-1] < losses[0], losses
+
+
+def test_c3s3_the_network_with_the_lower_supervised_loss_teaches(planned, tmp_path):
+    labeled = None
+    for better in ("unet", "vnet"):
+        torch.manual_seed(0)
+        trainer = make_trainer("C3S3Trainer", planned, tmp_path / better, method={**C3S3, "two_views": False})
+        trainer.epoch = 9
+        labeled, unlabeled = trainer.labeled_source[0], trainer.unlabeled_source[0]
+        models = {"unet": trainer.model, "vnet": trainer.extra_networks["vnet"].model}
+        fitted = torch.optim.Adam(models[better].parameters(), lr=3e-3)
+        for _ in range(6):  # this network alone learns the labeled batch
+            fitted.zero_grad()
+            trainer.loss(models[better](labeled["data"], labeled["prompt"]), labeled["target"]).backward()
+            fitted.step()
+        alpha = trainer.settings["alpha"]
+        with torch.no_grad():
+            scores = {name: float(alpha * trainer.loss.cross_entropy(logits, labeled["target"])
+                                  + (1 - alpha) * trainer.loss.dice(logits, labeled["target"]))
+                      for name, model in models.items() for logits in [model(labeled["data"], labeled["prompt"])]}
+        assert min(scores, key=scores.get) == better
+        for model in models.values():
+            model.zero_grad(set_to_none=True)
+        terms = trainer.train_step(labeled, unlabeled)
+        assert float(terms["second_teaches"]) == float(better == "vnet")
+        terms["pseudo"].backward()  # the sharpened targets come from the teacher: only the other one learns
+        student = models["vnet" if better == "unet" else "unet"]
+        assert all(p.grad is None or not p.grad.any() for p in models[better].parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_bad_c3s3_settings_get_clear_errors(planned, tmp_path):
+    with pytest.raises(InputError, match="alpha 1.5 is not in"):
+        make_trainer("C3S3Trainer", planned, tmp_path, method={"alpha": 1.5})
+    with pytest.raises(InputError, match="second_architecture 'resnet'"):
+        make_trainer("C3S3Trainer", planned, tmp_path, method={"second_architecture": "resnet"})
+    with pytest.raises(InputError, match="temperature 0 is not positive"):
+        make_trainer("C3S3Trainer", planned, tmp_path, method={"temperature": 0})
+    with pytest.raises(InputError, match="not a multiple of 16"):
+        make_trainer("C3S3Trainer", planned, tmp_path, patch_size=[8, 32, 32], method=C3S3)
+    with pytest.raises(InputError, match="known: .*weight_contrastive"):
+        make_trainer("C3S3Trainer", planned, tmp_path, method={"weight_contrast": 1.0})
+    # the V-Net's fallback: a second U-Net; without the contrastive term there are no projection heads
+    trainer = make_trainer("C3S3Trainer", planned, tmp_path, patch_size=[8, 32, 32],
+                           method={"second_architecture": "unet", "weight_contrastive": 0.0})
+    assert set(trainer.extra_networks) == {"unet2"}
+    assert "contrastive" not in trainer.train_step(trainer.labeled_source[0], trainer.unlabeled_source[0])
+
+
+def test_c3s3_resumes_exactly_after_a_kill(planned, results, tmp_path):
+    # 2 epochs of 3 iterations: the kill (iteration 5) comes after the checkpoint of epoch 1
+    args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", "C3S3Trainer", "--epochs", "2",
+            "--iterations-per-epoch", "3", *TINY, "--num-workers", "1", "--unlabeled-batch-size", "2",
+            "--method", json.dumps(C3S3)]
+    uninterrupted, resumed = train_killed_and_resumed(args, "C3S3Trainer", results, tmp_path)
+    assert_same_weights(uninterrupted, resumed, ("network", "networks"))
+    assert set(uninterrupted["networks"]) == {"vnet", "projector_unet", "projector_vnet"}
+    assert uninterrupted["history"]["terms"][-1].keys() >= {"supervised", "pseudo", "contrastive", "second_teaches"}
+
+
+def test_c3s3_trains_with_ddp_on_two_cpu_processes(planned, results, tmp_path):
+    # each process keeps its final weights: the processes see other batches, so they agree only if
+    # every network's gradients are averaged across them
+    script = tmp_path / "train_and_keep.py"
+    script.write_text(f"""
+import sys
+import torch
+import versemi.training.trainer as loop
+from versemi.training.run import train
+real_run = loop.Trainer.run
+def run_and_keep(self, resume=False):
+    real_run(self, resume)
+    weights = {{name: e.model.state_dict() for name, e in self.extra_networks.items()}}
+    torch.save({{"unet": self.model.state_dict(), **weights}}, {str(tmp_path)!r} + f"/rank{{self.rank}}.pth")
+loop.Trainer.run = run_and_keep
+train(sys.argv[1:])
+""")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "3d_fullres", "1", "--plans-root", str(planned), "--epochs", "1", "--iterations-per-epoch", "2",
+               "--device", "cpu", *TINY, "--batch-size", "4", "-tr", "C3S3Trainer", "--method", json.dumps(C3S3)]
+    run = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace",
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = results / TOY_EXPERIMENT / "C3S3Trainer__3d_fullres" / "fold_1"
+    assert "batch 2 x 2 process(es)" in (folder / "training_log.txt").read_text()
+    first, second = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
+    assert first.keys() == second.keys() == {"unet", "vnet", "projector_unet", "projector_vnet"}
+    for name in first:
+        assert all(torch.equal(v, second[name][k]) for k, v in first[name].items()), name
+    initial = make_trainer("C3S3Trainer", planned, tmp_path / "initial", method=C3S3).extra_networks["vnet"].model
+    assert not all(torch.equal(v, first["vnet"][k]) for k, v in initial.state_dict().items())  # they did train

@@ -38,6 +38,14 @@ class DiceCE(torch.nn.Module):
         """``logits`` (B, 2, *S), ``target`` (B, 1, *S) with values 0/1."""
         return self.loss(logits.float(), target)
 
+    def dice(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The foreground soft Dice part alone (methods that weigh Dice and CE apart, e.g. C3S3's score)."""
+        return self.loss.dice(logits.float(), target)
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy part alone."""
+        return self.loss.ce(logits.float(), target)
+
 
 def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
     """Softmax probability of the target class from 2-class logits on ``dim=-4`` (B, [K,] 2, Z, Y, X)."""
@@ -96,6 +104,23 @@ def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     dice = torch.where(weight.sum() > 0, dice, dice * 0.0)  # nothing to score: 0, the graph kept (DDP)
     cross_entropy = F.cross_entropy(logits, target[:, 0].long(), reduction="none")[:, None]
     return dice + (weight * cross_entropy).sum() / weight.sum().clamp_min(1e-8)
+
+
+def voxel_contrast(similarity: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A contrastive loss over the voxels of a batch (C3S3's outcome-driven contrast).
+
+    With ``a_i = m_i s_i / t`` (``s``: the similarity per voxel, e.g. the cosine of two networks'
+    features at the same voxel; ``m``: ``positive``, 0/1, same shape) and
+    ``D = sum_j exp((1 - m_j) s_j / t)`` over every voxel j, the mean over every voxel i of
+    ``-log(exp(a_i) / (exp(a_i) + D))``. A positive's similarity is pulled up; the negatives'
+    similarities are pushed down, the most similar ones hardest (they dominate D); a positive
+    adds the constant exp(0) = 1 to D. The loss moves smoothly when a voxel changes sides.
+    """
+    scaled = similarity.float().flatten() / temperature
+    chosen = (positive.flatten() > 0.5).float()
+    log_d = torch.logsumexp((1 - chosen) * scaled, 0)
+    own = chosen * scaled
+    return F.softplus(log_d - own).mean()  # -log(e^a / (e^a + D)) = log(1 + D e^-a)
 
 
 def region_loss(logits_outside: torch.Tensor, target_outside: torch.Tensor, logits_inside: torch.Tensor,

@@ -1,5 +1,6 @@
-"""Pseudo-labels from a (teacher's) foreground probability: hard labels, confidence, and the
-largest connected component (BCP keeps only it: the left atrium, the pancreas, one organ)."""
+"""Pseudo-labels from a (teacher's) foreground probability: hard labels, sharpened soft labels,
+confidence, and the largest connected component (BCP keeps only it: the left atrium, the
+pancreas, one organ)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,14 @@ from scipy import ndimage
 def hard_labels(probability: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """0/1 float labels; ``threshold`` 0.5 is the argmax of a 2-class softmax."""
     return (probability > threshold).float()
+
+
+def sharpened(probability: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft labels ``p^(1/T) / (p^(1/T) + (1 - p)^(1/T))`` of a 2-class foreground probability
+    (MixMatch's sharpening; C3S3's T = 0.1): T < 1 pushes them towards 0 and 1, T = 1 keeps them.
+    Computed as ``sigmoid(logit(p) / T)``, which stays finite near 0 and 1."""
+    p = probability.float().clamp(1e-7, 1 - 1e-7)
+    return torch.sigmoid(torch.log(p / (1 - p)) / temperature)
 
 
 def confidence(probability: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""The second architecture of methods that train two different networks side by side (C3S3, MEDL).
+
+``versemi.nets`` offers two backbones: the plan's nnU-Net-style U-Net (the plan's, possibly
+anisotropic, kernels and strides, concatenating skips at every resolution) and the V-Net of the
+VerSemi public code (isotropic 2x steps, additive skips, more convolutions per stage, no
+full-resolution skip). Their errors differ, which is what two-network methods feed on. The V-Net
+halves the patch four times, so it needs multiples of 16; ``unet`` (a second U-Net of the plan's
+topology, another initialisation) serves patches it cannot take.
+"""
+from __future__ import annotations
+
+from ..errors import input_error
+
+SECOND_ARCHITECTURES = ("vnet", "unet")
+VNET_DIVISOR = 16
+
+
+def second_network(trainer: str, plan: dict, patch_size, architecture: str, base_features: int) -> tuple[str, dict]:
+    """(member name, network plan) of the second network beside the plan's U-Net.
+
+    ``base_features``: the V-Net's first-stage width (16 in the public V-Nets), at most the
+    U-Net's first-stage width (quick runs with narrow ``--features`` stay small).
+
+    Raises:
+        InputError: an unknown architecture, or a patch the V-Net cannot take.
+    """
+    if architecture not in SECOND_ARCHITECTURES:
+        raise input_error("--method", f"second_architecture {architecture!r} is unknown",
+                          f"use one of {', '.join(SECOND_ARCHITECTURES)}")
+    if not (isinstance(base_features, int) and not isinstance(base_features, bool) and base_features >= 1):
+        raise input_error("--method", f"second_base_features {base_features!r} is not a positive whole number",
+                          "give the V-Net's first-stage width, e.g. 16")
+    if architecture == "unet":
+        return "unet2", dict(plan)
+    if any(side % VNET_DIVISOR for side in patch_size):
+        raise input_error("--patch-size", f"{trainer}'s V-Net halves the patch 4 times; patch {list(patch_size)} is "
+                                          f"not a multiple of {VNET_DIVISOR} on every axis",
+                          f"choose multiples of {VNET_DIVISOR} (--patch-size), or --method "
+                          "'{\"second_architecture\": \"unet\"}'")
+    return "vnet", {**plan, "architecture": "vnet", "features": [min(base_features, plan["features"][0])]}

@@ -1,0 +1,217 @@
+"""C3S3: complementary competition and contrastive selection (He, Lin, Chen, Xu and Zheng, "C3S3:
+Complementary Competition and Contrastive Selection for Semi-Supervised Medical Image
+Segmentation", ICME 2025, arXiv 2506.07368; public code Y-TARL/C3S3, 3D LA and Pancreas-CT).
+
+Two sub-networks of different architecture train side by side on the same batches. Per step:
+- supervised Dice + CE of each network on the labeled samples (the mean over the two views);
+- dynamic complementary competition (DCC): each network's score on the labeled samples is
+  ``alpha * CE + (1 - alpha) * Dice`` (summed over the views); the one with the lower score
+  teaches: its foreground probabilities on the unlabeled samples, sharpened with temperature T,
+  are the detached targets of the other's (MSE, weight ``weight_pseudo`` x a sigmoid ramp-up);
+- consistency: 1 - cosine similarity between the two views' logits, per network;
+- outcome-driven contrastive learning (ODCL) on the projected full-resolution decoder features
+  of the two networks at the same voxel (their cosine), for every pair of views: where both
+  networks say foreground (the intersection of their predictions) the features are pulled
+  together against every other voxel, and where neither does (outside the union) likewise; the
+  voxels where the networks disagree, the boundaries, are negatives of both. It refines the
+  boundaries. Its positives are the networks' own predictions, so its value moves when they flip.
+
+Prediction averages the two networks (``--member unet`` or ``--member vnet`` picks one).
+
+Networks: the plan's nnU-Net-style U-Net (``unet``, the main one) and the V-Net of the VerSemi
+public code (``vnet``), both prompt-conditioned (``training.architectures``). They are the two
+architectures ``versemi.nets`` offers, and they differ where it matters for complementary errors:
+the U-Net has the plan's (possibly anisotropic) kernels and strides and concatenating skips at
+every resolution, the V-Net isotropic 2x steps, additive skips, more convolutions per stage and
+no full-resolution skip. ``second_architecture: "unet"`` gives a second U-Net of the plan's
+topology (another initialisation) for patches that the V-Net cannot take (it needs multiples of 16).
+
+Deliberate differences from the public code:
+- the public sub-networks are a V-Net and a ResNet-34-encoder network (batch norm, dropout 0.5);
+  here a U-Net and a V-Net as above, without dropout; the V-Net has 16 base filters as there
+  (``second_base_features``; fewer when the U-Net's first stage is narrower, e.g. with
+  ``--features`` in quick runs);
+- the two views: the public code feeds the same batch twice, the views differing only through
+  dropout; these networks have none, so the second view adds Gaussian noise (``view_noise`` 0.1,
+  clipped to +-0.2); ``two_views: false`` uses one view (half the cost, no consistency term, one
+  contrastive pair);
+- the contrastive loss (``losses.voxel_contrast``) is the public code's formula, written with a
+  log-sum-exp so that it stays finite for any number of voxels;
+- the public code adds the contrastive term to both networks' losses and back-propagates both,
+  so its gradient counts twice: ``weight_contrastive`` 2.0 reproduces that;
+- one optimizer per network (as there) with the trainer's settings and poly decay, instead of
+  SGD (lr 0.01, momentum 0.9, weight decay 1e-4) decayed x0.1 every 2500 iterations;
+- the sigmoid ramp-up runs over ``rampup_fraction`` of the epochs: the public ramp spans 40 x 150
+  = 6000 iterations of a 2500-iteration run, so it never completes (2.4, the default);
+- the cosine consistency is taken along the last spatial axis, as the public code does;
+- several datasets: each unlabeled sample is asked one prompt drawn among its own dataset's
+  (``DatasetPrompts``), the same for both networks and views; the labeled ones their own;
+- with several processes (DDP) the competition scores are summed over the processes, so every
+  process picks the same teacher;
+- with deep supervision, the supervised terms and scores are nnU-Net's weighted sums over the
+  output resolutions; the other terms use the full resolution;
+- the final weights of both networks are kept (the public code stores both; the test script
+  evaluates them).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import input_error
+from ..architectures import second_network
+from ..feature_taps import BackboneTap
+from ..losses import finest, foreground_probability, multiscale, voxel_contrast
+from ..prompts import DatasetPrompts
+from ..pseudo_labels import sharpened
+from ..schedules import sigmoid_rampup
+from ..trainer import Trainer
+
+DEFAULTS = {
+    "alpha": 0.8,                 # competition score alpha CE + (1 - alpha) Dice (public LA; 0.5 Pancreas)
+    "temperature": 0.1,           # sharpening of the teacher's probabilities
+    "weight_pseudo": 0.1,         # the other network's MSE to them (public LA; 0.5 Pancreas)
+    "rampup_fraction": 2.4,       # sigmoid ramp-up of weight_pseudo over this share of the epochs
+    "weight_consistency": 1.0,    # 1 - cosine between the two views' logits, per network
+    "weight_contrastive": 2.0,    # outcome-driven contrastive loss (the public code counts it twice)
+    "contrastive_temperature": 0.1,
+    "projector_dim": 64,          # projection head: 1x1x1 conv, PReLU, 1x1x1 conv to this many channels
+    "two_views": True,
+    "view_noise": 0.1,            # std of the Gaussian noise of the second view (clipped to +-2 std)
+    "second_architecture": "vnet",  # or "unet": a second U-Net of the plan's topology
+    "second_base_features": 16,   # the V-Net's first-stage width
+}
+PRESETS = {"paper": dict(DEFAULTS)}
+
+
+def projection_head(channels: int, dim: int) -> nn.Module:
+    """Per-voxel projection of decoder features for the contrastive loss."""
+    return nn.Sequential(nn.Conv3d(channels, channels, 1), nn.PReLU(), nn.Conv3d(channels, dim, 1))
+
+
+def outcome_contrast(unit_a: torch.Tensor, unit_b: torch.Tensor, foreground_a: torch.Tensor,
+                     foreground_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ODCL between two networks: the cosine of their unit-length features (N, D, *S) at each
+    voxel, contrasted twice, with the intersection of their foregrounds (N, *S) as positives and
+    with the complement of the union as positives."""
+    similarity = (unit_a * unit_b).sum(1)
+    both, either = foreground_a & foreground_b, foreground_a | foreground_b
+    return voxel_contrast(similarity, both, temperature) + voxel_contrast(similarity, ~either, temperature)
+
+
+class C3S3Trainer(Trainer):
+    uses_unlabeled = True
+    network_name = "unet"
+    method_defaults = DEFAULTS
+    method_presets = PRESETS
+
+    def on_train_start(self) -> None:
+        s = self.settings
+        for key in ("alpha",):
+            if not 0 <= s[key] <= 1:
+                raise input_error("--method", f"{key} {s[key]} is not in [0, 1]",
+                                  f"give {key} between 0 and 1 (default {DEFAULTS[key]})")
+        for key in ("temperature", "contrastive_temperature", "rampup_fraction"):
+            if not s[key] > 0:
+                raise input_error("--method", f"{key} {s[key]} is not positive", f"give {key} > 0 (default {DEFAULTS[key]})")
+        for key in ("weight_pseudo", "weight_consistency", "weight_contrastive", "view_noise"):
+            if s[key] < 0:
+                raise input_error("--method", f"{key} {s[key]} is negative", f"give {key} >= 0 (default {DEFAULTS[key]})")
+        if not (isinstance(s["projector_dim"], int) and s["projector_dim"] >= 1):
+            raise input_error("--method", f"projector_dim {s['projector_dim']} is not a positive whole number",
+                              f"give projector_dim as a count (default {DEFAULTS['projector_dim']})")
+        self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.patch_size,
+                                                s["second_architecture"], s["second_base_features"])
+        self.second = self.add_network(self.second_name, plan)
+        self.dataset_prompts = DatasetPrompts(self.plans, self.device)
+        self.projectors = {}
+        if s["weight_contrastive"] > 0:  # a head that gets no gradient would stall DDP
+            for name, model in ((self.network_name, self.model), (self.second_name, self.extra_networks[self.second_name].model)):
+                head = projection_head(model.backbone.decoder_channels[0], s["projector_dim"])
+                self.projectors[name] = self.add_network(f"projector_{name}", module=head)
+
+    def pseudo_weight(self) -> float:
+        s = self.settings
+        return s["weight_pseudo"] * sigmoid_rampup(self.epoch / max(1e-8, s["rampup_fraction"] * self.config.epochs))
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's images once, or twice with the second view noised."""
+        if not self.settings["two_views"]:
+            return x
+        sigma = self.settings["view_noise"]
+        noise = torch.clamp(torch.randn_like(x) * sigma, -2 * sigma, 2 * sigma)
+        return torch.cat([x, x + noise])
+
+    def teacher_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The competition scores (2,) summed over the processes: every process picks the same teacher."""
+        if dist.is_initialized() and self.world_size > 1:
+            scores = scores.clone()
+            dist.all_reduce(scores)
+        return scores
+
+    def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
+        s = self.settings
+        n_labeled = labeled["data"].shape[0]
+        x, prompts = labeled["data"], labeled["prompt"]
+        if unlabeled is not None:
+            x = torch.cat([x, unlabeled["data"]])
+            prompts = torch.cat([prompts, self.dataset_prompts.draw(unlabeled["dataset"])])
+        n = x.shape[0]
+        batch = self.views(x)
+        n_views = batch.shape[0] // n
+        names = [self.network_name, self.second_name]
+        outputs, features = {}, {}
+        for name, network in zip(names, (self.network, self.second)):
+            with BackboneTap(network) as tap:  # one forward per network and step (DDP)
+                outputs[name] = network(batch, prompts.repeat(n_views))
+            if name in self.projectors:  # unit length per voxel, once for every pair of views
+                features[name] = F.normalize(self.projectors[name](tap.last.decoder).float(), dim=1)
+
+        def rows(logits, view: int, part: slice):
+            """The rows of one view's labeled (or unlabeled) samples, at every output level."""
+            start = view * n
+            chosen = slice(start + (part.start or 0), start + (part.stop if part.stop is not None else n))
+            return logits[chosen] if torch.is_tensor(logits) else [level[chosen] for level in logits]
+
+        labeled_rows, unlabeled_rows = slice(0, n_labeled), slice(n_labeled, n)
+        target = labeled["target"]
+        terms: dict[str, torch.Tensor] = {}
+        supervised, scores = [], []
+        for name in names:
+            dice = [multiscale(self.loss.dice, rows(outputs[name], v, labeled_rows), target) for v in range(n_views)]
+            ce = [multiscale(self.loss.cross_entropy, rows(outputs[name], v, labeled_rows), target)
+                  for v in range(n_views)]
+            supervised.append(sum(d + c for d, c in zip(dice, ce)) / n_views)
+            scores.append(sum(s["alpha"] * c + (1 - s["alpha"]) * d for d, c in zip(dice, ce)).detach())
+        terms["supervised"] = supervised[0] + supervised[1]
+        teacher = int(torch.argmin(self.teacher_scores(torch.stack(scores))))  # ties: the main network teaches
+        terms["second_teaches"] = torch.tensor(float(teacher), device=x.device)  # logged: the share of steps
+        if unlabeled is not None:
+            student = 1 - teacher
+            pseudo = 0.0
+            for v in range(n_views):
+                taught = foreground_probability(finest(rows(outputs[names[student]], v, unlabeled_rows)))
+                with torch.no_grad():
+                    target_u = sharpened(foreground_probability(finest(rows(outputs[names[teacher]], v, unlabeled_rows))),
+                                         s["temperature"])
+                pseudo = pseudo + F.mse_loss(taught, target_u)
+            terms["pseudo"] = self.pseudo_weight() * pseudo
+        if n_views == 2:
+            terms["consistency"] = s["weight_consistency"] * sum(
+                1 - F.cosine_similarity(finest(outputs[name])[:n].float(), finest(outputs[name])[n:].float(), dim=-1).mean()
+                for name in names)
+        if features:
+            foreground = {name: finest(outputs[name]).argmax(1) == 1 for name in names}  # (n_views * n, *S)
+            contrast = 0.0
+            for va, vb in itertools.product(range(n_views), repeat=2):
+                a, b = slice(va * n, (va + 1) * n), slice(vb * n, (vb + 1) * n)
+                contrast = contrast + outcome_contrast(features[names[0]][a], features[names[1]][b],
+                                                       foreground[names[0]][a], foreground[names[1]][b],
+                                                       s["contrastive_temperature"])
+            terms["contrastive"] = s["weight_contrastive"] * contrast
+        terms["loss"] = sum(value for key, value in terms.items() if key != "second_teaches")
+        return terms
