@@ -1,6 +1,7 @@
 """Several networks in one trainer (each with its own optimizer and schedule, one backward, DDP,
 exact resume, the time-budget snapshot, prediction from every member or a chosen one) and the
-methods built on it: C3S3 and MEDL."""
+methods built on it: C3S3 (competition, sharpened pseudo-labels, voxel contrast) and MEDL
+(evidential fusion, Fisher-weighted evidential loss, asymptotic voxel weights)."""
 from __future__ import annotations
 
 import json
@@ -19,9 +20,11 @@ from versemi.errors import InputError
 from versemi.inference import load_models
 from versemi.inference.sliding_window import ensemble_probabilities
 from versemi.training.config import TrainingConfig
+from versemi.training.evidential import asymptotic_weight, fisher_evidential_loss, fuse, opinion
 from versemi.training.losses import finest, multiscale, voxel_contrast
 from versemi.training.pseudo_labels import sharpened
 from versemi.training.trainer import Trainer
+from versemi.training.trainers.medl import class_aware_fusion, class_reliability
 
 from conftest import TOY_EXPERIMENT, assert_same_weights, fit_fixed_batch, make_trainer, train_killed_and_resumed
 
@@ -319,3 +322,87 @@ train(sys.argv[1:])
         assert all(torch.equal(v, second[name][k]) for k, v in first[name].items()), name
     initial = make_trainer("C3S3Trainer", planned, tmp_path / "initial", method=C3S3).extra_networks["vnet"].model
     assert not all(torch.equal(v, first["vnet"][k]) for k, v in initial.state_dict().items())  # they did train
+
+
+# ----- MEDL -----
+def _alpha(background: float, foreground: float) -> torch.Tensor:
+    """One voxel's Dirichlet (1, 2, 1, 1, 1) from its evidence per class."""
+    return torch.tensor([background + 1.0, foreground + 1.0]).view(1, 2, 1, 1, 1)
+
+
+def test_evidential_fusion_on_hand_made_opinions():
+    fg = _alpha(0, 9)  # belief 9/11 in the foreground, uncertainty 2/11
+    fused = fuse(fg, fg)
+    belief, uncertainty = opinion(fused)
+    assert float(belief[0, 1]) == pytest.approx(117 / 121) and float(uncertainty) == pytest.approx(4 / 121)
+    assert float(belief.sum() + uncertainty) == pytest.approx(1.0)  # agreeing sources: surer than either
+    unsure_bg = _alpha(1, 0)
+    assert int(opinion(fuse(_alpha(0, 20), unsure_bg))[0].argmax(1)) == 1  # the confident source prevails
+    bg = _alpha(9, 0)
+    tie = opinion(fuse(fg, bg))[0]
+    assert float(tie[0, 0]) == pytest.approx(float(tie[0, 1]))  # a conflict between equals: undecided
+    same, weak_fg = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.2])
+    # class-aware: the source less reliable on the class it claims is discounted on that class only
+    assert int(opinion(class_aware_fusion(fg, bg, weak_fg, same))[0].argmax(1)) == 0
+    assert int(opinion(class_aware_fusion(fg, bg, same, torch.tensor([0.2, 1.0])))[0].argmax(1)) == 1
+    # reliability is relative to the better source: two equally weak sources keep all their evidence
+    assert torch.allclose(class_aware_fusion(fg, bg, weak_fg, weak_fg), fuse(_alpha(0, 9), _alpha(9, 0)))
+
+
+def test_class_reliability_is_the_soft_dice_per_class():
+    target = torch.zeros(1, 1, 2, 2, 2)
+    target[..., 0, :, :] = 1
+    right = torch.cat([1 + 99 * (1 - target), 1 + 99 * target], 1)  # much evidence for the true class
+    wrong = torch.cat([1 + 99 * target, 1 + 99 * (1 - target)], 1)
+    assert (class_reliability(right, target) > 0.95).all() and (class_reliability(wrong, target) < 0.05).all()
+
+
+def test_fisher_evidential_loss_and_the_asymptotic_weights():
+    alpha, target = _alpha(0, 10), torch.zeros(1, 1, 1, 1, 1)  # sure of the foreground, labeled background
+    p = np.array([1 / 12, 11 / 12])
+    y = np.array([1.0, 0.0])
+    trigamma = np.array([float(torch.polygamma(1, torch.tensor(a))) for a in (1.0, 11.0)])
+    expected = (((y - p) ** 2 + p * (1 - p) / 13) * trigamma).sum()
+    assert float(fisher_evidential_loss(alpha, target)) == pytest.approx(expected, rel=1e-5)
+    assert trigamma[1] < 0.1 < 1.6 < trigamma[0]  # the class it is sure of weighs little: not over-penalised
+    uncertainty = torch.tensor([0.1, 0.9])
+    assert asymptotic_weight(uncertainty, 0.0).tolist() == pytest.approx([0.9, 0.1])  # first the reliable voxels
+    assert asymptotic_weight(uncertainty, 0.5).tolist() == pytest.approx([0.5, 0.5])
+    assert asymptotic_weight(uncertainty, 1.0).tolist() == pytest.approx([0.1, 0.9])  # at the end the unreliable
+
+
+def test_medl_lowers_its_loss_on_a_fixed_batch_and_both_networks_learn_from_the_fused_labels(planned, tmp_path):
+    torch.manual_seed(0)
+    trainer = make_trainer("MEDLTrainer", planned, tmp_path)
+    assert set(trainer.members()) == {"unet", "vnet"} and set(trainer.extra_networks) == {"vnet"}
+    trainer.epoch = 5
+    terms = trainer.train_step(trainer.labeled_source[0], trainer.unlabeled_source[0])
+    assert 0 < float(terms["fused_uncertainty"]) < 1
+    terms["unlabeled"].backward()
+    for model in trainer.members().values():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    losses, terms = fit_fixed_batch(trainer, 15)
+    assert {"supervised", "evidential", "unlabeled", "fused_uncertainty"} <= set(terms)
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+def test_bad_medl_settings_get_clear_errors(planned, tmp_path):
+    with pytest.raises(InputError, match="evidence 'relu' is unknown"):
+        make_trainer("MEDLTrainer", planned, tmp_path, method={"evidence": "relu"})
+    with pytest.raises(InputError, match="weight_unlabeled -1 is negative"):
+        make_trainer("MEDLTrainer", planned, tmp_path, method={"weight_unlabeled": -1})
+    with pytest.raises(InputError, match="rampup_fraction 0 is not positive"):
+        make_trainer("MEDLTrainer", planned, tmp_path, method={"rampup_fraction": 0})
+    with pytest.raises(InputError, match="not a multiple of 16"):
+        make_trainer("MEDLTrainer", planned, tmp_path, patch_size=[8, 32, 32])
+    trainer = make_trainer("MEDLTrainer", planned, tmp_path, method={"preset": "paper", "evidence": "exp"})
+    assert trainer.settings["evidence"] == "exp"
+    assert torch.isfinite(trainer.train_step(trainer.labeled_source[0], trainer.unlabeled_source[0])["loss"])
+
+
+def test_medl_resumes_exactly_after_a_kill(planned, results, tmp_path):
+    args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", "MEDLTrainer", "--epochs", "2",
+            "--iterations-per-epoch", "3", *TINY, "--num-workers", "1", "--unlabeled-batch-size", "2"]
+    uninterrupted, resumed = train_killed_and_resumed(args, "MEDLTrainer", results, tmp_path)
+    assert_same_weights(uninterrupted, resumed, ("network", "networks"))
+    assert uninterrupted["history"]["terms"][-1].keys() >= {"supervised", "evidential", "unlabeled"}
