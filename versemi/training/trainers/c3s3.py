@@ -111,10 +111,9 @@ class C3S3Trainer(Trainer):
 
     def on_train_start(self) -> None:
         s = self.settings
-        for key in ("alpha",):
-            if not 0 <= s[key] <= 1:
-                raise input_error("--method", f"{key} {s[key]} is not in [0, 1]",
-                                  f"give {key} between 0 and 1 (default {DEFAULTS[key]})")
+        if not 0 <= s["alpha"] <= 1:
+            raise input_error("--method", f"alpha {s['alpha']} is not in [0, 1]",
+                              f"give alpha between 0 and 1 (default {DEFAULTS['alpha']})")
         for key in ("temperature", "contrastive_temperature", "rampup_fraction"):
             if not s[key] > 0:
                 raise input_error("--method", f"{key} {s[key]} is not positive", f"give {key} > 0 (default {DEFAULTS[key]})")
@@ -171,19 +170,17 @@ class C3S3Trainer(Trainer):
             if name in self.projectors:  # unit length per voxel, once for every pair of views
                 features[name] = F.normalize(self.projectors[name](tap.last.decoder).float(), dim=1)
 
-        def rows(logits, view: int, part: slice):
-            """The rows of one view's labeled (or unlabeled) samples, at every output level."""
-            start = view * n
-            chosen = slice(start + (part.start or 0), start + (part.stop if part.stop is not None else n))
+        def rows(logits, view: int, labeled_part: bool):
+            """One view's labeled (or unlabeled) samples, at every output level."""
+            chosen = slice(view * n, view * n + n_labeled) if labeled_part else slice(view * n + n_labeled, (view + 1) * n)
             return logits[chosen] if torch.is_tensor(logits) else [level[chosen] for level in logits]
 
-        labeled_rows, unlabeled_rows = slice(0, n_labeled), slice(n_labeled, n)
         target = labeled["target"]
         terms: dict[str, torch.Tensor] = {}
         supervised, scores = [], []
         for name in names:
-            dice = [multiscale(self.loss.dice, rows(outputs[name], v, labeled_rows), target) for v in range(n_views)]
-            ce = [multiscale(self.loss.cross_entropy, rows(outputs[name], v, labeled_rows), target)
+            dice = [multiscale(self.loss.dice, rows(outputs[name], v, True), target) for v in range(n_views)]
+            ce = [multiscale(self.loss.cross_entropy, rows(outputs[name], v, True), target)
                   for v in range(n_views)]
             supervised.append(sum(d + c for d, c in zip(dice, ce)) / n_views)
             scores.append(sum(s["alpha"] * c + (1 - s["alpha"]) * d for d, c in zip(dice, ce)).detach())
@@ -194,9 +191,9 @@ class C3S3Trainer(Trainer):
             student = 1 - teacher
             pseudo = 0.0
             for v in range(n_views):
-                taught = foreground_probability(finest(rows(outputs[names[student]], v, unlabeled_rows)))
+                taught = foreground_probability(finest(rows(outputs[names[student]], v, False)))
                 with torch.no_grad():
-                    target_u = sharpened(foreground_probability(finest(rows(outputs[names[teacher]], v, unlabeled_rows))),
+                    target_u = sharpened(foreground_probability(finest(rows(outputs[names[teacher]], v, False))),
                                          s["temperature"])
                 pseudo = pseudo + F.mse_loss(taught, target_u)
             terms["pseudo"] = self.pseudo_weight() * pseudo
