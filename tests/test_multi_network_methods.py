@@ -194,8 +194,8 @@ def test_voxel_contrast_pulls_positives_together_and_pushes_negatives_apart():
     positive = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     t = 0.1
     d = 1 + 1 + np.exp(-0.5 / t) + np.exp(0.1 / t)  # the positives add exp(0) each
-    expected = np.mean([-np.log(np.exp(0.9 / t) / (np.exp(0.9 / t) + d)), -np.log(np.exp(0.8 / t) / (np.exp(0.8 / t) + d)),
-                        -np.log(1 / (1 + d)), -np.log(1 / (1 + d))])
+    expected = np.mean([-np.log(np.exp(0.9 / t) / (np.exp(0.9 / t) + d)),
+                        -np.log(np.exp(0.8 / t) / (np.exp(0.8 / t) + d)), -np.log(1 / (1 + d)), -np.log(1 / (1 + d))])
     assert float(voxel_contrast(similarity, positive, t)) == pytest.approx(expected, rel=1e-5)
     similarity.requires_grad_(True)
     voxel_contrast(similarity, positive, t).backward()

@@ -116,10 +116,12 @@ class C3S3Trainer(Trainer):
                               f"give alpha between 0 and 1 (default {DEFAULTS['alpha']})")
         for key in ("temperature", "contrastive_temperature", "rampup_fraction"):
             if not s[key] > 0:
-                raise input_error("--method", f"{key} {s[key]} is not positive", f"give {key} > 0 (default {DEFAULTS[key]})")
+                raise input_error("--method", f"{key} {s[key]} is not positive",
+                                  f"give {key} > 0 (default {DEFAULTS[key]})")
         for key in ("weight_pseudo", "weight_consistency", "weight_contrastive", "view_noise"):
             if s[key] < 0:
-                raise input_error("--method", f"{key} {s[key]} is negative", f"give {key} >= 0 (default {DEFAULTS[key]})")
+                raise input_error("--method", f"{key} {s[key]} is negative",
+                                  f"give {key} >= 0 (default {DEFAULTS[key]})")
         if not (isinstance(s["projector_dim"], int) and s["projector_dim"] >= 1):
             raise input_error("--method", f"projector_dim {s['projector_dim']} is not a positive whole number",
                               f"give projector_dim as a count (default {DEFAULTS['projector_dim']})")
@@ -129,7 +131,7 @@ class C3S3Trainer(Trainer):
         self.dataset_prompts = DatasetPrompts(self.plans, self.device)
         self.projectors = {}
         if s["weight_contrastive"] > 0:  # a head that gets no gradient would stall DDP
-            for name, model in ((self.network_name, self.model), (self.second_name, self.extra_networks[self.second_name].model)):
+            for name, model in self.members().items():
                 head = projection_head(model.backbone.decoder_channels[0], s["projector_dim"])
                 self.projectors[name] = self.add_network(f"projector_{name}", module=head)
 
@@ -172,7 +174,8 @@ class C3S3Trainer(Trainer):
 
         def rows(logits, view: int, labeled_part: bool):
             """One view's labeled (or unlabeled) samples, at every output level."""
-            chosen = slice(view * n, view * n + n_labeled) if labeled_part else slice(view * n + n_labeled, (view + 1) * n)
+            start = view * n
+            chosen = slice(start, start + n_labeled) if labeled_part else slice(start + n_labeled, start + n)
             return logits[chosen] if torch.is_tensor(logits) else [level[chosen] for level in logits]
 
         target = labeled["target"]
@@ -199,7 +202,8 @@ class C3S3Trainer(Trainer):
             terms["pseudo"] = self.pseudo_weight() * pseudo
         if n_views == 2:
             terms["consistency"] = s["weight_consistency"] * sum(
-                1 - F.cosine_similarity(finest(outputs[name])[:n].float(), finest(outputs[name])[n:].float(), dim=-1).mean()
+                1 - F.cosine_similarity(finest(outputs[name])[:n].float(), finest(outputs[name])[n:].float(),
+                                        dim=-1).mean()
                 for name in names)
         if features:
             foreground = {name: finest(outputs[name]).argmax(1) == 1 for name in names}  # (n_views * n, *S)

@@ -97,7 +97,8 @@ class MEDLTrainer(Trainer):
                               f"use one of {', '.join(EVIDENCE_FUNCTIONS)}")
         for key in ("weight_evidential", "weight_unlabeled"):
             if s[key] < 0:
-                raise input_error("--method", f"{key} {s[key]} is negative", f"give {key} >= 0 (default {DEFAULTS[key]})")
+                raise input_error("--method", f"{key} {s[key]} is negative",
+                                  f"give {key} >= 0 (default {DEFAULTS[key]})")
         if not s["rampup_fraction"] > 0:
             raise input_error("--method", f"rampup_fraction {s['rampup_fraction']} is not positive",
                               f"give rampup_fraction > 0 (default {DEFAULTS['rampup_fraction']})")
