@@ -21,8 +21,9 @@ NAME = "MutualLearningTrainer"
 
 
 def _fit(trainer, steps: int) -> tuple[list[float], dict]:
-    """``optimize`` (both networks step) ``steps`` times on the first batches."""
-    labeled, unlabeled = trainer.labeled_source[0], trainer.unlabeled_source[0]
+    """``optimize`` (both networks step) ``steps`` times on the first batches (unlabeled ones from stage 2)."""
+    labeled = trainer.labeled_source[0]
+    unlabeled = trainer.unlabeled_source[0] if trainer.stage > 1 else None
     losses = []
     for _ in range(steps):
         terms = trainer.optimize(0, labeled, unlabeled)
@@ -34,6 +35,7 @@ def test_mutual_learning_lowers_its_loss_in_both_stages(planned, tmp_path):
     torch.manual_seed(0)
     trainer = make_trainer(NAME, planned, tmp_path)
     assert trainer.stage_starts() == [3] and set(trainer.members()) == {"main", PEER}
+    assert trainer.unlabeled_from() == 3 * trainer.config.iterations_per_epoch  # stage 1 learns from labels only
     losses, terms = _fit(trainer, 30)
     assert set(terms) == {"supervised", "exclusion", "feature_difference", "loss"}
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses

@@ -5,8 +5,8 @@ The setting VerSemi is about: datasets that each label only some structures, and
 segments every structure of every dataset. Two networks (members of the trained model; prediction
 averages them, ``-p all`` writes every structure as one label map) learn in two stages:
 
-Stage 1, partial structures (``stage1_fraction`` of the epochs). Each network learns each labeled
-image's own structure (Dice + CE with the sample's own prompt) and, because structures of
+Stage 1, partial structures (``stage1_fraction`` of the epochs, labeled images only). Each
+network learns each labeled image's own structure (Dice + CE with the sample's own prompt) and, because structures of
 different datasets do not overlap, that the other datasets' structures are absent where the
 image's own labels hold ("non-overlapping organ labels"). Mutual difference learning: the two
 networks' bottleneck features are pushed apart (the positive part of their cosine similarity), so
@@ -89,6 +89,10 @@ class MutualLearningTrainer(Trainer):
 
     def stage_starts(self) -> list[int]:
         return [round(self.settings["stage1_fraction"] * self.config.epochs)]
+
+    def unlabeled_from(self) -> int | None:
+        """Unlabeled images are first used in stage 2: stage 1 learns from labels only."""
+        return self.stage_starts()[0] * self.config.iterations_per_epoch
 
     def on_stage_start(self, stage: int) -> None:
         self.teachers["stage1_main"].copy_from(self.model)
