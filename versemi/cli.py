@@ -279,7 +279,9 @@ def predict_main(argv: list[str] | None = None) -> int:
                   f"{100 * decision['dice_with']:.2f} with, {100 * decision['dice_without']:.2f} without, "
                   f"{decision['cases']} case(s); {decision['file']})")
     names = ", ".join(f"{p['dataset']}/{p['label']}" for p in prompts)
-    print(f"{experiment_dir.name}: {args.trainer}__{ensemble.configuration} fold(s) {', '.join(ensemble.folds)}, "
+    members = sorted({m for m in ensemble.members if m is not None})
+    folds = ", ".join(dict.fromkeys(ensemble.folds)) + (f" (members {', '.join(members)})" if members else "")
+    print(f"{experiment_dir.name}: {args.trainer}__{ensemble.configuration} fold(s) {folds}, "
           f"prompt{'s' if len(prompts) > 1 else ''} {names}, on {ensemble.device} "
           f"({'fp32' if dtype is None else str(dtype).replace('torch.', '')})")
     written = predict_cases(args.input, args.output, prompts, ensemble, step=args.step, mirroring=not args.no_mirroring,
