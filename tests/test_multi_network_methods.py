@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from versemi.bundles.export import export_bundle
 from versemi.cli import predict_main
@@ -24,6 +25,8 @@ from versemi.training.evidential import asymptotic_weight, fisher_evidential_los
 from versemi.training.losses import finest, multiscale, voxel_contrast
 from versemi.training.pseudo_labels import sharpened
 from versemi.training.trainer import Trainer
+from versemi.training.trainers import c3s3
+from versemi.training.trainers.c3s3 import project_rows, projection_head, voxel_rows
 from versemi.training.trainers.medl import class_aware_fusion, class_reliability
 
 from conftest import TOY_EXPERIMENT, assert_same_weights, fit_fixed_batch, make_trainer, train_killed_and_resumed
@@ -203,6 +206,42 @@ def test_voxel_contrast_pulls_positives_together_and_pushes_negatives_apart():
     assert similarity.grad[0, 3] > similarity.grad[0, 2]  # the most similar negative is pushed hardest
 
 
+def test_voxel_rows_line_up_the_same_voxel_across_views_and_project_like_the_whole_volume():
+    torch.manual_seed(0)
+    n_views, n, channels, shape = 2, 3, 4, (2, 3, 5)
+    volume = torch.randn(n_views * n, channels, *shape)
+    rows = voxel_rows(volume, n_views)
+    assert rows.shape == (n_views, n * 30, channels)
+    for view, sample, z, y, x in [(0, 0, 0, 0, 0), (1, 2, 1, 2, 4), (1, 1, 0, 2, 3)]:
+        row = sample * 30 + z * 15 + y * 5 + x
+        assert torch.equal(rows[view, row], volume[view * n + sample, :, z, y, x])
+    head = projection_head(channels, 3)
+    whole = F.normalize(head(volume), dim=1)  # the head over the full-resolution volume
+    assert torch.allclose(project_rows(head, rows), voxel_rows(whole, n_views), atol=1e-5)
+    chosen = torch.tensor([5, 0, 77])
+    assert torch.allclose(project_rows(head, rows[:, chosen]), voxel_rows(whole, n_views)[:, chosen], atol=1e-5)
+
+
+def test_c3s3_contrasts_the_chosen_number_of_voxels(planned, tmp_path, monkeypatch):
+    trainer = make_trainer("C3S3Trainer", planned, tmp_path, method={**C3S3, "contrast_voxels": 50})
+    torch.manual_seed(0)
+    first, second = trainer.contrasted_voxels(1000, torch.device("cpu")), trainer.contrasted_voxels(1000, "cpu")
+    assert len(first) == 50 == len(set(first.tolist())) and not torch.equal(first, second)  # new voxels every step
+    assert trainer.contrasted_voxels(40, torch.device("cpu")) == slice(None)  # fewer voxels than asked: all
+    seen = []
+    real = c3s3.outcome_contrast
+
+    def recording(unit_a, unit_b, *rest):
+        seen.append(unit_a.shape[0])
+        return real(unit_a, unit_b, *rest)
+
+    monkeypatch.setattr(c3s3, "outcome_contrast", recording)
+    terms = trainer.train_step(trainer.labeled_source[0], trainer.unlabeled_source[0])
+    assert seen == [50] * 4 and torch.isfinite(terms["contrastive"])  # two views: four pairs
+    every = make_trainer("C3S3Trainer", planned, tmp_path / "every", method={**C3S3, "contrast_voxels": 0})
+    assert every.contrasted_voxels(10 ** 6, torch.device("cpu")) == slice(None)
+
+
 def test_sharpening_pushes_soft_labels_to_zero_and_one():
     p = torch.tensor([0.3, 0.5, 0.9])
     expected = p ** 10 / (p ** 10 + (1 - p) ** 10)
@@ -267,6 +306,8 @@ def test_bad_c3s3_settings_get_clear_errors(planned, tmp_path):
         make_trainer("C3S3Trainer", planned, tmp_path, method={"alpha": 1.5})
     with pytest.raises(InputError, match="second_architecture 'resnet'"):
         make_trainer("C3S3Trainer", planned, tmp_path, method={"second_architecture": "resnet"})
+    with pytest.raises(InputError, match="contrast_voxels -1 is not a whole number >= 0"):
+        make_trainer("C3S3Trainer", planned, tmp_path, method={"contrast_voxels": -1})
     with pytest.raises(InputError, match="temperature 0 is not positive"):
         make_trainer("C3S3Trainer", planned, tmp_path, method={"temperature": 0})
     with pytest.raises(InputError, match="not a multiple of 16"):
