@@ -42,7 +42,8 @@ def test_mutual_learning_lowers_its_loss_in_both_stages(planned, tmp_path):
     trainer.epoch = 3
     trainer.on_stage_start(2)
     losses, terms = _fit(trainer, 30)
-    assert set(terms) == {"supervised", "exclusion", "pseudo", "prediction_similarity", "feature_similarity", "loss"}
+    assert set(terms) == {"supervised", "exclusion", "pseudo", "prediction_similarity", "feature_similarity", "loss",
+                          "pseudo_reliability"}
     assert all(np.isfinite(v) for v in terms.values())
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
@@ -50,7 +51,7 @@ def test_mutual_learning_lowers_its_loss_in_both_stages(planned, tmp_path):
 def test_pseudo_labels_cover_only_what_an_images_labels_do_not_give(planned, tmp_path, monkeypatch):
     """Stage 2: a labeled image is pseudo-labeled for the other datasets' structures only, an
     unlabeled one for every structure; with threshold 0.5 every such voxel counts."""
-    trainer = make_trainer(NAME, planned, tmp_path, method={"pseudo_threshold": 0.5})
+    trainer = make_trainer(NAME, planned, tmp_path, method={"pseudo_threshold": 0.5, "pseudo_reliability": False})
     trainer.epoch = 3
     trainer.on_stage_start(2)
     seen = {}
@@ -66,6 +67,43 @@ def test_pseudo_labels_cover_only_what_an_images_labels_do_not_give(planned, tmp
     n = labeled["data"].shape[0]
     own = trainer.dataset_prompts.own(labeled["dataset"])
     assert torch.equal(weight[:n], 1 - own) and torch.equal(weight[n:], torch.ones_like(weight[n:]))
+
+
+def test_each_structures_pseudo_labels_count_by_the_frozen_pairs_dice_on_labeled_images(planned, tmp_path,
+                                                                                        monkeypatch):
+    trainer = make_trainer(NAME, planned, tmp_path, method={"pseudo_threshold": 0.5})
+    prompts = len(trainer.dataset_prompts.indices)
+    assert prompts == 2 and torch.equal(trainer.reliability(), torch.zeros(2))  # nothing measured yet: no weight
+    frozen = torch.zeros(3, prompts, 1, 2, 2)  # (labeled images, prompts, z, y, x) frozen mean probabilities
+    target = torch.zeros(3, 1, 1, 2, 2)
+    frozen[0, 0, 0, 0, :] = 0.9                # image 0 (prompt 0): 2 voxels found, 1 of them true
+    target[0, 0, 0, 0, 0] = target[0, 0, 0, 1, 1] = 1
+    frozen[1, 1] = 0.2                         # image 1 (prompt 1): nothing found of its 4 true voxels ...
+    target[1] = 1
+    frozen[1, 0] = 0.9                         # ... while prompt 0, not its own, is ignored
+    own = torch.tensor([0, 1, 0])              # image 2 (prompt 0): nothing true, nothing found
+    trainer.measure_reliability(frozen, own, target)
+    assert torch.allclose(trainer.reliability(), torch.tensor([2 * 1 / (2 + 2), 0.0]))
+    frozen[1, 1] = 0.7                         # a second batch: prompt 1 now found exactly
+    trainer.measure_reliability(frozen, own, target)
+    assert torch.allclose(trainer.reliability(), torch.tensor([2 * 2 / (4 + 4), 2 * 4 / (4 + 8)]))
+    assert torch.equal(trainer.extra_state()["frozen_pair_overlap"], trainer.overlap)
+
+    # in a step: each prompt's pseudo-label weight is the reliability measured up to and with this batch
+    trainer.epoch = 3
+    trainer.on_stage_start(2)
+    trainer.overlap.copy_(torch.tensor([[1.0, 3.0], [4.0, 4.0]]))  # measured before: Dice 0.25 and 0.75
+    seen = {}
+    monkeypatch.setattr(trainer, "_pseudo_loss", lambda logits, targets, weight: seen.setdefault("w", weight).sum() * 0)
+    labeled, unlabeled = trainer._to_device(trainer.labeled_source[0]), trainer._to_device(trainer.unlabeled_source[0])
+    terms = trainer.train_step(labeled, unlabeled)
+    n = labeled["data"].shape[0]
+    reliability = trainer.reliability()
+    assert (reliability > 0).all()
+    assert torch.allclose(seen["w"][n:].flatten(2).mean(2), reliability.expand(len(seen["w"]) - n, -1))
+    assert float(terms["pseudo_reliability"]) == pytest.approx(float(reliability.mean()))
+    assert float(terms["loss"].detach()) == pytest.approx(sum(float(v.detach()) for k, v in terms.items()
+                                                     if k not in ("loss", "pseudo_reliability")), rel=1e-5)
 
 
 def test_other_datasets_structures_are_scored_absent_where_own_labels_hold():
