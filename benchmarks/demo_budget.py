@@ -62,7 +62,7 @@ def start(args, work: Path, trainer: str, seed: int) -> subprocess.Popen | None:
     command = [str(BIN / "versemi_train"), "3d_fullres", "0", "-e", EXPERIMENT, "-tr", trainer, "--time-budget",
                str(args.minutes), "--seed", str(seed), "--patch-size", "32", "48", "48", "--batch-size", "2",
                "--features", "8", "16", "32", "64", "--optimizer", "adam", "--lr", "3e-3", "--num-workers", "1",
-               "--val-iterations", "2"]
+               "--val-iterations", "2"] + (["--method", args.method] if args.method else [])
     return subprocess.Popen(command, env=env, stdout=open(folder / "train.log", "w"), stderr=subprocess.STDOUT)
 
 
@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--trainers", nargs="+", default=["MutualLearningTrainer", "VerSemiTrainer"])
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--method", help="--method settings (JSON) given to every trainer of this run, "
+                                         "e.g. an ablation in its own --work")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "demo_budget")
     args = parser.parse_args()
     work = args.work.absolute()
