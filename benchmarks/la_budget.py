@@ -36,7 +36,13 @@ METRICS = ("dice", "jaccard", "hd95", "asd")
 # in this order, two side by side, the pairs are (BCP, M3HL), (CAD, Supervised), (VerSemi, BCP) ...
 DEFAULT_VARIANTS = [{"label": "BCP", "trainer": "BCPTrainer"}, {"label": "M3HL", "trainer": "M3HLTrainer"},
                     {"label": "CAD", "trainer": "CADTrainer"}, {"label": "Supervised", "trainer": "SupervisedTrainer"},
-                    {"label": "VerSemi", "trainer": "VerSemiTrainer"}]
+                    {"label": "VerSemi", "trainer": "VerSemiTrainer"},
+                    # the two-network methods with a second U-Net: the V-Net needs sides that are multiples of 16;
+                    # C3S3 with one view, since two views get a quarter of the iterations on a CPU (RESULTS.md)
+                    {"label": "MutualLearning", "trainer": "MutualLearningTrainer"},
+                    {"label": "MEDL (U-Net pair)", "trainer": "MEDLTrainer", "method": {"second_architecture": "unet"}},
+                    {"label": "C3S3 (U-Net pair, one view)", "trainer": "C3S3Trainer",
+                     "method": {"second_architecture": "unet", "two_views": False}}]
 
 
 def prepare_data(work: Path, spacing_scale: float, source: Path = H5) -> Path:
