@@ -42,8 +42,7 @@ def test_mutual_learning_lowers_its_loss_in_both_stages(planned, tmp_path):
     trainer.epoch = 3
     trainer.on_stage_start(2)
     losses, terms = _fit(trainer, 30)
-    assert set(terms) == {"supervised", "exclusion", "pseudo", "prediction_similarity", "feature_similarity", "loss",
-                          "pseudo_reliability"}
+    assert set(terms) == {"supervised", "exclusion", "pseudo", "prediction_similarity", "feature_similarity", "loss"}
     assert all(np.isfinite(v) for v in terms.values())
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
@@ -51,7 +50,7 @@ def test_mutual_learning_lowers_its_loss_in_both_stages(planned, tmp_path):
 def test_pseudo_labels_cover_only_what_an_images_labels_do_not_give(planned, tmp_path, monkeypatch):
     """Stage 2: a labeled image is pseudo-labeled for the other datasets' structures only, an
     unlabeled one for every structure; with threshold 0.5 every such voxel counts."""
-    trainer = make_trainer(NAME, planned, tmp_path, method={"pseudo_threshold": 0.5, "pseudo_reliability": False})
+    trainer = make_trainer(NAME, planned, tmp_path, method={"pseudo_threshold": 0.5})
     trainer.epoch = 3
     trainer.on_stage_start(2)
     seen = {}
@@ -71,7 +70,7 @@ def test_pseudo_labels_cover_only_what_an_images_labels_do_not_give(planned, tmp
 
 def test_each_structures_pseudo_labels_count_by_the_frozen_pairs_dice_on_labeled_images(planned, tmp_path,
                                                                                         monkeypatch):
-    trainer = make_trainer(NAME, planned, tmp_path, method={"pseudo_threshold": 0.5})
+    trainer = make_trainer(NAME, planned, tmp_path, method={"pseudo_threshold": 0.5, "pseudo_reliability": True})
     prompts = len(trainer.dataset_prompts.indices)
     assert prompts == 2 and torch.equal(trainer.reliability(), torch.zeros(2))  # nothing measured yet: no weight
     frozen = torch.zeros(3, prompts, 1, 2, 2)  # (labeled images, prompts, z, y, x) frozen mean probabilities
