@@ -41,8 +41,8 @@ Deliberate differences from the public code:
   both networks and every view, instead of every voxel of the batch: the projection head is per
   voxel, so only those voxels are projected. Over every voxel (``contrast_voxels: 0``, the
   paper preset) a 40x64x80 LA step with two views took 94 s on one CPU core, with 8192 voxels
-  32 s; the term's gradient is a softmax over the negatives either way. The public code builds its loss with ``sample_num=50`` and a top-k sampler it never
-  calls;
+  32 s; the term's gradient is a softmax over the negatives either way. The public code builds
+  its loss with ``sample_num=50`` and a top-k sampler it never calls;
 - the public code adds the contrastive term to both networks' losses and back-propagates both,
   so its gradient counts twice: ``weight_contrastive`` 2.0 reproduces that;
 - one optimizer per network (as there) with the trainer's settings and poly decay, instead of
