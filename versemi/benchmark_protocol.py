@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import read_json, write_json
+from .console import add_quiet_option, progress_bar
 from .errors import InputError, Problem, input_error
 from .plans.view import PlansView
 from .training.config import PRECISIONS
@@ -148,7 +149,8 @@ def make_source_view(source: Path, folder: Path, train: list[str], test: list[st
     return folder
 
 
-def convert_split(source: Path, raw_dataset: Path, train: list[str], test: list[str], show_progress: bool) -> bool:
+def convert_split(source: Path, raw_dataset: Path, train: list[str], test: list[str],
+                  show_progress: bool = True) -> bool:
     """Convert the split into ``raw_dataset`` (True), or reuse it where it already holds exactly this
     split (False); a different split there is refused."""
     from .datasets.converters.la_h5 import convert_la_h5
@@ -251,10 +253,8 @@ def _window_note(plan_spacing: Sequence[float], original_spacing: Sequence[float
             f"{'x'.join(map(str, LITERATURE_PATCH))} voxels cover {factors} times the literature's field of view")
 
 
-def predict_test_cases(ensemble, raw_dataset: Path, predictions: Path, show_progress: bool) -> dict:
+def predict_test_cases(ensemble, raw_dataset: Path, predictions: Path) -> dict:
     """Predict every test case with both windows; writes ``predictions/<variant>/<case>.nii.gz``."""
-    from tqdm import tqdm
-
     from .datasets.io import write_image
     from .datasets.layout import load_dataset
     from .inference.postprocessing import largest_connected_component
@@ -276,7 +276,7 @@ def predict_test_cases(ensemble, raw_dataset: Path, predictions: Path, show_prog
     }
     seconds = {name: 0.0 for name in windows}
     cases = load_dataset(raw_dataset).test_cases()
-    for case in tqdm(cases, desc="predicting test cases", unit="case", disable=not show_progress, dynamic_ncols=True):
+    for case in progress_bar(cases, desc="predicting test cases", unit="case"):
         for name, window in windows.items():
             started = time.time()
             result = predict_case(window["ensemble"], case.images, prompt, **window["kwargs"])
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--empty", choices=("nan", "literature"), default="nan",
                    help="scoring of a missed case (see versemi_evaluate --empty)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(p)
     t = p.add_argument_group("training (passed to versemi_train; default: the plan's and the trainer's)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--iterations-per-epoch", type=int)
@@ -348,7 +348,6 @@ def run_benchmark(args) -> dict:
         raise input_error(f"--device {args.device}", "CUDA is not available here", "use --device cpu")
     if args.method:
         parse_method(args.method)
-    show = not args.quiet
     work = args.work.absolute()
     source = args.source.absolute()
     started = time.time()
@@ -360,7 +359,7 @@ def run_benchmark(args) -> dict:
                                                        "ids are removed", f"give a number from 1 to {len(train_ids)}")
     raw_dataset = work / "raw" / DATASET
     raw_dataset.parent.mkdir(parents=True, exist_ok=True)
-    converted = convert_split(source, raw_dataset, train_ids, test_ids, show)
+    converted = convert_split(source, raw_dataset, train_ids, test_ids)
     print(f"data: {raw_dataset} ({'converted' if converted else 'reused'}): {args.labeled} labeled, "
           f"{len(train_ids) - args.labeled} unlabeled, {len(test_ids)} test case(s)")
 
@@ -369,8 +368,7 @@ def run_benchmark(args) -> dict:
                                      + (f"_spacing{args.spacing_scale:g}x" if args.spacing_scale != 1 else ""))
     request = ExperimentRequest([DATASET], work / "raw", work / "versemi_plans", experiment=experiment,
                                 labeled_limits={DATASET: args.labeled}, num_processes=args.num_processes,
-                                settings=PlanSettings(memory_gb=args.memory_gb, spacing_scale=args.spacing_scale),
-                                show_progress=show)
+                                settings=PlanSettings(memory_gb=args.memory_gb, spacing_scale=args.spacing_scale))
     plan_summary = plan_and_preprocess(request)
     plans = read_json(plan_summary["plans"])
     view = PlansView(plans)
@@ -389,7 +387,7 @@ def run_benchmark(args) -> dict:
     # d. predict with both windows
     ensemble = load_models(checkpoint, device=args.device)
     predictions = work / "predictions"
-    prediction = predict_test_cases(ensemble, raw_dataset, predictions, show)
+    prediction = predict_test_cases(ensemble, raw_dataset, predictions)
     from .datasets.layout import load_dataset
     from .datasets.io import read_label
     original_spacing = read_label(load_dataset(raw_dataset).test_cases()[0].label)[1].spacing_zyx

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Callable
 
 from . import paths
+from .console import add_quiet_option, is_quiet, set_quiet
 from .errors import InputError, input_error
 
 
 def _entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
+        quiet = is_quiet()  # a --quiet given to this call must not silence a caller that goes on (tests, scripts)
         try:
             code = main(argv) or 0
         except InputError as exc:
@@ -25,6 +27,8 @@ def _entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[li
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             code = 130
+        finally:
+            set_quiet(quiet)
         if argv is None:
             sys.exit(code)
         return code
@@ -50,6 +54,7 @@ def make_synthetic_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("-np", "--num-processes", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true", help="replace existing demo dataset folders")
+    add_quiet_option(parser)
     args = parser.parse_args(argv)
     config = SyntheticConfig(num_labeled=args.num_labeled, num_unlabeled=args.num_unlabeled, num_test=args.num_test,
                              shape_la=tuple(args.shape_la), shape_pancreas=tuple(args.shape_pancreas), seed=args.seed)
@@ -73,6 +78,7 @@ def convert_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="voxel spacing in mm where the source stores none (la-h5: default 0.625 isotropic)")
     parser.add_argument("--labels", type=Path, help="pancreas-nih: folder of label00NN.nii.gz files")
+    add_quiet_option(parser)
     args = parser.parse_args(argv)
     options = {k: v for k, v in (("spacing", tuple(args.spacing) if args.spacing else None),
                                  ("labels", args.labels)) if v is not None}
@@ -114,14 +120,14 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite-plans", action="store_true", help="replace an existing, different plans.json")
     parser.add_argument("--raw", type=Path, help="raw root (default: $VERSEMI_RAW or $VERSEMI_ROOT/raw)")
     parser.add_argument("--plans-root", type=Path, help="(default: $VERSEMI_PLANS or $VERSEMI_ROOT/versemi_plans)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(parser)
     args = parser.parse_args(argv)
     request = ExperimentRequest(
         dataset_names=args.datasets, raw_root=args.raw or paths.raw_root(), plans_root=args.plans_root or paths.plans_root(),
         experiment=args.experiment, labeled_limits=_parse_limits(args.labeled), num_processes=args.num_processes,
         settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture,
                               spacing_scale=args.spacing_scale),
-        overwrite_plans=args.overwrite_plans, show_progress=not args.quiet)
+        overwrite_plans=args.overwrite_plans)
     if args.verify_only:
         verify(request)
         print(f"verified {', '.join(args.datasets)}: no problems found")
@@ -250,7 +256,7 @@ def predict_main(argv: list[str] | None = None) -> int:
                         help="the network's arithmetic (default auto: bf16 on CUDA and on CPUs with bf16 units, "
                              "AMX or AVX512-BF16; fp32 on other CPUs, which only emulate bf16)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(parser)
     args = parser.parse_args(argv)
     if not 0 < args.step <= 1:
         raise input_error(f"--step {args.step}", "must lie in (0, 1]", "use e.g. 0.5 (nnU-Net's default)")
@@ -286,7 +292,7 @@ def predict_main(argv: list[str] | None = None) -> int:
           f"({'fp32' if dtype is None else str(dtype).replace('torch.', '')})")
     written = predict_cases(args.input, args.output, prompts, ensemble, step=args.step, mirroring=not args.no_mirroring,
                             lcc=bool(lcc) if len(prompts) == 1 else lcc, save_probabilities=args.save_probabilities,
-                            overwrite=args.overwrite, show_progress=not args.quiet)
+                            overwrite=args.overwrite)
     table = f" and {Path(args.output) / 'labels.json'} (the label values)" if len(prompts) > 1 else ""
     print(f"wrote {len(written)} segmentation(s) to {args.output}{table}")
     if args.overlays:
@@ -323,7 +329,7 @@ def find_postprocessing_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring (8x faster)")
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(parser)
     args = parser.parse_args(argv)
     if not 0 < args.step <= 1:
         raise input_error(f"--step {args.step}", "must lie in (0, 1]", "use e.g. 0.5 (nnU-Net's default)")
@@ -331,8 +337,7 @@ def find_postprocessing_main(argv: list[str] | None = None) -> int:
         raise input_error(f"--device {args.device}", "CUDA is not available here", "use --device cpu")
     experiment_dir = find_experiment_dir(args.experiment, args.plans_root)
     result = find_postprocessing(experiment_dir, args.trainer, args.configuration, args.folds, args.checkpoint,
-                                 args.raw, args.device, args.step, not args.no_mirroring,
-                                 show_progress=not args.quiet)
+                                 args.raw, args.device, args.step, not args.no_mirroring)
     print(f"{experiment_dir.name}: {args.trainer}__{args.configuration}, folds {', '.join(result['folds'])}, "
           f"{len(result['cases'])} validation case(s) in their original geometry")
     print(format_decisions(result))

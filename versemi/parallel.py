@@ -4,7 +4,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from typing import Callable, Sequence, TypeVar
 
-from tqdm import tqdm
+from .console import progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -16,7 +16,7 @@ def map_with_progress(fn: Callable[[T], R], items: Sequence[T], num_processes: i
 
     Workers take one item at a time, so memory stays bounded by one case per worker.
     """
-    bar = tqdm(total=len(items), desc=desc, unit="case", disable=not show_progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(items), desc=desc, unit="case", show=show_progress)
     try:
         if num_processes <= 1 or len(items) <= 1:
             results = []

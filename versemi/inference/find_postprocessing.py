@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import paths
 from ..atomic import read_json, write_json
+from ..console import progress_bar
 from ..datasets.io import read_label
 from ..datasets.layout import find_dataset, load_dataset
 from ..errors import InputError, Problem, input_error
@@ -80,7 +81,7 @@ def _raw_cases(dataset_names: Iterable[str], raw_root: Path) -> tuple[dict[str, 
 def find_postprocessing(experiment_dir: str | Path, trainer: str = "VerSemiTrainer", configuration: str = "3d_fullres",
                         folds: Iterable[str] | None = None, checkpoint: str = "final", raw_root: str | Path | None = None,
                         device: str = "cpu", step: float = 0.5, mirroring: bool = True, connectivity: int = 26,
-                        write: bool = True, show_progress: bool = False) -> dict:
+                        write: bool = True, show_progress: bool = True) -> dict:
     """Per prompt, whether the largest connected component keeps or raises the mean cross-validation
     Dice; returns the decisions and (``write``) writes them to ``postprocessing_path``.
 
@@ -125,11 +126,7 @@ def find_postprocessing(experiment_dir: str | Path, trainer: str = "VerSemiTrain
 
     started = time.time()
     per_case = []
-    iterator = work
-    if show_progress:
-        from tqdm import tqdm
-        iterator = tqdm(work, desc="cross-validation", unit="case", dynamic_ncols=True)
-    for fold, dataset, case in iterator:
+    for fold, dataset, case in progress_bar(work, desc="cross-validation", unit="case", show=show_progress):
         reference, _ = read_label(case.label)
         scores = {}
         for prompt in (p for p in real_prompts if p["dataset"] == dataset):

@@ -26,9 +26,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..atomic import atomic_path
+from ..console import progress_bar
 from ..datasets.io import Geometry, read_image, write_image
 from ..errors import InputError, Problem, input_error
 from ..plans.view import PlansView
@@ -224,7 +224,7 @@ def _run_cases(cases: Sequence[InputCase], prepare, network, finish, background_
     With ``background_io`` one thread reads and preprocesses the next case and another finishes
     and writes the previous one while the network runs, as nnU-Net's preprocessing iterator and
     export pool do; at most one case waits on each side, so memory stays bounded."""
-    progress = tqdm(total=len(cases), desc="predicting", unit="case", disable=not show_progress, dynamic_ncols=True)
+    progress = progress_bar(total=len(cases), desc="predicting", unit="case", show=show_progress)
     written: list[Path] = []
     if not background_io:
         for case in cases:

@@ -11,6 +11,7 @@ import torch
 
 from .. import paths
 from ..atomic import read_json
+from ..console import add_quiet_option
 from ..errors import input_error
 from ..plans.view import PlansView
 from .augmentation import AugmentationSettings
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="{}", help='method settings as JSON, e.g. \'{"stage1_fraction": 0.5}\', '
                                                   'or a preset name (\'paper\', same as \'{"preset": "paper"}\')')
     p.add_argument("--plans-root", type=Path)
+    add_quiet_option(p)
     return p
 
 

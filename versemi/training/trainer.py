@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
+from ..console import progress_bar
 from ..errors import input_error
 from ..nets import build_network
 from ..plans.topology import pool_and_conv_props
@@ -439,8 +439,8 @@ class Trainer:
         start = self.epoch * n
         losses, terms = [], {}
         self.data_wait = 0.0  # seconds the step waited for the loaders this epoch
-        bar = tqdm(itertools.islice(self.training_batches, n), total=n, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
-                   disable=not self.is_main, dynamic_ncols=True, leave=False)
+        bar = progress_bar(itertools.islice(self.training_batches, n), total=n,
+                           desc=f"epoch {self.epoch + 1}/{self.config.epochs}", show=self.is_main, leave=False)
         waiting = time.perf_counter()
         for offset, (labeled, unlabeled) in enumerate(bar):
             self.data_wait += time.perf_counter() - waiting

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
+from ...console import progress_bar
 from ...errors import input_error
 from ..io import Geometry, write_image
 
@@ -74,7 +74,7 @@ def _replace(partial: Path, output: Path) -> None:
 
 
 def progress(items: Iterable[T], show: bool, desc: str) -> Iterable[T]:
-    return tqdm(items, desc=desc, unit="case", disable=not show)
+    return progress_bar(items, desc=desc, unit="case", show=show)
 
 
 def write_channels(folder: Path, case_id: str, channels: Sequence[np.ndarray], geometry: Geometry) -> None:
