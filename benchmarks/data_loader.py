@@ -32,7 +32,7 @@ from versemi.nets import build_network
 from versemi.plans.experiment import plans_path
 from versemi.plans.planner import CONFIGURATION
 from versemi.plans.topology import pool_and_conv_props
-from versemi.training.augmentation import AugmentationSettings
+from versemi.model.augmentation_settings import AugmentationSettings
 from versemi.training.data import BatchSource, CaseStore, StreamSettings, batch_loader
 from versemi.training.trainer import fold_split
 

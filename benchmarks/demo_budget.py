@@ -72,8 +72,8 @@ def evaluate(folder: Path, trainer: str, raw: Path) -> dict:
     from versemi.datasets.io import read_image, read_label
     from versemi.evaluation.metrics import dice
     from versemi.inference import load_models, predict_cases
-    from versemi.plans.view import PlansView
-    from versemi.training.checkpoint import load_checkpoint
+    from versemi.model.plans_view import PlansView
+    from versemi.model.checkpoint import load_checkpoint
 
     cached = folder / "evaluation.json"
     if cached.is_file():

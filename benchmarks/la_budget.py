@@ -125,7 +125,7 @@ def evaluate_run(folder: Path, raw: Path, mirroring: bool, device: str = "cpu") 
     from versemi.datasets.layout import load_dataset
     from versemi.evaluation import evaluate_folders
     from versemi.inference.predictor import load_models, predict_case
-    from versemi.training.checkpoint import load_checkpoint
+    from versemi.model.checkpoint import load_checkpoint
 
     result_file = folder / "evaluation.json"
     checkpoint = Path((folder / "checkpoint.txt").read_text())

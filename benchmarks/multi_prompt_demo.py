@@ -32,7 +32,7 @@ def main() -> None:
     from versemi.datasets.io import read_image, read_label
     from versemi.evaluation.metrics import dice
     from versemi.inference import load_models, predict_cases
-    from versemi.plans.view import PlansView
+    from versemi.model.plans_view import PlansView
 
     ensemble = load_models(paths.results_root() / args.experiment, args.folds, args.trainer)
     prompts = PlansView(ensemble.plans).real_prompts

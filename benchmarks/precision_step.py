@@ -16,7 +16,7 @@ import torch
 
 from versemi.nets import build_network
 from versemi.training.losses import DiceCE
-from versemi.training.precision import cpu_has_bf16
+from versemi.model.precision import cpu_has_bf16
 
 PLAN = {"architecture": "unet", "features": [16, 32, 64, 128, 128], "kernel_sizes": [[3, 3, 3]] * 5,
         "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], "norm": "instance",

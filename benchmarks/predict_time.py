@@ -228,7 +228,7 @@ def main() -> None:
     if not H5.is_dir():
         sys.exit(f"skipped: real LA data not found at {H5} (this benchmark needs ../shared/data/la2018_h5 beside "
                  "the checkout)")
-    from versemi.training.precision import cpu_has_bf16
+    from versemi.model.precision import cpu_has_bf16
 
     with tempfile.TemporaryDirectory(prefix="predict_time_") as tmp:
         case, case_id, shape = write_case(Path(tmp))

@@ -31,7 +31,7 @@ import time
 import torch
 
 from versemi.nets import build_network
-from versemi.training.config import TrainingConfig
+from versemi.model.config import TrainingConfig
 from versemi.training.mixing import box_mask, mix, shuffled
 from versemi.training.losses import DiceCE, foreground_probability, soft_dice_loss
 from versemi.training.trainers.versemi import DEFAULTS, VerSemiTrainer

@@ -117,7 +117,7 @@ def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = 
     """A set-up trainer of the planned toy experiment at tiny size (fold 0, 10 epochs, Adam)."""
     import json
 
-    from versemi.training.config import TrainingConfig
+    from versemi.model.config import TrainingConfig
     from versemi.training.trainers import find_trainer
 
     plans = plans or json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())

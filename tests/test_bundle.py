@@ -26,7 +26,7 @@ from versemi.errors import InputError
 from versemi.inference import load_models, predict_cases, resolve_prompts
 from versemi.inference.label_map import compose, label_table
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
-from versemi.plans.view import PlansView
+from versemi.model.plans_view import PlansView
 from versemi.preprocessing.pipeline import to_network_input
 from versemi.preprocessing.resampling import resample_image
 

@@ -121,7 +121,7 @@ def test_existing_plan_is_never_overwritten_silently(toy_raw, tmp_path):
 def test_the_typed_plans_view_answers_from_the_plans(planned):
     import json
 
-    from versemi.plans.view import PlansView
+    from versemi.model.plans_view import PlansView
 
     plans = json.loads((planned / "DemoLA_DemoPancreas" / "plans.json").read_text())
     view = PlansView(plans)

@@ -17,7 +17,7 @@ from versemi.training import data as data_module
 from versemi.training.budget import fit_schedule
 from versemi.training.losses import SMOOTH, DiceCE, deep_supervision_weights
 from versemi.training.method_settings import resolve_method_settings
-from versemi.training.precision import autocast_dtype, cpu_has_bf16
+from versemi.model.precision import autocast_dtype, cpu_has_bf16
 from versemi.training.run import parse_method
 from versemi.training.trainers.versemi import DEFAULTS, PRESETS
 

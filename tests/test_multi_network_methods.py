@@ -20,7 +20,7 @@ from versemi.cli import predict_main
 from versemi.errors import InputError
 from versemi.inference import load_models
 from versemi.inference.sliding_window import ensemble_probabilities
-from versemi.training.config import TrainingConfig
+from versemi.model.config import TrainingConfig
 from versemi.training.evidential import asymptotic_weight, fisher_evidential_loss, fuse, opinion
 from versemi.training.losses import finest, multiscale, voxel_contrast
 from versemi.training.pseudo_labels import sharpened

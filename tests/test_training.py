@@ -156,3 +156,24 @@ def test_unknown_trainer_and_broken_module(planned, results, tmp_path, monkeypat
 def test_fold_names(planned, results, capsys):
     assert train_main(["3d_fullres", "fold7", "--plans-root", str(planned), *TINY]) == 2
     assert "use fold0 .. fold4, 0 .. 4 or all" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fixed", [["--epochs", "3"], ["--iterations-per-epoch", "5"],
+                                   ["--epochs", "3", "--iterations-per-epoch", "5"]])
+def test_time_budget_with_a_fixed_schedule_is_refused(fixed):
+    from versemi.errors import InputError
+    from versemi.training.run import build_parser, make_config
+
+    args = build_parser().parse_args(["3d_fullres", "0", "--time-budget", "5", *fixed])
+    with pytest.raises(InputError) as caught:
+        make_config(args, None)
+    message = str(caught.value)
+    assert "the time budget sets the epochs and the iterations per epoch itself" in message
+    assert all(flag in message for flag in fixed[::2])
+
+
+def test_time_budget_with_epochs_fails_before_anything_is_written(planned, results, capsys):
+    assert train_main(["3d_fullres", "0", "--plans-root", str(planned), *TINY, "--time-budget", "5",
+                       "--epochs", "2"]) == 2
+    assert "give either --time-budget or --epochs, not both" in capsys.readouterr().err
+    assert not (results / EXPERIMENT).exists()

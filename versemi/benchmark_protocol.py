@@ -46,8 +46,10 @@ import torch.nn.functional as F
 from .atomic import read_json, write_json
 from .console import add_quiet_option, progress_bar
 from .errors import InputError, Problem, input_error
-from .plans.view import PlansView
-from .training.config import PRECISIONS
+from .model.checkpoint import load_checkpoint
+from .model.layout import output_folder
+from .model.plans_view import PlansView
+from .model.precision import PRECISIONS
 from .training.run import parse_method
 
 KINDS = ("la-h5",)
@@ -204,7 +206,6 @@ def _check_trained(checkpoint: Path, plans: dict, args) -> None:
     """A final checkpoint from an earlier run is reused only if it was trained on these plans with
     these settings."""
     from .inference.predictor import _canonical
-    from .training.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint, "cpu")
     differences = []
@@ -226,7 +227,7 @@ def _check_trained(checkpoint: Path, plans: dict, args) -> None:
 
 def train_fold_all(args, experiment: str, plans: dict, work: Path) -> tuple[Path, float | None]:
     """Train fold ``all`` (or continue / reuse it); returns its final checkpoint and the seconds spent."""
-    from .training.run import output_folder, train
+    from .training.run import train
 
     with _environment(VERSEMI_RESULTS=str(work / "results"), VERSEMI_PLANS=str(work / "versemi_plans"),
                       VERSEMI_RAW=str(work / "raw")):
@@ -379,7 +380,6 @@ def run_benchmark(args) -> dict:
     checkpoint, train_seconds = train_fold_all(args, experiment, plans, work)
     print(f"model: {checkpoint} ({'trained' if train_seconds is not None else 'reused'}; fold all, final checkpoint)")
 
-    from .training.checkpoint import load_checkpoint
     used = load_checkpoint(checkpoint, "cpu")["config"]
     used = {k: used.get(k) for k in ("epochs", "iterations_per_epoch", "patch_size", "batch_size", "features",
                                      "optimizer", "lr", "seed", "method", "time_budget", "budget", "precision")}

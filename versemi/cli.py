@@ -205,12 +205,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 def add_model_selection(parser: argparse.ArgumentParser, folds_help: str, members: bool = False) -> None:
     """The options that choose trained models, the same for every command that loads them
     (``members``: also ``--member``, one network of a trainer that trains several)."""
-    from .inference.predictor import CHECKPOINT_KINDS
+    from .model.layout import CHECKPOINT_KINDS
+    from .model.plans_view import DEFAULT_CONFIGURATION
 
     group = parser.add_argument_group("model selection")
     group.add_argument("-e", "--experiment", help="experiment (default: the single planned one)")
     group.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
-    group.add_argument("-c", "--configuration", default="3d_fullres")
+    group.add_argument("-c", "--configuration", default=DEFAULT_CONFIGURATION)
     group.add_argument("-f", "--folds", nargs="+", help=folds_help)
     group.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="final")
     group.add_argument("--plans-root", type=Path, help="where to look for the planned experiment (default: "
@@ -227,8 +228,10 @@ ENSEMBLE_FOLDS = "folds to ensemble: 0 .. 4 or all (default: every fold folder p
 def predict_main(argv: list[str] | None = None) -> int:
     import torch
 
-    from .inference.predictor import find_experiment_dir, load_models, predict_cases, resolve_prompts
-    from .inference.sliding_window import PRECISIONS, inference_dtype
+    from .inference.predictor import load_models, predict_cases, resolve_prompts
+    from .inference.sliding_window import inference_dtype
+    from .model.layout import find_experiment_dir
+    from .model.precision import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="versemi_predict",
                                      description="Segment images with the trained folds of an experiment (one "
@@ -316,7 +319,7 @@ def find_postprocessing_main(argv: list[str] | None = None) -> int:
     import torch
 
     from .inference.find_postprocessing import find_postprocessing, format_decisions
-    from .inference.predictor import find_experiment_dir
+    from .model.layout import find_experiment_dir
 
     parser = argparse.ArgumentParser(prog="versemi_find_postprocessing",
                                      description="From cross-validation, decide per prompt whether keeping the "

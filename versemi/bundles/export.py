@@ -47,7 +47,9 @@ import io
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -58,10 +60,13 @@ from torch import nn
 
 from .. import __version__ as versemi_version
 from .. import paths
+from ..atomic import disk_space_checked
 from ..errors import InputError, Problem, input_error
 from ..inference.label_map import OVERLAP_RULE, THRESHOLD, LabelTable, label_table
-from ..inference.predictor import Ensemble, find_experiment_dir, load_models, mirror_axes, resolve_prompts
-from ..plans.view import PlansView
+from ..inference.predictor import Ensemble, load_models, mirror_axes, resolve_prompts
+from ..locks import run_lock
+from ..model.layout import find_experiment_dir
+from ..model.plans_view import PlansView
 
 BUNDLE_VERSION = "0.1.0"
 # the JSON schema of metadata.json the MONAI model zoo validates against (monai.bundle verify_metadata)
@@ -739,18 +744,47 @@ def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None 
         "scripts/inference.py": (TEMPLATES / "scripts" / "inference.py").read_bytes(),
         "LICENSE": (TEMPLATES / "LICENSE").read_bytes(),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        for relative, data in files.items():
-            _write(tmp, relative, data)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the bundle the usual permissions
-        _check_output(output, overwrite)  # still free (or still a bundle) after the slow part
-        _replace(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _write_bundle(files, output, overwrite)
     return output
+
+
+def _write_bundle(files: dict[str, bytes], output: Path, overwrite: bool) -> None:
+    """Write ``files`` into a hidden folder next to ``output``, then rename it onto ``output``.
+
+    One export of ``output`` at a time (a lock file next to it): it first clears what a killed
+    export left there, which a running one would still be writing.
+    """
+    with run_lock(output.parent / f".{output.name}.lock", "versemi_export_bundle"):
+        _remove_leftovers(output)
+        _check_output(output, overwrite)  # still free (or still a bundle) after the slow part
+        tmp = None
+        try:
+            with disk_space_checked(output, output.parent):
+                tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+                for relative, data in files.items():
+                    _write(tmp, relative, data)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the bundle the usual permissions
+            _replace(tmp, output)
+        finally:
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Delete the hidden folders a killed export of ``output`` left (see ``_write_bundle`` and ``_replace``).
+
+    Killed between the two renames of ``_replace``, it left no bundle at ``output`` and the previous
+    one in an ``.old-`` folder: that one is put back, as if the export had never started.
+    """
+    leftover = re.compile(rf"\.{re.escape(output.name)}\.(partial|old)-[^.]+")
+    for folder in sorted(output.parent.iterdir()):
+        match = leftover.fullmatch(folder.name)
+        if match is None or not folder.is_dir():
+            continue
+        if match[1] == "old" and (folder / output.name).is_dir() and not output.exists():
+            os.replace(folder / output.name, output)
+            print(f"note: {output}: put back the bundle an interrupted export had moved aside", file=sys.stderr)
+        shutil.rmtree(folder)
 
 
 def _model_files(module: nn.Module, ensemble: Ensemble) -> dict[str, bytes]:

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 from .postprocessing import largest_connected_component
 from .predictor import (
-    CHECKPOINT_KINDS,
     CasePrediction,
     Ensemble,
     FoldModel,
     InputCase,
     LabelMapPrediction,
-    checkpoint_paths,
     find_cases,
-    find_experiment_dir,
     load_models,
     predict_case,
     predict_case_prompts,
@@ -23,15 +20,12 @@ from .predictor import (
 )
 
 __all__ = [
-    "CHECKPOINT_KINDS",
     "CasePrediction",
     "Ensemble",
     "FoldModel",
     "InputCase",
     "LabelMapPrediction",
-    "checkpoint_paths",
     "find_cases",
-    "find_experiment_dir",
     "largest_connected_component",
     "load_models",
     "predict_case",

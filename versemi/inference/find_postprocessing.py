@@ -28,9 +28,10 @@ from ..datasets.io import read_label
 from ..datasets.layout import find_dataset, load_dataset
 from ..errors import InputError, Problem, input_error
 from ..evaluation.metrics import dice
-from ..plans.view import PlansView
+from ..model.layout import FOLDS, model_folder, parse_fold
+from ..model.plans_view import DEFAULT_CONFIGURATION, PlansView
 from .postprocessing import largest_connected_component
-from .predictor import FOLD_ORDER, _canonical, load_models, predict_case
+from .predictor import _canonical, load_models, predict_case
 
 POSTPROCESSING_FILE = "postprocessing.json"
 RULE = ("apply the largest connected component to a prompt when its mean validation Dice with it is not lower than "
@@ -38,9 +39,9 @@ RULE = ("apply the largest connected component to a prompt when its mean validat
 
 
 def postprocessing_path(experiment_dir: str | Path, trainer: str = "VerSemiTrainer",
-                        configuration: str = "3d_fullres") -> Path:
+                        configuration: str = DEFAULT_CONFIGURATION) -> Path:
     """``results/<experiment>/<trainer>__<configuration>/postprocessing.json``."""
-    return Path(experiment_dir) / f"{trainer}__{configuration}" / POSTPROCESSING_FILE
+    return model_folder(experiment_dir, trainer, configuration) / POSTPROCESSING_FILE
 
 
 def prompt_key(prompt: dict) -> str:
@@ -49,11 +50,9 @@ def prompt_key(prompt: dict) -> str:
 
 def _cross_validation_folds(experiment_dir: Path, trainer: str, configuration: str,
                             folds: Iterable[str] | None) -> list[str]:
-    from ..training.run import parse_fold
-
-    model_dir = experiment_dir / f"{trainer}__{configuration}"
+    model_dir = model_folder(experiment_dir, trainer, configuration)
     if folds is None:
-        folds = [f for f in FOLD_ORDER if f != "all" and (model_dir / f"fold_{f}").is_dir()]
+        folds = [f for f in FOLDS if f != "all" and (model_dir / f"fold_{f}").is_dir()]
         if not folds:
             raise input_error(model_dir, "holds no trained cross-validation fold (fold_0 .. fold_4); fold 'all' has "
                                          "no validation cases",
@@ -78,7 +77,8 @@ def _raw_cases(dataset_names: Iterable[str], raw_root: Path) -> tuple[dict[str, 
     return cases, problems
 
 
-def find_postprocessing(experiment_dir: str | Path, trainer: str = "VerSemiTrainer", configuration: str = "3d_fullres",
+def find_postprocessing(experiment_dir: str | Path, trainer: str = "VerSemiTrainer",
+                        configuration: str = DEFAULT_CONFIGURATION,
                         folds: Iterable[str] | None = None, checkpoint: str = "final", raw_root: str | Path | None = None,
                         device: str = "cpu", step: float = 0.5, mirroring: bool = True, connectivity: int = 26,
                         write: bool = True, show_progress: bool = True) -> dict:

@@ -1,8 +1,8 @@
 """Prediction in the images' own geometry and format, nnU-Net style.
 
-The jobs around it have their own modules: ``models`` (checkpoints, ensembles),
+The jobs around it have their own modules: ``models`` (ensembles of trained folds),
 ``prompt_names``, ``cases`` (inputs and outputs checked) and ``sliding_window``; their names are
-available from here too.
+available from here too. The checkpoints and where they lie are ``versemi.model``'s.
 
     ensemble = load_models(results_root() / "DemoLA_DemoPancreas", folds=["0", "1"])
     predict_cases(["imagesTs"], "predictions", "DemoLA", ensemble)
@@ -31,12 +31,12 @@ from ..atomic import atomic_path
 from ..console import progress_bar
 from ..datasets.io import Geometry, read_image, write_image
 from ..errors import InputError, Problem, input_error
-from ..plans.view import PlansView
+from ..locks import folder_lock
+from ..model.plans_view import PlansView
 from ..preprocessing.pipeline import CroppedImage, crop_to_nonzero, network_grid, resize_probabilities, uncrop
 from .cases import CHANNEL_NAME, InputCase, _discover, _header_problems, _output_problems, find_cases  # noqa: F401
 from .label_map import LabelTable, compose, label_table, write_label_table
-from .models import (CHECKPOINT_KEYS, CHECKPOINT_KINDS, FOLD_ORDER, Ensemble, FoldModel, _canonical,  # noqa: F401
-                     checkpoint_paths, find_experiment_dir, load_models)
+from .models import Ensemble, FoldModel, _canonical, load_models  # noqa: F401
 from .postprocessing import largest_connected_component
 from .prompt_names import NNUNET_DATASET, prompt_table, resolve_prompt, resolve_prompts  # noqa: F401
 from .sliding_window import _is_oom, ensemble_probabilities, mirror_axes, sliding_window_probabilities  # noqa: F401
@@ -197,8 +197,7 @@ def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, promp
         problems += _label_table_problems(table, output_folder, overwrite)
     if problems:
         raise InputError(problems)
-    if several:
-        write_label_table(table, output_folder)
+
     def finish(case: InputCase, prepared: PreparedCase, stitched) -> Path:
         target = case.output_path(output_folder)
         if several:
@@ -212,9 +211,13 @@ def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, promp
                                 prompts if several else None)
         return target
 
-    return _run_cases(cases, lambda case: prepare_case(ensemble, case.files, prompts),
-                      lambda prepared: network_probabilities(ensemble, prepared, prompts, step, mirroring), finish,
-                      background_io, show_progress)
+    # a second prediction into this folder at the same time would overwrite this one's files unasked
+    with folder_lock(output_folder, "prediction"):
+        if several:
+            write_label_table(table, output_folder)
+        return _run_cases(cases, lambda case: prepare_case(ensemble, case.files, prompts),
+                          lambda prepared: network_probabilities(ensemble, prepared, prompts, step, mirroring),
+                          finish, background_io, show_progress)
 
 
 def _run_cases(cases: Sequence[InputCase], prepare, network, finish, background_io: bool,

@@ -6,7 +6,7 @@ import re
 from typing import Sequence
 
 from ..errors import input_error
-from ..plans.view import PlansView
+from ..model.plans_view import PlansView
 
 NNUNET_DATASET = re.compile(r"^Dataset(\d{3})_(.+)$")
 

@@ -10,11 +10,9 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
+from ..model.precision import autocast_dtype
 from ..preprocessing.pipeline import resize_probabilities  # noqa: F401  (the map back, also named here)
-from ..training.precision import autocast_dtype
 from .models import Ensemble
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:

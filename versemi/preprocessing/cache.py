@@ -26,8 +26,9 @@ import numpy as np
 from ..atomic import atomic_path, read_json, write_json
 from ..datasets.io import read_image, read_label
 from ..datasets.layout import RawCase, RawDataset
+from ..locks import folder_lock
+from ..model.plans_view import DEFAULT_CONFIGURATION, PlansView
 from ..parallel import map_with_progress
-from ..plans.view import PlansView
 from .cropping import crop
 from .pipeline import to_network_input
 from .resampling import resample_segmentation
@@ -151,10 +152,17 @@ def remove_partial_files(root: Path) -> int:
 
 
 def preprocess_experiment(plans: dict, datasets: dict[str, RawDataset], plans_root: Path,
-                          configuration: str = "3d_fullres", num_processes: int = 2,
+                          configuration: str = DEFAULT_CONFIGURATION, num_processes: int = 2,
                           show_progress: bool = True) -> dict:
     """Bring the experiment's cache up to date; returns counts of cases done and skipped."""
     root = cache_folder(plans_root, plans["experiment"], configuration)
+    # one run fills a cache at a time: it removes temporary files, which another run may be writing
+    with folder_lock(root, "preprocessing"):
+        return _fill_cache(plans, datasets, root, num_processes, show_progress)
+
+
+def _fill_cache(plans: dict, datasets: dict[str, RawDataset], root: Path, num_processes: int,
+                show_progress: bool) -> dict:
     remove_partial_files(root)
     digests = {name: settings_digest(plan) for name, plan in plans["datasets"].items()}
     jobs, skipped = [], 0

@@ -1,12 +1,11 @@
 """nnU-Net-style data augmentation with batchgenerators transforms.
 
-Settings live in ``AugmentationSettings``; ``build_transforms`` turns them into one Compose.
+Settings live in ``AugmentationSettings`` (``versemi.model``: every checkpoint stores them);
+``build_transforms`` turns them into one Compose.
 The transforms draw from numpy's global random state, which the loader seeds per batch, so a
 batch is a pure function of (seed, stream, iteration) and a resumed run sees the same batches.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from batchgenerators.transforms.abstract_transforms import Compose
@@ -16,24 +15,7 @@ from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, G
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
-
-@dataclass
-class AugmentationSettings:
-    enabled: bool = True
-    rotation_degrees: float = 30.0
-    p_rotation: float = 0.2
-    scale: tuple[float, float] = (0.7, 1.4)
-    p_scale: float = 0.2
-    elastic: bool = False  # nnU-Net v2 default: off
-    p_noise: float = 0.1
-    p_blur: float = 0.2
-    p_brightness: float = 0.15
-    p_contrast: float = 0.15
-    p_low_resolution: float = 0.25
-    p_gamma: float = 0.3
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    # the patch is cut this much larger before rotation/scaling so that no empty corners come in
-    spatial_margin: float = 1.25
+from ..model.augmentation_settings import AugmentationSettings
 
 
 def source_patch_size(patch_size, settings: AugmentationSettings) -> list[int]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import input_error
-from .checkpoint import save_checkpoint
+from ..model.checkpoint import save_checkpoint
 from .progress import TrainingLog
 
 WARMUP_STEPS = 2          # untimed: worker start, first allocations

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import read_json
 from ..errors import InputError, Problem
-from ..plans.view import PlansView
+from ..model.augmentation_settings import AugmentationSettings
+from ..model.plans_view import PlansView
 from ..preprocessing.cache import cache_folder, settings_digest
-from .augmentation import AugmentationSettings, build_transforms, source_patch_size
+from .augmentation import build_transforms, source_patch_size
 
 
 class CaseStore:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import input_error
-from ..plans.view import PlansView
+from ..model.plans_view import PlansView
 
 
 class DatasetPrompts:

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,39 +14,14 @@ from .. import paths
 from ..atomic import read_json
 from ..console import add_quiet_option
 from ..errors import input_error
-from ..plans.view import PlansView
-from .augmentation import AugmentationSettings
-from .config import PRECISIONS, TrainingConfig
+from ..locks import folder_lock
+from ..model.augmentation_settings import AugmentationSettings
+from ..model.config import TrainingConfig
+from ..model.layout import find_experiment, output_folder, parse_fold
+from ..model.plans_view import PlansView
+from ..model.precision import PRECISIONS
 from .trainer import distributed_device
 from .trainers import find_trainer
-
-FOLDS = [str(i) for i in range(5)] + ["all"]
-
-
-def parse_fold(text: str) -> str:
-    fold = text[4:] if text.startswith("fold") else text
-    if fold not in FOLDS:
-        raise input_error(f"fold {text!r}", "is not a fold", "use fold0 .. fold4, 0 .. 4 or all")
-    return fold
-
-
-def find_experiment(plans_root: Path, name: str | None) -> str:
-    planned = sorted(p.parent.name for p in plans_root.glob("*/plans.json")) if plans_root.is_dir() else []
-    if name:
-        if name not in planned:
-            raise input_error(plans_root / name / "plans.json", f"experiment {name!r} was not planned "
-                                                                f"(planned: {', '.join(planned) or 'none'})",
-                              "run versemi_plan_and_preprocess first, or pick a planned experiment with -e")
-        return name
-    if len(planned) == 1:
-        return planned[0]
-    raise input_error(plans_root, f"{'no experiment is' if not planned else 'several experiments are'} planned "
-                                  f"({', '.join(planned) or 'none'})",
-                      "run versemi_plan_and_preprocess first" if not planned else "choose one with -e NAME")
-
-
-def output_folder(experiment: str, trainer: str, configuration: str, fold: str) -> Path:
-    return paths.results_root() / experiment / f"{trainer}__{configuration}" / f"fold_{fold}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args, saved: dict | None) -> TrainingConfig:
+    fixed = [flag for flag, value in (("--epochs", args.epochs), ("--iterations-per-epoch", args.iterations_per_epoch))
+             if value is not None]
+    if args.time_budget is not None and fixed:
+        raise input_error(f"--time-budget {args.time_budget:g} with {' and '.join(fixed)}",
+                          "the time budget sets the epochs and the iterations per epoch itself",
+                          f"give either --time-budget or {' / '.join(fixed)}, not both")
     config = TrainingConfig.from_dict(saved) if saved else TrainingConfig()
     for name in ("epochs", "iterations_per_epoch", "val_iterations", "optimizer", "lr", "seed", "num_workers",
                  "batch_size", "unlabeled_batch_size", "features", "deep_supervision", "precision", "time_budget"):
@@ -137,14 +119,17 @@ def train(argv: list[str] | None = None) -> int:
     folder = output_folder(experiment, args.trainer, args.configuration, fold)
     saved = None
     if args.resume and (folder / "checkpoint_latest.pth").is_file():
-        from .checkpoint import load_checkpoint
+        from ..model.checkpoint import load_checkpoint
         saved = load_checkpoint(folder / "checkpoint_latest.pth")["config"]
     elif not args.resume and (folder / "checkpoint_latest.pth").is_file():
         raise input_error(folder, "this fold was already trained (checkpoints exist)",
                           "resume it with --continue, or move the folder away to start over")
     device = distributed_device(args.device)
-    trainer = trainer_class(plans, plans_root, args.configuration, fold, folder, make_config(args, saved), device)
-    trainer.run(resume=args.resume)
+    config = make_config(args, saved)
+    # one run per fold at a time; under DDP the first process holds the lock for all of them
+    with folder_lock(folder, "versemi_train") if os.environ.get("RANK", "0") == "0" else nullcontext():
+        trainer = trainer_class(plans, plans_root, args.configuration, fold, folder, config, device)
+        trainer.run(resume=args.resume)
     if trainer.is_main:
         print(f"trained {args.trainer} fold {fold}: {folder}")
     return 0

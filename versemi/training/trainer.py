@@ -29,16 +29,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..console import progress_bar
 from ..errors import input_error
+from ..model.checkpoint import MAIN_MEMBER, load_checkpoint, save_checkpoint
+from ..model.config import TrainingConfig, effective_configuration
+from ..model.layout import checkpoint_file
+from ..model.plans_view import PlansView
+from ..model.precision import autocast_dtype
 from ..nets import build_network
-from ..plans.topology import pool_and_conv_props
-from ..plans.view import PlansView
-from .checkpoint import load_checkpoint, save_checkpoint
 from .budget import fit_schedule
-from .config import TrainingConfig
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader
 from .losses import DiceCE, multiscale
 from .method_settings import resolve_method_settings
-from .precision import autocast_dtype
 from .progress import TrainingLog
 from .teacher import EMATeacher
 from .validation import pseudo_dice_counts, sliding_window_validation
@@ -71,7 +71,7 @@ class Trainer:
 
     uses_unlabeled = False
     # the main network's name among the members of a trainer with several (``add_network``, ``--member``)
-    network_name = "main"
+    network_name = MAIN_MEMBER
     # settings a method reads from --method, with their defaults, and named sets of them
     method_defaults: dict = {}
     method_presets: dict[str, dict] = {}
@@ -89,7 +89,9 @@ class Trainer:
         self.is_main = self.rank == 0
         view = PlansView(plans)
         plan = view.configuration(configuration)
-        self.patch_size = list(config.patch_size or plan["patch_size"])
+        # the patch and network after the run's overrides, as the checkpoint records them
+        self.effective = effective_configuration(plans, configuration, config)
+        self.patch_size = list(self.effective.patch_size)
         self.batch_size = max(1, (config.batch_size or plan["batch_size"]) // self.world_size)
         self.num_prompts = plans["num_prompts"]
         self.synthetic_prompt = plans["synthetic_prompt"]
@@ -106,19 +108,8 @@ class Trainer:
 
     # ----- hooks a method may override -----
     def network_plan(self) -> dict:
-        """The plan's network; a patch-size override re-derives the topology, a features override
-        sets the features per stage (the last value repeats for deeper stages)."""
-        plan = PlansView(self.plans).configuration(self.configuration)
-        network = dict(plan["network"])
-        if self.config.patch_size:
-            topology = pool_and_conv_props(plan["topology_spacing"], self.config.patch_size)
-            network.update(strides=topology.strides, kernel_sizes=topology.kernel_sizes, features=topology.features)
-        if self.config.features:
-            wanted = list(self.config.features)
-            network["features"] = [wanted[min(i, len(wanted) - 1)] for i in range(len(network["strides"]))]
-        if self.config.deep_supervision is not None:
-            network["deep_supervision"] = self.config.deep_supervision
-        return network
+        """The plan's network after the run's overrides (``model.config.effective_configuration``)."""
+        return copy.deepcopy(self.effective.network_plan)
 
     def build_network(self) -> torch.nn.Module:
         return build_network(self.network_plan(), self.plans["in_channels"], self.num_prompts)
@@ -286,7 +277,7 @@ class Trainer:
 
     # ----- checkpoints -----
     def checkpoint_path(self, kind: str) -> Path:
-        return self.output_folder / f"checkpoint_{kind}.pth"
+        return checkpoint_file(self.output_folder, kind)
 
     def save(self, kind: str) -> None:
         if not self.is_main:
@@ -297,7 +288,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "best_ema": self.best_ema, "history": self.log.history, "config": self.config.to_dict(),
             "plans": self.plans, "extra": self.method_state(),
-            # the network as built, so prediction rebuilds it without a Trainer (unless a method builds its own)
+            # the patch and network as trained, so prediction rebuilds it without a Trainer (unless a method
+            # builds its own network)
+            "patch_size": list(self.patch_size),
             "network_plan": self.network_plan() if type(self).build_network is Trainer.build_network else None,
             # further networks (add_network): members carry their plan, so prediction rebuilds every one
             "network_name": self.network_name,

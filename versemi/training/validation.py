@@ -6,7 +6,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ..atomic import write_json
-from ..plans.view import PlansView
+from ..model.plans_view import PlansView
 
 
 def pseudo_dice_counts(logits: torch.Tensor, batch: dict, counts: dict) -> None:

@@ -6,10 +6,14 @@
     view.configuration("3d_fullres"), view.dataset_plan("DemoLA")
 
 The plans stay a plain dict (JSON on disk, inside every checkpoint); the view only reads it.
+A plan holds one or more configurations by name (``3d_fullres`` today); code takes the name as
+an argument and falls back on ``DEFAULT_CONFIGURATION`` only where the user gave none.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+DEFAULT_CONFIGURATION = "3d_fullres"
 
 
 @dataclass(frozen=True)

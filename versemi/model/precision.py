@@ -1,4 +1,5 @@
-"""Which mixed precision a training run uses: bf16 where the hardware has bf16 units, else fp32.
+"""Which mixed precision a network computes in, training or predicting: bf16 where the hardware
+has bf16 units, else fp32.
 
 On a CPU with AMX or AVX512-BF16, ``torch.autocast("cpu", dtype=torch.bfloat16)`` made a 3D
 U-Net training step 2.1x faster (benchmarks/RESULTS.md); CPUs without them emulate bf16 slowly,
@@ -13,6 +14,7 @@ import torch
 
 from ..errors import input_error
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

@@ -1,11 +1,16 @@
-"""Training settings: one dataclass, saved in every checkpoint."""
+"""Training settings (one dataclass, saved in every checkpoint) and what they make of the plan.
+
+``effective_configuration`` is the one place where the run's overrides (``--patch-size``,
+``--features``, ``--deep-supervision``) change the plan's patch and network: the trainer builds
+its network from it, and a checkpoint without a stored network plan is rebuilt from it.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .augmentation import AugmentationSettings
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+from ..plans.topology import pool_and_conv_props
+from .augmentation_settings import AugmentationSettings
+from .plans_view import PlansView
 
 
 @dataclass
@@ -52,3 +57,28 @@ class TrainingConfig:
         d = {k: v for k, v in d.items() if k in known}
         d["augmentation"] = AugmentationSettings(**d.get("augmentation", {}))
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class EffectiveConfiguration:
+    """The patch and network a run trains with: the plan's configuration after the run's overrides."""
+
+    patch_size: list[int]
+    network_plan: dict
+
+
+def effective_configuration(plans: dict, configuration: str, config: TrainingConfig) -> EffectiveConfiguration:
+    """The plan's patch and network, overridden by ``config``: a patch-size override re-derives the
+    topology, a features override sets the features per stage (the last value repeats for deeper
+    stages), a deep-supervision override switches it."""
+    plan = PlansView(plans).configuration(configuration)
+    network = dict(plan["network"])
+    if config.patch_size:
+        topology = pool_and_conv_props(plan["topology_spacing"], config.patch_size)
+        network.update(strides=topology.strides, kernel_sizes=topology.kernel_sizes, features=topology.features)
+    if config.features:
+        wanted = list(config.features)
+        network["features"] = [wanted[min(i, len(wanted) - 1)] for i in range(len(network["strides"]))]
+    if config.deep_supervision is not None:
+        network["deep_supervision"] = config.deep_supervision
+    return EffectiveConfiguration(list(config.patch_size or plan["patch_size"]), network)
