@@ -8,6 +8,7 @@ folder also gets ``index.html``, the pictures in one page.
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..datasets.io import Geometry
+from .structure_names import structure_title
 
 REFERENCE_COLOR, PREDICTION_COLOR = "#2ca02c", "#d62728"
 VIEWS = (("axial", 0), ("coronal", 1), ("sagittal", 2))
@@ -44,8 +46,17 @@ def _slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 def draw_overlay(image: np.ndarray, geometry: Geometry, labels: dict[int, str], prediction: np.ndarray,
                  reference: np.ndarray | None, title: str, path: Path) -> Path:
-    """One row per structure (label value), one column per orthogonal view through its centre;
-    the image in grey, the reference contour green, the prediction red dashed. Written atomically."""
+    """``overlay_figure`` written to ``path`` as PNG, atomically."""
+    figure = overlay_figure(image, geometry, labels, prediction, reference, title)
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=80, format="png")
+    return path
+
+
+def overlay_figure(image: np.ndarray, geometry: Geometry, labels: dict[int, str], prediction: np.ndarray,
+                   reference: np.ndarray | None, title: str):
+    """One row per structure (label value -> name), one column per orthogonal view through its
+    centre; the image in grey, the reference contour green, the prediction red dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -53,7 +64,7 @@ def draw_overlay(image: np.ndarray, geometry: Geometry, labels: dict[int, str], 
     low, high = _window(image)
     spacing = geometry.spacing_zyx
     rows = list(labels.items())
-    figure = Figure(figsize=(10, 3.4 * len(rows) + 0.6))
+    figure = Figure(figsize=(10, 3.4 * len(rows) + 0.6), layout="constrained")  # room for every title
     FigureCanvasAgg(figure)
     for row, (value, name) in enumerate(rows):
         predicted = prediction == value
@@ -75,12 +86,9 @@ def draw_overlay(image: np.ndarray, geometry: Geometry, labels: dict[int, str], 
     handles = [Line2D([], [], color=PREDICTION_COLOR, linestyle="dashed", label="prediction")]
     if reference is not None:
         handles.insert(0, Line2D([], [], color=REFERENCE_COLOR, label="reference"))
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
-    figure.suptitle(title, fontsize=11)
-    figure.tight_layout(rect=(0, 0.05, 1, 0.97))
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, dpi=80, format="png")
-    return path
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
+    figure.suptitle(textwrap.fill(title, 100), fontsize=11)  # a long title wraps rather than leave the picture
+    return figure
 
 
 def write_index(entries: list[tuple[str, Path]], folder: Path, heading: str) -> Path:
@@ -140,9 +148,9 @@ def write_evaluation_overlays(summary: dict, images_dir: Path, output_dir: Path)
         image, geometry = read_image([source])
         reference, _ = read_label(entry["reference"])
         prediction, _ = read_label(entry["prediction"])
-        dice = ", ".join(f"label {label} {100 * m['dice']:.1f}" for label, m in entry["metrics"].items())
+        labels = {int(label): structure_title(summary["label_names"], label) for label in entry["metrics"]}
+        dice = ", ".join(f"{labels[int(label)]} {100 * m['dice']:.1f}" for label, m in entry["metrics"].items())
         title = f"{case} ({role} of {len(scores)} by Dice): Dice {dice}"
-        labels = {int(label): f"label {label}" for label in entry["metrics"]}
         path = draw_overlay(image[0], geometry, labels, prediction, reference, title, output_dir / f"{role}_{case}.png")
         entries.append((title, path))
     write_index(entries, output_dir, f"{summary['prediction_dir']} against {summary['reference_dir']}")

@@ -7,7 +7,8 @@ in every case, with the metrics and empty-mask conventions of :mod:`versemi.eval
 
 Written into the output folder (default ``PREDICTIONS/summary``), each atomically:
 
-* ``summary.json``: settings (units, empty convention), per case per label metrics, per label means
+* ``summary.json``: settings (units, empty convention), the structures' names (``label_names``, see
+  :mod:`versemi.evaluation.structure_names`), per case per label metrics, per label means
   (Dice/Jaccard over all cases; HD95/ASD over the cases where they are defined), population standard
   deviations and counts (cases, ok, both_empty, missed, false_positive_only, undefined distances).
   NaN is written as ``null``.
@@ -27,6 +28,7 @@ from ..atomic import atomic_path, write_json
 from ..datasets.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_label
 from ..errors import InputError, Problem, input_error
 from .metrics import EMPTY_CONVENTIONS, METRIC_NAMES, STATUSES, CaseMetrics, binary_metrics
+from .structure_names import structure_names, structure_title
 
 SUMMARY_FILES = ("summary.json", "summary.csv", "summary.png")
 _DISPLAY = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "95HD", "asd": "ASD"}
@@ -121,6 +123,8 @@ def evaluate_folders(reference_dir: str | Path, prediction_dir: str | Path, voxe
                         "reference (medpy asd); Dice/Jaccard means over all cases, HD95/ASD means over the cases "
                         "where they are defined (NaN/null when a mask is empty under the 'nan' convention)"),
         "labels": label_set,
+        "label_names": {str(v): name for v, name in structure_names(reference_dir, prediction_dir).items()
+                        if v in label_set},
         "num_cases": len(per_case),
         "mean": {},
         "std": {},
@@ -288,7 +292,7 @@ def _plot(summary: dict, table, target: Path) -> None:
             jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(len(values))
             ax.plot(position + jitter, values, "o", markersize=3, alpha=0.6)
         ax.set_xticks(positions)
-        ax.set_xticklabels([f"label {label}" for label in labels])
+        ax.set_xticklabels([structure_title(summary["label_names"], label) for label in labels])
         unit = "" if metric in ("dice", "jaccard") else f" ({units})"
         undefined = sum(summary["counts"][str(label)].get(f"{metric}_undefined", 0) for label in labels)
         title = f"{_DISPLAY[metric]}{unit}" + (f"\n{undefined} undefined" if undefined else "")
