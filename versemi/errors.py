@@ -1,6 +1,7 @@
 """Errors for bad user input: each problem names the file, what is wrong and how to fix it."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -29,7 +30,16 @@ class InputError(Exception):
         header = f"{count} problem{'s' if count != 1 else ''} found:"
         super().__init__("\n".join([header] + [f"  - {p}" for p in self.problems]))
 
+    def __reduce__(self):
+        # rebuilt from the problems, not the message, so that it crosses worker-process boundaries intact
+        return InputError, (self.problems,)
+
 
 def input_error(file: str | Path, problem: str, fix: str) -> InputError:
     """Shorthand for an InputError with a single problem."""
     return InputError(Problem(str(file), problem, fix))
+
+
+def warn(problem: Problem) -> None:
+    """Report something suspicious that does not stop the run, on stderr, in the same form as an error."""
+    print(f"warning: {problem}", file=sys.stderr, flush=True)

@@ -32,3 +32,13 @@ def results_root() -> Path:
 
 def bundles_root() -> Path:
     return _sub("VERSEMI_BUNDLES", "bundles")
+
+
+def root_variable(path: str | Path) -> str | None:
+    """The environment variable that moves the root folder holding ``path`` (None: outside them)."""
+    path = Path(path).absolute()
+    for variable, root in (("VERSEMI_PLANS", plans_root()), ("VERSEMI_RESULTS", results_root()),
+                           ("VERSEMI_BUNDLES", bundles_root()), ("VERSEMI_RAW", raw_root())):
+        if path.is_relative_to(root):
+            return variable
+    return None
