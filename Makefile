@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both build the virtual environment first.
+# Entry points: `make demo`, `make test` (fast) and `make test-all` (CI). All build the virtual environment first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export VERSEMI_ROOT ?= $(CURDIR)/versemi_work
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-all venv clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,12 @@ demo: venv
 	  --dataset_dir "$(VERSEMI_ROOT)/raw/DemoLA/imagesTs" --output_dir "$(VERSEMI_ROOT)/bundle_predictions/DemoLA"
 	@echo "bundle output: $(VERSEMI_ROOT)/bundle_predictions/DemoLA"
 
+# the fast suite (minutes); test-all adds the slow tests (training runs, subprocesses, end to end)
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+
+test-all: venv
+	$(BIN)/python -m pytest -q --durations=30
 
 clean:
 	rm -rf "$(VERSEMI_ROOT)"
