@@ -99,7 +99,27 @@ def check_case(case: RawCase, dataset: RawDataset) -> tuple[list[Problem], np.nd
             problems.append(Problem(str(case.label), f"label values {undeclared} are not declared in dataset.json "
                                                      f"(declared: {sorted(declared)})",
                                     "declare them under labels in dataset.json, or fix the label file"))
+        foreground = int(np.count_nonzero(label))
+        if foreground and len(constant_channels(image)) == len(image):
+            problems.append(Problem(str(case.images[0]), f"image is constant (every voxel {image.flat[0]:g}) but its "
+                                                         f"label marks {foreground} voxel(s) as foreground: there is "
+                                                         "nothing to learn the label from",
+                                    "replace the image with the real scan (was it exported empty?), or remove the "
+                                    "case and its label"))
     return problems, image, label, geometry
+
+
+def constant_channels(image: np.ndarray) -> list[int]:
+    """Channels of a ``(c, z, y, x)`` image whose voxels all have one value."""
+    flat = image.reshape(len(image), -1)
+    return [c for c in range(len(flat)) if flat[c].min() == flat[c].max()]
+
+
+def constant_image_warnings(case: RawCase, image: np.ndarray) -> list[Problem]:
+    """A constant channel file is legal (nothing to learn from it) but usually an empty or failed export."""
+    return [Problem(str(case.images[c]), f"image is constant (every voxel {image[c].flat[0]:g})",
+                    "check the file: replace it with the real scan, or remove the case if it is a mistake")
+            for c in constant_channels(image)]
 
 
 def _fmt(values) -> str:

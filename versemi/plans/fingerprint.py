@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_path, read_json, write_json
-from ..datasets.integrity import check_case
+from ..datasets.integrity import check_case, constant_image_warnings
 from ..datasets.layout import IMAGES_TR, IMAGES_UNLABELED, LABELS_TR, RawCase, RawDataset
-from ..errors import InputError, Problem
+from ..errors import InputError, Problem, warn
 from ..parallel import map_with_progress
 from ..preprocessing.cropping import nonzero_bbox
 
@@ -39,6 +39,7 @@ class CaseResult:
     record: dict | None = None
     samples: np.ndarray | None = None  # (channels, n) for the full-data statistics
     stored_samples: np.ndarray | None = None  # (channels, <= STORED_SAMPLES_PER_CASE)
+    warnings: list[Problem] = field(default_factory=list)
 
 
 def raw_digest(dataset: RawDataset) -> str:
@@ -58,6 +59,7 @@ def fingerprint_case(case: RawCase, dataset: RawDataset, case_index: int, sample
     problems, image, label, geometry = check_case(case, dataset)
     if problems or image is None:
         return CaseResult(problems)
+    warnings = constant_image_warnings(case, image)
     bbox = nonzero_bbox(image)
     cropped_shape = [hi - lo for lo, hi in bbox]
     record = {
@@ -69,7 +71,7 @@ def fingerprint_case(case: RawCase, dataset: RawDataset, case_index: int, sample
         "crop_fraction": float(np.prod(cropped_shape) / np.prod(image.shape[1:])),
     }
     if label is None:
-        return CaseResult([], record)
+        return CaseResult([], record, warnings=warnings)
     rng = np.random.default_rng(SEED + case_index)
     foreground = image[:, label > 0]  # (channels, n)
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
@@ -78,10 +80,11 @@ def fingerprint_case(case: RawCase, dataset: RawDataset, case_index: int, sample
     record["label_volume_ml"] = {k: c * voxel_ml for k, c in record["label_voxels"].items()}
     record["foreground_voxels"] = int(foreground.shape[1])
     if foreground.shape[1] == 0:
-        return CaseResult([], record, np.zeros((image.shape[0], 0), np.float32), np.zeros((image.shape[0], 0), np.float32))
+        return CaseResult([], record, np.zeros((image.shape[0], 0), np.float32), np.zeros((image.shape[0], 0), np.float32),
+                          warnings)
     sample = foreground[:, rng.integers(0, foreground.shape[1], samples_per_case)]
     stored = sample[:, :STORED_SAMPLES_PER_CASE]
-    return CaseResult([], record, sample, stored)
+    return CaseResult([], record, sample, stored, warnings)
 
 
 def intensity_statistics(samples: np.ndarray) -> dict:
@@ -105,6 +108,8 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 2, show_progre
     work = partial(_fingerprint_indexed, dataset=dataset, samples_per_case=samples_per_case)
     results = map_with_progress(work, list(enumerate(cases)), num_processes, f"fingerprint {dataset.name}",
                                 show_progress)
+    for warning in (w for r in results for w in r.warnings):
+        warn(warning)
     problems = [p for r in results for p in r.problems]
     if problems:
         raise InputError(problems)
