@@ -79,7 +79,8 @@ def _disk_full(folder: Path) -> bool:
         return False
     # root may write into the blocks reserved for it, other users only into the available ones
     free_blocks = stat.f_bfree if os.geteuid() == 0 else stat.f_bavail
-    return free_blocks * stat.f_frsize < MIN_FREE_BYTES
+    # file systems that report no size at all (some virtual or network ones) are not taken as full
+    return stat.f_blocks > 0 and free_blocks * stat.f_frsize < MIN_FREE_BYTES
 
 
 def _umask() -> int:
