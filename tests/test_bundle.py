@@ -112,8 +112,16 @@ def _test_image(raw: Path, dataset: str) -> Path:
     return sorted((raw / dataset / "imagesTs").glob("*_0000.nii.gz"))[0]
 
 
-def _versemi_predictions(trained, inputs: Path, output: Path, prompt: str) -> Path:
+def _bundle_precision(bundle: Path) -> str:
+    """The precision the bundle was exported for, as its metadata records it."""
+    return json.loads((bundle / "configs" / "metadata.json").read_text())["versemi"]["precision"]
+
+
+def _versemi_predictions(trained, inputs: Path, output: Path, prompt: str, precision: str = "fp32") -> Path:
+    """versemi_predict's masks at ``precision`` (a bundle agrees with it at the bundle's own precision;
+    ``auto`` would be bf16 on CPUs with bf16 units)."""
     ensemble = load_models(trained.experiment, ["0", "1"], TRAINER)
+    ensemble.precision = precision
     predict_cases([inputs], output, prompt, ensemble, show_progress=False)
     return output
 
@@ -308,7 +316,7 @@ def test_bundle_runs_without_versemi_and_matches_versemi_predict(trained, tmp_pa
     result = _monai_bundle("run", "--config_file", str(config), "--dataset_dir", str(inputs), "--output_dir",
                            str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    reference = _versemi_predictions(trained, inputs, tmp_path / "versemi", "DemoLA")
+    reference = _versemi_predictions(trained, inputs, tmp_path / "versemi", "DemoLA", _bundle_precision(trained.bundle))
     names = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names  # CASE_0000.nii.gz -> CASE.nii.gz
     for name in names:
@@ -324,7 +332,7 @@ def test_ct_bundle_matches_versemi_predict(trained, tmp_path):
     image = _test_image(trained.raw, "DemoPancreas")
     shutil.copy(image, inputs / image.name)
     _run_in_process(bundle, inputs, tmp_path / "out")
-    reference = _versemi_predictions(trained, inputs, tmp_path / "versemi", "DemoPancreas")
+    reference = _versemi_predictions(trained, inputs, tmp_path / "versemi", "DemoPancreas", _bundle_precision(bundle))
     name = image.name.replace("_0000", "")
     assert _assert_same_segmentation(tmp_path / "out" / name, reference / name) >= 0.99
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
@@ -466,17 +474,18 @@ def _label_map_inputs(label_map, folder: Path, oblique: bool = False) -> Path:
     return folder
 
 
-def _label_map_predictions(label_map, inputs: Path, output: Path, prompts: list[str]) -> Path:
+def _label_map_predictions(label_map, inputs: Path, output: Path, prompts: list[str], precision: str = "fp32") -> Path:
     ensemble = load_models(label_map.experiment, ["0", "1"], TRAINER)
+    ensemble.precision = precision
     predict_cases([inputs], output, resolve_prompts(ensemble.plans, prompts), ensemble, save_probabilities=True,
                   show_progress=False)
     return output
 
 
-def _assert_same_label_maps(bundle_output: Path, reference: Path) -> set[int]:
+def _assert_same_label_maps(bundle_output: Path, reference: Path, tolerance: float = 1e-5) -> set[int]:
     """The bundle's label maps equal versemi_predict's voxel for voxel, but where float rounding may
-    decide (the model card's tolerance: the largest probability within 1e-5 of 0.5 or of the
-    second largest); returns the values found. Overlaps must occur, so the rule is exercised."""
+    decide (the model card's tolerance: the largest probability within ``tolerance`` of 0.5 or of
+    the second largest); returns the values found. Overlaps must occur, so the rule is exercised."""
     names = sorted(p.name for p in reference.glob("*.nii.gz"))
     assert names and sorted(p.name for p in bundle_output.glob("*.nii.gz")) == names
     found, overlaps = set(), 0
@@ -484,7 +493,7 @@ def _assert_same_label_maps(bundle_output: Path, reference: Path) -> set[int]:
         out, ref = _assert_same_grid(bundle_output / name, reference / name)
         a, b = sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(ref)
         p = np.sort(np.load(reference / name.replace(".nii.gz", "_prob.npz"))["probabilities"], axis=0)
-        undecided = (np.abs(p[-1] - 0.5) < 1e-5) | (np.abs(p[-1] - p[-2]) < 1e-5)
+        undecided = (np.abs(p[-1] - 0.5) < tolerance) | (np.abs(p[-1] - p[-2]) < tolerance)
         assert np.array_equal(a[~undecided], b[~undecided]), name
         found |= set(np.unique(b).tolist())
         overlaps += int(((p > 0.5).sum(0) > 1).sum())
@@ -501,7 +510,8 @@ def test_label_map_bundle_runs_without_versemi_and_matches_versemi_predict(label
     result = _monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--dataset_dir",
                            str(inputs), "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["all"])
+    assert _bundle_precision(bundle) == "fp32"  # the default: the same label maps on every machine
+    reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["all"], "fp32")
     table = json.loads((reference / "labels.json").read_text())
     # both datasets call their target 1: numbered 1..3 in prompt order
     assert [(e["dataset"], e["label"], e["value"]) for e in table["labels"]] == [
@@ -531,7 +541,8 @@ def test_one_datasets_labels_keep_their_values(label_map, tmp_path):
     bundle = label_map.root / "bundles" / f"{LABEL_MAP_EXPERIMENT}_Tiny2"
     inputs = _label_map_inputs(label_map, tmp_path / "in")
     _run_in_process(bundle, inputs, tmp_path / "out")
-    reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["Tiny2:target", "Tiny2/second"])
+    reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["Tiny2:target", "Tiny2/second"],
+                                       _bundle_precision(bundle))
     table = json.loads((bundle / "configs" / "labels.json").read_text())
     assert [e["value"] for e in table["labels"]] == [1, 2] and table["values"] == "each dataset's own label values"
     assert (tmp_path / "out" / "labels.json").read_bytes() == (reference / "labels.json").read_bytes()
@@ -543,3 +554,41 @@ def test_one_datasets_labels_keep_their_values(label_map, tmp_path):
     with torch.no_grad():
         p = traced(torch.rand(2, 1, 16, 16, 16))
     assert p.shape == (2, 3, 16, 16, 16) and bool((p[:, 0] == 0.5).all())
+
+
+# bf16 rounds each layer's output to 8 bits of mantissa; the bundle sums folds and flips in another
+# order, so a voxel within this distance of a decision may go either way (the model card says so)
+BF16_TOLERANCE = 2e-2
+
+
+def test_bf16_bundle_records_its_precision_and_agrees_with_versemi_predict_in_bf16(label_map, tmp_path):
+    """--precision bf16: the metadata and the card say bf16, the traced model computes in bf16 on any
+    machine (it differs from fp32), and its label maps are versemi_predict --precision bf16's."""
+    bundle = tmp_path / "bf16"
+    assert export_bundle_main(["-tr", TRAINER, "-f", "0", "1", "-p", "Tiny2:target", "Tiny2/second", "-o",
+                               str(bundle), "--precision", "bf16"]) == 0
+    assert _bundle_precision(bundle) == "bf16"
+    card = (bundle / "docs" / "README.md").read_text()
+    assert "exported for bf16" in card and "--precision bf16" in card
+    traced = torch.jit.load(str(bundle / "models" / "model.ts"))
+    # a real image, z-scored, (x, y, z): random noise would give saturated probabilities, equal in any precision
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(label_map.raw / "Tiny2" / "imagesTr" / "case0_0000.nii.gz")))
+    probe = torch.from_numpy((image - image.mean()) / image.std()).float().permute(2, 1, 0)[None, None]
+    ensemble = load_models(label_map.experiment, ["0", "1"], TRAINER)
+    indices = [p["index"] for p in bundle_export.select_prompts(ensemble.plans, ["Tiny2:target", "Tiny2/second"])]
+    fp32 = bundle_export.LabelMapNetwork([m.network for m in ensemble.models], indices)
+    with torch.no_grad():
+        assert (traced(probe) - fp32(probe)).abs().max() > 1e-4, "the bundle did not compute in bf16"
+    inputs = _label_map_inputs(label_map, tmp_path / "in")
+    _run_in_process(bundle, inputs, tmp_path / "out")
+    reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["Tiny2:target", "Tiny2/second"],
+                                       "bf16")
+    assert _assert_same_label_maps(tmp_path / "out", reference, BF16_TOLERANCE) == {0, 1, 2}
+
+
+def test_unknown_bundle_precision_is_refused_with_nothing_written(label_map, tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        export_bundle_main(["-tr", TRAINER, "-p", "all", "-o", str(tmp_path / "b"), "--precision", "fp16"])
+    with pytest.raises(InputError, match="--precision fp16"):
+        bundle_export.export_bundle(tmp_path / "b", "all", trainer=TRAINER, precision="fp16")
+    assert not (tmp_path / "b").exists()

@@ -3,6 +3,7 @@ network and change nothing, and prediction feeds the network exactly what traini
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from versemi.cli import predict_main
 from versemi.datasets.io import read_image
 from versemi.inference import load_models, predict_case, predict_cases, resolve_prompt
 from versemi.inference.predictor import _run_cases, prepare_case
+from versemi.inference.sliding_window import autocast_dtype
 from versemi.preprocessing.cache import read_array
 
 from conftest import TOY_EXPERIMENT, toy_experiment
@@ -47,6 +49,24 @@ def test_bf16_prediction_agrees_with_fp32_on_every_case(trained):
             assert fp32.mask.sum() > 100, f"{image.name}: the model finds no structure, agreement would mean nothing"
             assert np.abs(fp32.probabilities - bf16.probabilities).max() > 1e-4, "bf16 was not used"
             assert _dice(fp32.mask.astype(bool), bf16.mask.astype(bool)) >= 0.995, image.name
+
+
+@pytest.mark.parametrize("bf16_units,same_as", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_predicts_as_the_cpus_bf16_units_decide(trained, tmp_path, monkeypatch, bf16_units, same_as):
+    """``--precision auto`` on a CPU with bf16 units (or without, whatever this machine has) writes
+    exactly what the explicit precision writes."""
+    monkeypatch.setattr(sys.modules[autocast_dtype.__module__], "cpu_has_bf16", lambda: bf16_units)
+    folder = trained.raw / "DemoLA" / "imagesTs"
+    masks = {}
+    for precision in ("auto", same_as):
+        out = tmp_path / precision
+        assert predict_main(["-e", TOY_EXPERIMENT, "-tr", "SupervisedTrainer", "-i", str(folder), "-o", str(out),
+                             "-p", "DemoLA", "--device", "cpu", "--precision", precision, "--no-mirroring",
+                             "--save-probabilities", "--quiet"]) == 0
+        masks[precision] = {p.name: np.load(p)["probabilities"] for p in sorted(out.glob("*.npz"))}
+    assert masks["auto"] and masks["auto"].keys() == masks[same_as].keys()
+    for name, probabilities in masks["auto"].items():
+        assert np.array_equal(probabilities, masks[same_as][name]), name
 
 
 def test_fp16_on_a_cpu_is_refused_before_any_work(trained, tmp_path, capsys):

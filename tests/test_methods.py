@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -292,6 +293,26 @@ def test_mean_teacher_resumes_exactly_student_and_teacher_weights(planned, resul
 
 
 # ----- precision and time budget -----
+def _cpu_with_bf16_units(monkeypatch, present: bool) -> None:
+    """Make ``auto`` see a CPU with (or without) bf16 units, whatever this machine has, so both
+    branches run on every machine."""
+    monkeypatch.setattr(sys.modules[autocast_dtype.__module__], "cpu_has_bf16", lambda: present)
+
+
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_precision_auto_follows_the_cpus_bf16_units(monkeypatch, bf16_units):
+    _cpu_with_bf16_units(monkeypatch, bf16_units)
+    assert autocast_dtype("auto", True, torch.device("cpu")) == (torch.bfloat16 if bf16_units else None)
+
+
+def test_precision_auto_trains_in_bf16_on_a_cpu_with_bf16_units(planned, tmp_path, monkeypatch):
+    _cpu_with_bf16_units(monkeypatch, True)
+    trainer = make_trainer("VerSemiTrainer", planned, tmp_path, precision="auto")
+    assert trainer.autocast_dtype == torch.bfloat16
+    step = trainer.optimize(0, trainer.labeled_source[0], trainer.unlabeled_source[0])
+    assert math.isfinite(step["loss"])
+
+
 def test_precision_choice():
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", True, cpu) == (torch.bfloat16 if cpu_has_bf16() else None)

@@ -357,7 +357,7 @@ def benchmark_main(argv: list[str] | None = None) -> int:
 
 @_entry_point
 def export_bundle_main(argv: list[str] | None = None) -> int:
-    from .bundles.export import BUNDLE_VERSION, export_bundle
+    from .bundles.export import BUNDLE_PRECISIONS, BUNDLE_VERSION, export_bundle
 
     parser = argparse.ArgumentParser(prog="versemi_export_bundle",
                                      description="Export prompts of a trained experiment as a MONAI bundle that "
@@ -377,11 +377,15 @@ def export_bundle_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authors", default="VerSemi contributors", help="metadata.json 'authors'")
     parser.add_argument("--copyright", default="Copyright (c) VerSemi contributors", help="metadata.json 'copyright'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument("--precision", choices=list(BUNDLE_PRECISIONS), default="fp32",
+                        help="what the bundle computes in on every machine (default fp32; bf16 pays only on CPUs "
+                             "with bf16 units and on GPUs); recorded in its metadata and model card")
     args = parser.parse_args(argv)
     folder = export_bundle(args.output, args.prompt, args.experiment, args.folds, args.trainer, args.configuration,
                            args.checkpoint, overwrite=args.overwrite, version=args.version, authors=args.authors,
-                           copyright_=args.copyright, plans_root=args.plans_root, member=args.member)
-    print(f"wrote {folder}")
+                           copyright_=args.copyright, plans_root=args.plans_root, member=args.member,
+                           precision=args.precision)
+    print(f"wrote {folder} ({args.precision})")
     if (folder / "configs" / "labels.json").is_file():
         print(f"one label map; its values: {folder / 'configs' / 'labels.json'}")
     print(f"run it: python -m monai.bundle run --config_file {folder / 'configs' / 'inference.json'} "

@@ -77,6 +77,16 @@ REQUIRED_PACKAGES = ("nibabel", "scipy", "fire", "pyyaml")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SW_BATCH_SIZE = 2  # windows per network call, as versemi_predict
 LABELS = "configs/labels.json"  # several prompts: the label map's values (LabelTable.to_json)
+# the precision the traced model computes in, on every machine; fp32 is portable, bf16 only pays on
+# CPUs with bf16 units (and GPUs): elsewhere it is emulated and far slower
+BUNDLE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _logits(network: nn.Module, x: torch.Tensor, prompts: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The network's logits under the autocast ``versemi_predict --precision`` uses; a trace
+    records the casts, so the traced model computes in ``dtype`` wherever it runs."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        return network.prompt_head(network.features(x), prompts)[0]
 
 
 class BundleNetwork(nn.Module):
@@ -87,11 +97,13 @@ class BundleNetwork(nn.Module):
     them per sliding window: softmax per flip, flipped back, mean over the 8 flips and the folds.
     """
 
-    def __init__(self, networks: Sequence[nn.Module], prompt_index: int, mirroring: bool = True) -> None:
+    def __init__(self, networks: Sequence[nn.Module], prompt_index: int, mirroring: bool = True,
+                 precision: str = "fp32") -> None:
         super().__init__()
         self.networks = nn.ModuleList(networks)
         self.prompt_index = int(prompt_index)
         self.flips = mirror_axes(mirroring)
+        self.dtype = BUNDLE_PRECISIONS[precision]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 1, 4, 3, 2)  # (B, C, X, Y, Z) -> (B, C, Z, Y, X)
@@ -102,7 +114,7 @@ class BundleNetwork(nn.Module):
         for network in self.networks:
             for axes in self.flips:
                 flipped = torch.flip(x, axes) if axes else x
-                logits = network.prompt_head(network.features(flipped), prompts)[0][:, 0]  # (B, 2, Z, Y, X)
+                logits = _logits(network, flipped, prompts, self.dtype)[:, 0]  # (B, 2, Z, Y, X)
                 p = torch.softmax(logits.float(), dim=1)
                 p = torch.flip(p, axes) if axes else p
                 total = p if total is None else total + p
@@ -123,11 +135,13 @@ class LabelMapNetwork(nn.Module):
     averaging it over overlapping windows is not ``1 - max`` of the averaged probabilities.
     """
 
-    def __init__(self, networks: Sequence[nn.Module], prompt_indices: Sequence[int], mirroring: bool = True) -> None:
+    def __init__(self, networks: Sequence[nn.Module], prompt_indices: Sequence[int], mirroring: bool = True,
+                 precision: str = "fp32") -> None:
         super().__init__()
         self.networks = nn.ModuleList(networks)
         self.prompt_indices = [int(i) for i in prompt_indices]
         self.flips = mirror_axes(mirroring)
+        self.dtype = BUNDLE_PRECISIONS[precision]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 1, 4, 3, 2)  # (B, C, X, Y, Z) -> (B, C, Z, Y, X)
@@ -138,7 +152,7 @@ class LabelMapNetwork(nn.Module):
         for network in self.networks:
             for axes in self.flips:
                 flipped = torch.flip(x, axes) if axes else x
-                logits = network.prompt_head(network.features(flipped), prompts)[0]  # (B, K, 2, Z, Y, X)
+                logits = _logits(network, flipped, prompts, self.dtype)  # (B, K, 2, Z, Y, X)
                 p = torch.softmax(logits.float(), dim=2)[:, :, 1]
                 p = torch.flip(p, axes) if axes else p
                 total = p if total is None else total + p
@@ -409,6 +423,7 @@ def metadata(ensemble: Ensemble, prompt: dict, patch_size_zyx: Sequence[int], di
             "folds": ensemble.folds,
             "prompt": {k: prompt[k] for k in ("index", "dataset", "label", "label_value")},
             "patch_size_zyx": list(patch_size_zyx),
+            "precision": ensemble.precision,
             "target_spacing_zyx": plan["target_spacing"],
             "normalization": plan["normalization"],
             "axis_order": "MONAI arrays and spatial_shape are (x, y, z); versemi's plans are (z, y, x)",
@@ -480,7 +495,7 @@ def model_card(meta: dict, dice: dict[str, float | None], plans: dict, prompt: d
                  selection=f"prompt\n`{dataset}/{label}` (index {prompt['index']}).",
                  scope=f"One prompt of a multi-dataset model: it segments {label} only.",
                  cross_validation=cross_validation, output="output `p > 0.5` as uint8 `CASE.nii.gz`.", labels="",
-                 command=f"versemi_predict -p {dataset}:{label}",
+                 command=f"versemi_predict -p {dataset}:{label} --precision {meta['versemi']['precision']}",
                  rounding="flip a voxel whose probability lies within about 1e-6 of 0.5.")
 
 
@@ -525,9 +540,20 @@ prompts' probabilities in this order; their argmax is this rule, which `LabelMap
                        f"{', '.join(names)} only.",
                  cross_validation=cross_validation, output=f"output one label map (see Labels) as {dtype} "
                                                            "`CASE.nii.gz`.", labels=labels,
-                 command="versemi_predict -p " + " ".join(f"{p['dataset']}:{p['label']}" for p in prompts),
+                 command="versemi_predict -p " + " ".join(f"{p['dataset']}:{p['label']}" for p in prompts)
+                 + f" --precision {meta['versemi']['precision']}",
                  rounding="change a voxel whose largest probability lies within about 1e-6 of 0.5 or of "
                           "another prompt's.")
+
+
+def _precision_text(precision: str) -> str:
+    if precision == "fp32":
+        return "exported for fp32: the network computes in float32 on every machine."
+    return (f"exported for {precision}: the network computes under {precision} autocast on every machine. That is "
+            f"fast on CPUs with bf16 units (AMX, AVX512-BF16) and on GPUs, but emulated and far slower on other "
+            f"CPUs; export again with `versemi_export_bundle --precision fp32` for those. It agrees with "
+            f"`versemi_predict --precision {precision}` but where {precision} rounding decides: a voxel whose "
+            f"probability lies within about 2e-2 of the decision may go either way.")
 
 
 def _dice_text(value: float | None) -> str:
@@ -581,6 +607,7 @@ anatomy or pathology. {scope}
 - Preprocessing: crop to the nonzero region; {normalization}; spline resampling; Gaussian sliding
   window with patch {patch_xyz} (x, y, z) and overlap 0.5; mirroring over 3 axes and the mean over
   the folds inside `models/model.ts`; {output}
+- Precision: {_precision_text(v['precision'])}
 {labels}
 ## Run
 ```bash
@@ -701,18 +728,24 @@ def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None 
                   configuration: str = "3d_fullres", checkpoint: str = "final", overwrite: bool = False,
                   version: str = BUNDLE_VERSION, authors: str = "VerSemi contributors",
                   copyright_: str = "Copyright (c) VerSemi contributors", plans_root: Path | None = None,
-                  member: str | None = None) -> Path:
+                  member: str | None = None, precision: str = "fp32") -> Path:
     """Write the MONAI bundle of prompts of a trained experiment; returns the bundle folder.
 
     ``prompt``: as versemi_predict's ``-p``: one prompt (a 0/1 mask), several or ``all`` (one
     label map and ``configs/labels.json``); None: all. ``experiment``: its name (None: the single
     planned one). ``output`` None: ``$VERSEMI_BUNDLES/`` + ``default_bundle_name``. ``member``:
     one network of a trainer that trains several (None: all of them, averaged like folds).
+    ``precision``: what the bundle computes in (``BUNDLE_PRECISIONS``), recorded in its metadata
+    and model card; it agrees with ``versemi_predict --precision`` of the same name.
     Bad input (unknown prompt, prompts of datasets preprocessed differently, a fold never trained,
     an existing output without ``overwrite``) raises InputError before anything is written.
     """
+    if precision not in BUNDLE_PRECISIONS:
+        raise input_error(f"--precision {precision}", "is not a precision a bundle can be exported for",
+                          f"use one of {', '.join(BUNDLE_PRECISIONS)} (fp32 runs alike on every machine)")
     experiment_dir = find_experiment_dir(experiment, plans_root)
     ensemble = load_models(experiment_dir, folds, trainer, configuration, checkpoint, "cpu", member=member)
+    ensemble.precision = precision
     plans = ensemble.plans
     chosen = select_prompts(plans, prompt)
     plan = shared_dataset_plan(plans, chosen, _prompt_option(prompt))
@@ -730,8 +763,8 @@ def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None 
     config = inference_config(ensemble.in_channels, patch_size, plan["target_spacing"], plan["normalization"],
                               None if table is None else table.values)
     networks = [m.network for m in ensemble.models]
-    module = BundleNetwork(networks, chosen[0]["index"]) if table is None else \
-        LabelMapNetwork(networks, [p["index"] for p in chosen])
+    module = BundleNetwork(networks, chosen[0]["index"], precision=precision) if table is None else \
+        LabelMapNetwork(networks, [p["index"] for p in chosen], precision=precision)
     models = _model_files(module.eval(), ensemble)
     checksums = {"algorithm": "sha256", "sha256": {name: _sha256(data) for name, data in models.items()}}
     files = {
