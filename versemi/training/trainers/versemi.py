@@ -1,6 +1,6 @@
 """VerSemi (Zeng et al., TMI 2025): task prompts + a synthetic task trained on CutMix images.
 
-Stage 1 (labeled only) and stage 2 (labeled + unlabeled) as in ``shared/design/method.md``.
+Stage 1 (labeled only) and stage 2 (labeled + unlabeled) as in ``docs/method.md``.
 Every distinct image of a step (plain labeled, CutMix of labeled, labeled pasted into
 unlabeled) goes through the backbone once; the logits of all prompts come from that pass.
 Choices where the public code is silent or defective:
@@ -10,7 +10,7 @@ Choices where the public code is silent or defective:
   region's target is unknown for that task); same task -> the full mixed label. The public
   code's scoring over the whole image (other region = background) is ``task_mix_scoring:
   "whole_image"``;
-- stage 2 keeps the task-prompt CutMix term (``stage2_task_mix``); method.md's stage-2 loss has
+- stage 2 keeps the task-prompt CutMix term (``stage2_task_mix``); the paper's stage-2 loss has
   no such term: the ``paper`` preset (``--method paper``) switches it off. ``stage2_labeled_cutmix``
   off drops the labeled CutMix image from stage 2 altogether (the pastes into unlabeled images
   still supervise the synthetic prompt inside their boxes): one image fewer per step;
@@ -44,7 +44,7 @@ DEFAULTS = {
     "rampup": True,
     "rampup_fraction": 0.25,       # of stage 2, sigmoid ramp exp(-5 (1 - t)^2)
 }
-# method.md exactly: stage 2 = supervised + synthetic CutMix + consistency + box, weights 1
+# the paper's loss (docs/method.md): stage 2 = supervised + synthetic CutMix + consistency + box, weights 1
 PRESETS = {"paper": {"stage2_task_mix": False, "stage2_labeled_cutmix": True, "task_mix_scoring": "own_region",
                      "detach_aggregate": False,
                      "rampup": True, "weight_synthetic": 1.0, "weight_task_mix": 1.0, "weight_consistency": 1.0,
