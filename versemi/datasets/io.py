@@ -144,14 +144,20 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Read a segmentation as an integer ``(z, y, x)`` array and its geometry."""
+    """Read a segmentation as an integer ``(z, y, x)`` array and its geometry.
+
+    A label stored as float is accepted when every value is integral (real datasets ship such
+    files); fractions, NaN and infinities are refused rather than rounded into some label.
+    """
     array, geometry, _, _ = _read_3d(Path(path))
     if np.issubdtype(array.dtype, np.floating):
-        rounded = np.rint(array)
-        if not np.array_equal(rounded, array):
-            raise input_error(path, "segmentation holds non-integer values",
-                              "store labels as integers 0, 1, 2, ... as declared in dataset.json")
-        array = rounded
+        bad = ~np.isfinite(array) | (np.rint(array) != array)
+        if bad.any():
+            examples = ", ".join(f"{v:g}" for v in np.unique(array[bad])[:3])
+            raise input_error(path, f"segmentation holds non-integer values ({examples}) in "
+                                    f"{int(bad.sum())} voxel(s)",
+                              "store labels as integers 0, 1, 2, ... as declared in dataset.json (a label "
+                              "resampled with linear interpolation must be resampled with nearest neighbour)")
     return array.astype(np.int16, copy=False), geometry
 
 

@@ -99,8 +99,9 @@ def binary_label(array: np.ndarray, file: Path) -> np.ndarray:
 
 
 def integer_label(array: np.ndarray, file: Path) -> np.ndarray:
-    """A uint8 label array; non-integer or out-of-range values are an InputError."""
-    if array.size and (array.min() < 0 or array.max() > 255 or not np.array_equal(np.rint(array), array)):
-        raise input_error(file, "holds values that are not integers 0..255",
-                          "store the segmentation as integer label values")
+    """A uint8 label array from the integer one ``read_label`` gives; values outside 0..255 are an InputError."""
+    outside = (array < 0) | (array > 255)
+    if outside.any():
+        raise input_error(file, f"holds label values {np.unique(array[outside])[:5].tolist()} outside 0..255",
+                          "store the segmentation as label values 0, 1, 2, ... as declared in dataset.json")
     return array.astype(np.uint8)

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from ...atomic import read_json
 from ...errors import input_error
-from ..io import Geometry, read_sitk
+from ..io import Geometry, read_label, read_sitk
 from ..layout import IMAGES_TR, IMAGES_TS, LABELS_TR, write_dataset_json
 from ._output import building, integer_label, prepare_output, progress, require_dir, write_channels, write_label
 
@@ -91,8 +91,9 @@ def convert_msd(source: Path, output: Path, *, overwrite: bool = False, show_pro
             write_channels(tmp / (IMAGES_TR if label_path else IMAGES_TS), case_id, arrays, geometry)
             if label_path is None:
                 continue
-            label_image = read_sitk(label_path)
-            label = integer_label(sitk.GetArrayFromImage(label_image), label_path)
+            # read_label, not SimpleITK: SimpleITK would turn NaN voxels of a float label into background
+            label, label_geometry = read_label(label_path)
+            label = integer_label(label, label_path)
             if label.shape != arrays[0].shape:
                 raise input_error(label_path, f"has shape {label.shape[::-1]}, its image {arrays[0].shape[::-1]}",
                                   "restore the label that belongs to the image")
@@ -100,6 +101,6 @@ def convert_msd(source: Path, output: Path, *, overwrite: bool = False, show_pro
             if undeclared:
                 raise input_error(label_path, f"holds label values {sorted(undeclared)} not in dataset.json's labels",
                                   "restore the original label, or declare the values in dataset.json")
-            write_label(tmp / LABELS_TR, case_id, label, Geometry.of(label_image))
+            write_label(tmp / LABELS_TR, case_id, label, label_geometry)
         write_dataset_json(tmp, channels, labels, len(training), case_order=order)
     return output
