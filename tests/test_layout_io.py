@@ -36,6 +36,16 @@ def test_read_label_rejects_fractions(tmp_path):
         read_label(tmp_path / "lab.nii.gz")
 
 
+@pytest.mark.parametrize("value,dtype", [(65537.0, np.float32), (40000, np.int32), (-40000, np.int32)])
+def test_read_label_rejects_values_that_would_wrap_into_other_labels(tmp_path, value, dtype):
+    """65537 cast to int16 would become 1, a valid label: refused, the file named."""
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_image(np.array([[[0, value]]], dtype), geometry, tmp_path / "lab.nii.gz")
+    with pytest.raises(InputError, match="outside the label range") as error:
+        read_label(tmp_path / "lab.nii.gz")
+    assert "lab.nii.gz" in str(error.value)
+
+
 def test_cases_listing_and_labeled_limit(tmp_path):
     folder = write_tiny_dataset(tmp_path / "Dataset007_Toy", num_cases=4, unlabeled=1)
     write_dataset_json(folder, ["MRI"], {"background": 0, "target": 1}, 4,

@@ -143,6 +143,9 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     return np.stack(arrays), geometry
 
 
+LABEL_RANGE = np.iinfo(np.int16)  # segmentations are held as int16
+
+
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a segmentation as an integer ``(z, y, x)`` array and its geometry.
 
@@ -158,6 +161,11 @@ def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
                                     f"{int(bad.sum())} voxel(s)",
                               "store labels as integers 0, 1, 2, ... as declared in dataset.json (a label "
                               "resampled with linear interpolation must be resampled with nearest neighbour)")
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    if low < LABEL_RANGE.min or high > LABEL_RANGE.max:  # the cast below would wrap them into other labels
+        raise input_error(path, f"segmentation holds values from {low:g} to {high:g}, outside the label range "
+                                f"{LABEL_RANGE.min}..{LABEL_RANGE.max}",
+                          "store labels as integers 0, 1, 2, ... as declared in dataset.json")
     return array.astype(np.int16, copy=False), geometry
 
 
