@@ -72,7 +72,7 @@ WITHOUT_VERSEMI = textwrap.dedent("""
 """)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # trains two experiments and runs bundles in subprocesses
 
 
 @pytest.fixture(scope="module")

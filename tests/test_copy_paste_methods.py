@@ -251,6 +251,7 @@ def test_bad_copy_paste_settings_get_clear_errors(planned, tmp_path):
         make_trainer("BCPTrainer", planned, tmp_path, method={"box_size": 0.5})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILY)
 def test_copy_paste_methods_resume_exactly_after_a_kill(planned, results, tmp_path, name):
     # 3 epochs of 3 iterations, self-training from epoch 1: the kill (iteration 5) is in stage 2

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # console scripts end to end
+
 BIN = Path(sys.executable).parent
 
 

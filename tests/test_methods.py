@@ -283,6 +283,7 @@ def test_mean_teacher_uses_every_prompt_of_a_two_label_dataset(planned, tmp_path
     assert values[1] > values[0] + 1e-4, values
 
 
+@pytest.mark.slow
 def test_mean_teacher_resumes_exactly_student_and_teacher_weights(planned, results, tmp_path):
     args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", "MeanTeacherTrainer", "--epochs", "3",
             "--iterations-per-epoch", "3", *TINY, "--num-workers", "1"]
@@ -331,6 +332,7 @@ def test_a_bf16_step_trains(planned, tmp_path):
     assert math.isfinite(step["loss"]) and {"consistency", "box"} <= set(step)
 
 
+@pytest.mark.slow
 def test_time_budget_warmup_leaves_no_trace_and_fixes_the_schedule(planned, tmp_path):
     trainer = make_trainer("VerSemiTrainer", planned, tmp_path, time_budget=2.0, method={"stage1_fraction": 0.5})
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -345,6 +347,7 @@ def test_time_budget_warmup_leaves_no_trace_and_fixes_the_schedule(planned, tmp_
     assert planned_seconds <= 2.0 * 60
 
 
+@pytest.mark.slow
 def test_time_budget_is_stored_and_kept_on_continue(planned, results, capsys):
     args = ["3d_fullres", "0", "--plans-root", str(planned), *TINY, "-tr", "SupervisedTrainer", "--time-budget", "0.3"]
     assert train_main(args) == 0
@@ -358,6 +361,7 @@ def test_time_budget_is_stored_and_kept_on_continue(planned, results, capsys):
     assert "time budget 0.3 min" in (folder / "training_log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_too_small_time_budget_is_a_clear_error(planned, results, capsys):
     assert train_main(["3d_fullres", "0", "--plans-root", str(planned), *TINY, "--time-budget", "0.001"]) == 2
     assert "does not cover one epoch" in capsys.readouterr().err

@@ -135,6 +135,7 @@ def test_every_network_follows_the_schedule_and_is_checkpointed(planned, tmp_pat
 
 
 # ----- prediction -----
+@pytest.mark.slow
 def test_prediction_averages_the_members_or_uses_the_chosen_one(planned, results, tmp_path, toy_raw_master, capsys):
     folder = results / TOY_EXPERIMENT / "TwoNetworkTrainer__3d_fullres" / "fold_0"
     trainer = two_networks(planned, folder)
@@ -249,6 +250,7 @@ def test_sharpening_pushes_soft_labels_to_zero_and_one():
     assert torch.allclose(sharpened(p, 1.0), p, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_c3s3_lowers_its_loss_on_a_fixed_batch(planned, tmp_path):
     torch.manual_seed(0)
     trainer = make_trainer("C3S3Trainer", planned, tmp_path, method=C3S3)
@@ -321,6 +323,7 @@ def test_bad_c3s3_settings_get_clear_errors(planned, tmp_path):
     assert "contrastive" not in trainer.train_step(trainer.labeled_source[0], trainer.unlabeled_source[0])
 
 
+@pytest.mark.slow
 def test_c3s3_resumes_exactly_after_a_kill(planned, results, tmp_path):
     # 2 epochs of 3 iterations: the kill (iteration 5) comes after the checkpoint of epoch 1
     args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", "C3S3Trainer", "--epochs", "2",
@@ -332,6 +335,7 @@ def test_c3s3_resumes_exactly_after_a_kill(planned, results, tmp_path):
     assert uninterrupted["history"]["terms"][-1].keys() >= {"supervised", "pseudo", "contrastive", "second_teaches"}
 
 
+@pytest.mark.slow
 def test_c3s3_trains_with_ddp_on_two_cpu_processes(planned, results, tmp_path):
     # each process keeps its final weights: the processes see other batches, so they agree only if
     # every network's gradients are averaged across them
@@ -412,6 +416,7 @@ def test_fisher_evidential_loss_and_the_asymptotic_weights():
     assert asymptotic_weight(uncertainty, 1.0).tolist() == pytest.approx([0.1, 0.9])  # at the end the unreliable
 
 
+@pytest.mark.slow
 def test_medl_lowers_its_loss_on_a_fixed_batch_and_both_networks_learn_from_the_fused_labels(planned, tmp_path):
     torch.manual_seed(0)
     trainer = make_trainer("MEDLTrainer", planned, tmp_path)
@@ -441,6 +446,7 @@ def test_bad_medl_settings_get_clear_errors(planned, tmp_path):
     assert torch.isfinite(trainer.train_step(trainer.labeled_source[0], trainer.unlabeled_source[0])["loss"])
 
 
+@pytest.mark.slow
 def test_medl_resumes_exactly_after_a_kill(planned, results, tmp_path):
     args = ["3d_fullres", "0", "--plans-root", str(planned), "-tr", "MEDLTrainer", "--epochs", "2",
             "--iterations-per-epoch", "3", *TINY, "--num-workers", "1", "--unlabeled-batch-size", "2"]

@@ -31,6 +31,7 @@ def _fit(trainer, steps: int) -> tuple[list[float], dict]:
     return losses, terms
 
 
+@pytest.mark.slow
 def test_mutual_learning_lowers_its_loss_in_both_stages(planned, tmp_path):
     torch.manual_seed(0)
     trainer = make_trainer(NAME, planned, tmp_path)
@@ -147,6 +148,7 @@ def test_bad_mutual_learning_settings_get_clear_errors(planned, tmp_path):
         make_trainer(NAME, planned, tmp_path, method={"pseudo_weight": -1.0})
 
 
+@pytest.mark.slow
 def test_mutual_learning_resumes_exactly_and_predicts_every_structure_as_one_label_map(planned, results, tmp_path,
                                                                                          toy_raw_master):
     # 3 epochs of 3 iterations, stage 2 from epoch 1: the kill (iteration 5) is in stage 2

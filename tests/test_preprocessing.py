@@ -99,6 +99,7 @@ def _cache_arrays(cache):
     return {p.relative_to(cache).as_posix(): read_array(p) for p in sorted(cache.rglob("*.b2nd"))}
 
 
+@pytest.mark.slow
 def test_kill_and_rerun_redoes_only_missing_or_damaged_cases(toy_raw, tmp_path, capsys):
     reference_root, killed_root = tmp_path / "reference", tmp_path / "killed"
     assert _run(toy_raw, reference_root) == 0

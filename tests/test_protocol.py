@@ -30,7 +30,7 @@ EXPERIMENT = "DemoLA_DemoPancreas"
 PROMPTS = ("DemoLA/left_atrium", "DemoPancreas/pancreas")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # trains folds and runs the benchmark protocol end to end
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,7 @@ KILL_AT_ITERATION_5 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_continues_the_same_loss_sequence(planned, results, tmp_path):
     args = ["3d_fullres", "0", "--plans-root", str(planned), "--epochs", "3", "--iterations-per-epoch", "3", *TINY,
             "--num-workers", "1"]
@@ -105,6 +106,7 @@ def test_killed_and_resumed_run_continues_the_same_loss_sequence(planned, result
     # a teacher, pseudo-labels and feature taps, in both stages
     ("M3HLTrainer", ["--epochs", "2", "--method", '{"pretrain_fraction": 0.5}']),
 ])
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(planned, results, trainer, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "versemi.train", "3d_fullres", "1", "--plans-root", str(planned), "--epochs", "1",
