@@ -38,7 +38,7 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent)
             os.close(fd)
             tmp_path = Path(tmp)
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
             yield tmp_path
         os.replace(tmp_path, target)
     finally:
@@ -83,7 +83,7 @@ def _disk_full(folder: Path) -> bool:
     return stat.f_blocks > 0 and free_blocks * stat.f_frsize < MIN_FREE_BYTES
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -60,7 +60,7 @@ from torch import nn
 
 from .. import __version__ as versemi_version
 from .. import paths
-from ..atomic import disk_space_checked
+from ..atomic import current_umask, disk_space_checked
 from ..errors import InputError, Problem, input_error
 from ..inference.label_map import OVERLAP_RULE, THRESHOLD, LabelTable, label_table
 from ..inference.predictor import Ensemble, load_models, mirror_axes, resolve_prompts
@@ -796,7 +796,7 @@ def _write_bundle(files: dict[str, bytes], output: Path, overwrite: bool) -> Non
                 tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
                 for relative, data in files.items():
                     _write(tmp, relative, data)
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the bundle the usual permissions
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700; give the bundle the usual permissions
             _replace(tmp, output)
         finally:
             if tmp is not None and tmp.exists():
@@ -847,9 +847,3 @@ def _description_files(ensemble: Ensemble, prompts: list[dict], table: LabelTabl
     # formatted as versemi_predict writes labels.json, so the two files are byte-identical
     return {"configs/metadata.json": _json_bytes(meta), LABELS: (json.dumps(table.to_json(), indent=2) + "\n").encode(),
             "docs/README.md": label_map_model_card(meta, dice, ensemble.plans, table).encode()}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
