@@ -48,10 +48,7 @@ def time_epoch_overhead(trainer) -> float:
     """Seconds an epoch spends outside its iterations: checkpoint, curves and patch validation."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=trainer.output_folder) as scratch:
-        save_checkpoint(Path(scratch) / "probe.pth", {
-            "network": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-            "networks": {name: {"network": e.model.state_dict(), "optimizer": e.optimizer.state_dict()}
-                         for name, e in trainer.extra_networks.items()}})
+        save_checkpoint(Path(scratch) / "probe.pth", trainer.checkpoint_contents())
         log = TrainingLog(Path(scratch))
         log.record(epoch=1, train_loss=1.0, val_loss=1.0, lr=1e-3, dice={"x": 0.5}, ema_dice=0.5, epoch_seconds=1.0,
                    iteration_losses=[1.0], terms={"loss": 1.0})

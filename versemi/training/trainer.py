@@ -40,6 +40,7 @@ from .data import BatchSource, CaseStore, StreamSettings, batch_loader
 from .losses import DiceCE, multiscale
 from .method_settings import resolve_method_settings
 from .progress import TrainingLog
+from .state import TrainerState, random_state, set_random_state
 from .teacher import EMATeacher
 from .validation import pseudo_dice_counts, sliding_window_validation
 
@@ -280,54 +281,35 @@ class Trainer:
         return checkpoint_file(self.output_folder, kind)
 
     def save(self, kind: str) -> None:
-        if not self.is_main:
-            return
-        save_checkpoint(self.checkpoint_path(kind), {
+        if self.is_main:
+            save_checkpoint(self.checkpoint_path(kind), self.checkpoint_contents())
+
+    def checkpoint_contents(self) -> dict:
+        """What a checkpoint holds (``versemi.model.checkpoint``): the run, the model as trained,
+        the trainer's state and the random generators."""
+        return {
             "trainer": type(self).__name__, "fold": self.fold, "configuration": self.configuration,
-            "epoch": self.epoch, "network": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "best_ema": self.best_ema, "history": self.log.history, "config": self.config.to_dict(),
-            "plans": self.plans, "extra": self.method_state(),
+            "config": self.config.to_dict(), "plans": self.plans,
             # the patch and network as trained, so prediction rebuilds it without a Trainer (unless a method
-            # builds its own network)
+            # builds its own network); further networks (add_network) carry their plans in "networks"
             "patch_size": list(self.patch_size),
             "network_plan": self.network_plan() if type(self).build_network is Trainer.build_network else None,
-            # further networks (add_network): members carry their plan, so prediction rebuilds every one
             "network_name": self.network_name,
-            "networks": {name: {"network": e.model.state_dict(), "network_plan": e.network_plan,
-                                "optimizer": e.optimizer.state_dict(), "scheduler": e.scheduler.state_dict()}
-                         for name, e in self.extra_networks.items()},
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        })
+            **TrainerState.capture(self).to_checkpoint(),
+            "rng": random_state(),
+        }
 
     def resume(self) -> bool:
         """Continue from checkpoint_latest (or final); False when there is none yet."""
         for kind in ("latest", "final"):
             path = self.checkpoint_path(kind)
             if path.is_file():
-                state = load_checkpoint(path, self.device)
+                checkpoint = load_checkpoint(path, self.device)
                 break
         else:
             return False
-        self.model.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        missing = sorted(set(self.extra_networks) - set(state.get("networks", {})))
-        if missing:
-            raise input_error(path, f"holds no network {', '.join(map(repr, missing))} of {type(self).__name__}",
-                              "continue with the trainer that wrote it, or move the folder away to start over")
-        for name, extra in self.extra_networks.items():
-            saved = state["networks"][name]
-            extra.model.load_state_dict(saved["network"])
-            extra.optimizer.load_state_dict(saved["optimizer"])
-            extra.scheduler.load_state_dict(saved["scheduler"])
-        self.epoch, self.best_ema = state["epoch"], state["best_ema"]
-        self.log.history = state["history"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        self.load_method_state(state["extra"])
+        TrainerState.from_checkpoint(checkpoint).apply(self, path)
+        set_random_state(checkpoint["rng"])
         return True
 
     def method_state(self) -> dict:
@@ -445,22 +427,12 @@ class Trainer:
             waiting = time.perf_counter()
         return float(np.mean(losses)), losses, {name: float(np.mean(v)) for name, v in terms.items()}
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> TrainerState:
         """A copy of everything a step changes (the time-budget warm-up puts it back afterwards)."""
-        return copy.deepcopy({"network": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "scaler": self.scaler.state_dict(), "extra": self.method_state(), "epoch": self.epoch,
-                              "networks": {name: {"network": e.model.state_dict(), "optimizer": e.optimizer.state_dict()}
-                                           for name, e in self.extra_networks.items()}})
+        return copy.deepcopy(TrainerState.capture(self))
 
-    def restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        for name, extra in self.extra_networks.items():
-            extra.model.load_state_dict(state["networks"][name]["network"])
-            extra.optimizer.load_state_dict(state["networks"][name]["optimizer"])
-        self.load_method_state(state["extra"])
-        self.epoch = state["epoch"]
+    def restore(self, state: TrainerState) -> None:
+        state.apply(self)
 
     @torch.no_grad()
     def validate_epoch(self) -> tuple[float, dict[str, float]]:
