@@ -11,6 +11,9 @@ benchmark. A ``torch.save`` of a dict, written atomically, with these keys:
                                    training only, not a member), optimizer, scheduler
     epoch, best_ema, history, optimizer, scheduler, scaler, extra, rng
                                    what ``versemi_train --continue`` picks up again
+    warm_start                     the checkpoint the run started from (``--init-from``): path, trainer,
+                                   fold, sha256, members loaded and left as initialised, the stage
+                                   skipped; None: the run started from initialised weights
 
 ``REQUIRED_KEYS`` are what prediction needs; the rest may be missing in older versions.
 """

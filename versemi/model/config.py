@@ -41,6 +41,8 @@ class TrainingConfig:
     # --time-budget: minutes for the whole schedule; ``budget`` records what the warm-up chose
     time_budget: float | None = None
     budget: dict | None = None
+    # --init-from: the checkpoint whose weights a new run starts from (a warm start); kept on --continue
+    init_from: str | None = None
     # method settings read by the trainer subclasses
     method: dict = field(default_factory=dict)
 

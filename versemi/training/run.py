@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--experiment", help="planned experiment (needed when several exist)")
     p.add_argument("-tr", "--trainer", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
     p.add_argument("--continue", dest="resume", action="store_true", help="resume from the latest checkpoint")
+    p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                   help="start from the weights of another run's checkpoint (any trainer, the same network plan, "
+                        "prompts and channels); a pre-training stage is skipped. --continue does not load it again")
     p.add_argument("--epochs", type=int)
     p.add_argument("--iterations-per-epoch", type=int)
     p.add_argument("--val-iterations", type=int)
@@ -81,6 +84,8 @@ def make_config(args, saved: dict | None) -> TrainingConfig:
         config.compile = True
     if args.no_augmentation:
         config.augmentation = AugmentationSettings(enabled=False)
+    if args.init_from is not None:
+        config.init_from = str(args.init_from.resolve())
     config.method.update(parse_method(args.method))
     if config.time_budget is not None and config.time_budget <= 0:
         raise input_error(f"--time-budget {config.time_budget:g}", "is not a positive number of minutes",

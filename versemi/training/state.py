@@ -28,6 +28,7 @@ class TrainerState:
     scaler: dict
     networks: dict   # further networks by name: network, network_plan, optimizer, scheduler
     extra: dict      # the teachers' weights by name and the method's own state
+    warm_start: dict | None  # the checkpoint the run started from (--init-from); None: initialised weights
 
     @classmethod
     def capture(cls, trainer) -> TrainerState:
@@ -37,12 +38,13 @@ class TrainerState:
                    networks={name: {"network": e.model.state_dict(), "network_plan": e.network_plan,
                                     "optimizer": e.optimizer.state_dict(), "scheduler": e.scheduler.state_dict()}
                              for name, e in trainer.extra_networks.items()},
-                   extra=trainer.method_state())
+                   extra=trainer.method_state(), warm_start=trainer.warm_start)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> TrainerState:
-        # checkpoints of one network from older versions have no "networks"
-        return cls(**{f.name: checkpoint[f.name] if f.name != "networks" else checkpoint.get("networks", {})
+        # checkpoints of older versions may lack these entries
+        absent = {"networks": {}, "warm_start": None}
+        return cls(**{f.name: checkpoint.get(f.name, absent[f.name]) if f.name in absent else checkpoint[f.name]
                       for f in fields(cls)})
 
     def to_checkpoint(self) -> dict:
@@ -64,7 +66,7 @@ class TrainerState:
             extra.model.load_state_dict(saved["network"])
             extra.optimizer.load_state_dict(saved["optimizer"])
             extra.scheduler.load_state_dict(saved["scheduler"])
-        trainer.epoch, trainer.best_ema = self.epoch, self.best_ema
+        trainer.epoch, trainer.best_ema, trainer.warm_start = self.epoch, self.best_ema, self.warm_start
         trainer.log.history = self.history
         trainer.load_method_state(self.extra)
 

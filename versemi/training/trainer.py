@@ -5,7 +5,8 @@ A subclass sets ``uses_unlabeled`` and overrides ``train_step`` (and, if it need
 ``after_optimizer_step``, ``unlabeled_from`` or ``budget_phases``); the loop does the rest: data
 streams in background workers, optimizer and poly LR, mixed precision, EMA teachers (``add_teacher``),
 further networks trained beside the main one (``add_network``), a schedule fitted to a time budget,
-checkpoints, resume, validation, logging of every loss term, DDP.
+checkpoints, resume, a warm start from another run's weights (``--init-from``, ``warm_start``),
+validation, logging of every loss term, DDP.
 The shared pieces of the methods' mathematics live beside it: ``losses`` (masked Dice + CE),
 ``mixing`` (boxes, block masks, copy-paste), ``pseudo_labels``, ``feature_taps``, ``prompts``.
 """
@@ -43,6 +44,7 @@ from .progress import TrainingLog
 from .state import TrainerState, random_state, set_random_state
 from .teacher import EMATeacher
 from .validation import pseudo_dice_counts, sliding_window_validation
+from .warm_start import WarmStart
 
 EMA_DICE_MOMENTUM = 0.9
 
@@ -76,6 +78,9 @@ class Trainer:
     # settings a method reads from --method, with their defaults, and named sets of them
     method_defaults: dict = {}
     method_presets: dict[str, dict] = {}
+    # the method setting holding the share of the epochs of a leading stage that only prepares the
+    # networks for the next (e.g. BCP's labeled pre-training): a warm start replaces it (``_finish_warm_start``)
+    warm_up_setting: str | None = None
 
     def __init__(self, plans: dict, plans_root: Path, configuration: str, fold: str, output_folder: Path,
                  config: TrainingConfig, device: str | torch.device = "cpu"):
@@ -106,6 +111,8 @@ class Trainer:
         self.teachers: dict[str, EMATeacher] = {}
         self.extra_networks: dict[str, ExtraNetwork] = {}
         self.log = TrainingLog(self.output_folder)
+        self.warm_start: dict | None = None          # what the run started from (--init-from), checkpointed
+        self._warm_source: WarmStart | None = None   # the checkpoint, while setup loads from it
 
     # ----- hooks a method may override -----
     def network_plan(self) -> dict:
@@ -183,6 +190,8 @@ class Trainer:
         if network_plan is not None:
             network_plan = dict(network_plan)
             module = build_network(network_plan, self.plans["in_channels"], self.num_prompts)
+            if self._warm_source is not None:
+                self._warm_source.load_member(name, network_plan, module)
         model = module.to(self.device)
         network = self._wrap(model)
         chosen = (optimizer or self._make_optimizer)(model.parameters())
@@ -217,7 +226,9 @@ class Trainer:
         pass
 
     # ----- setup -----
-    def setup(self) -> None:
+    def setup(self, warm_start: bool = True) -> None:
+        """Data, networks, optimizers; ``warm_start``: from ``config.init_from`` if set (False when
+        the run's own checkpoint is resumed instead)."""
         torch.manual_seed(self.config.seed)
         self.output_folder.mkdir(parents=True, exist_ok=True)
         keys = self.split["train_labeled"] + self.split["val"] + (self.split["train_unlabeled"] if self.uses_unlabeled else [])
@@ -227,6 +238,10 @@ class Trainer:
         if any(p % d for p, d in zip(self.patch_size, divisor)):
             raise input_error("--patch-size", f"patch {self.patch_size} is not divisible by the network's "
                                               f"downsampling {list(divisor)}", "choose multiples of it")
+        if warm_start and self.config.init_from:
+            # before on_train_start: the teachers made there copy the loaded weights
+            self._warm_source = WarmStart(self.config.init_from, self.network_plan(), self.plans)
+            self._warm_source.load_main(self.model, self.network_name)
         self.network = self._wrap(self.model)
         self.optimizer = self._make_optimizer(self.model.parameters())
         self.scheduler = self._make_scheduler(self.optimizer)
@@ -242,6 +257,34 @@ class Trainer:
         self.val_source = BatchSource(self.store, self.split["val"], self.plans, self._stream(True, augment=False),
                                       self.config.seed, "validation") if self.split["val"] else None
         self.on_train_start()
+        if self._warm_source is not None:
+            self._finish_warm_start(self._warm_source)
+            self._warm_source = None
+
+    def _finish_warm_start(self, source: WarmStart) -> None:
+        """Skips the warm-up stage (``warm_up_setting``) when the checkpoint gave every member, and
+        records and logs the start.
+
+        The warm-up stage's share becomes 0 (also in ``config.method``, so ``--continue`` keeps it):
+        the run starts in the stage after it with the whole schedule, the poly LR from its first
+        value and the method's ramp-ups from 0, as a new run of that stage would; a pre-trained
+        checkpoint is what the warm-up stage would have produced, and a fine-tune wants the full
+        LR and enough epochs. A stage that would train a member the checkpoint lacks is kept.
+        """
+        skipped = self.warm_up_setting if self.warm_up_setting and not source.left else None
+        if skipped:
+            self.settings[skipped] = self.config.method[skipped] = 0
+        self.warm_start = {**source.record(), "skipped_stage": skipped}
+        if not self.is_main:
+            return
+        self.log.write(source.headline)
+        for name in source.left:
+            self.log.write(f"warm start: network {name!r} left as initialised (the checkpoint holds no member "
+                           f"{name!r} of its plan)")
+        if skipped:
+            self.log.write(f"warm start: stage 1 skipped ({skipped} 0), training starts in stage {self.stage}")
+        elif self.warm_up_setting and self.stage == 1:
+            self.log.write(f"warm start: stage 1 kept, it trains {', '.join(source.left)} first")
 
     def _stream(self, labeled: bool, augment: bool, batch_size: int | None = None) -> StreamSettings:
         augmentation = self.config.augmentation if augment else type(self.config.augmentation)(enabled=False)
@@ -299,15 +342,16 @@ class Trainer:
             "rng": random_state(),
         }
 
+    def saved_checkpoint(self) -> Path | None:
+        """checkpoint_latest (or final) of this run; None when there is none yet."""
+        return next((path for path in map(self.checkpoint_path, ("latest", "final")) if path.is_file()), None)
+
     def resume(self) -> bool:
-        """Continue from checkpoint_latest (or final); False when there is none yet."""
-        for kind in ("latest", "final"):
-            path = self.checkpoint_path(kind)
-            if path.is_file():
-                checkpoint = load_checkpoint(path, self.device)
-                break
-        else:
+        """Continue from ``saved_checkpoint``; False when there is none yet."""
+        path = self.saved_checkpoint()
+        if path is None:
             return False
+        checkpoint = load_checkpoint(path, self.device)
         TrainerState.from_checkpoint(checkpoint).apply(self, path)
         set_random_state(checkpoint["rng"])
         return True
@@ -330,8 +374,9 @@ class Trainer:
         random.seed(seed)
 
     def run(self, resume: bool = False) -> None:
-        self.setup()
-        resumed = resume and self.resume()
+        resuming = resume and self.saved_checkpoint() is not None
+        self.setup(warm_start=not resuming)  # a resumed run is not warm-started again
+        resumed = resuming and self.resume()
         if not resumed and self.config.time_budget and not self.config.budget:
             self.config.budget = fit_schedule(self)
             if self.is_main:

@@ -53,6 +53,7 @@ class BCPTrainer(Trainer):
     uses_unlabeled = True
     method_defaults = DEFAULTS
     method_presets = PRESETS
+    warm_up_setting = "pretrain_fraction"  # a warm start replaces the pre-training (the teacher starts from it)
 
     def on_train_start(self) -> None:
         s = self.settings

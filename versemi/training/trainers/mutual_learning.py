@@ -78,6 +78,10 @@ class MutualLearningTrainer(Trainer):
     uses_unlabeled = True
     method_defaults = DEFAULTS
     method_presets = PRESETS
+    # a warm start that loads both networks (a MutualLearningTrainer checkpoint) replaces stage 1: the
+    # loaded pair is frozen as the pseudo-labelers; from a checkpoint without the peer, stage 1 stays,
+    # since a frozen peer of initial weights would pseudo-label noise
+    warm_up_setting = "stage1_fraction"
 
     def on_train_start(self) -> None:
         s = self.settings

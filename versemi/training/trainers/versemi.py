@@ -56,6 +56,10 @@ class VerSemiTrainer(Trainer):
     uses_unlabeled = True
     method_defaults = DEFAULTS
     method_presets = PRESETS
+    # a warm start replaces stage 1: stage 2 keeps its labeled terms (supervised, synthetic, task-mix
+    # CutMix) by default and ramps the consistency up from 0, so the synthetic prompt, which e.g. a
+    # supervised checkpoint never trained, learns before the consistency with it weighs
+    warm_up_setting = "stage1_fraction"
 
     def on_train_start(self) -> None:
         if self.batch_size < 2:
