@@ -77,7 +77,7 @@ def evaluate(folder: Path, trainer: str, raw: Path) -> dict:
 
     cached = folder / "evaluation.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
+        return json.loads(cached.read_text(encoding="utf-8"))
     torch.set_num_threads(2)
     checkpoint = checkpoint_of(folder, trainer)
     ensemble = load_models([checkpoint])
@@ -87,7 +87,7 @@ def evaluate(folder: Path, trainer: str, raw: Path) -> dict:
         output = folder / "predictions" / dataset
         written = predict_cases([raw / dataset / "imagesTs"], output, prompts, ensemble, mirroring=False,
                                 overwrite=True, show_progress=False)
-        table = json.loads((output / "labels.json").read_text())["labels"]
+        table = json.loads((output / "labels.json").read_text(encoding="utf-8"))["labels"]
         for path in written:
             labels = read_image([path])[0][0]
             reference, _ = read_label(raw / dataset / "labelsTs" / path.name)

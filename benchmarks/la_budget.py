@@ -51,7 +51,7 @@ def prepare_data(work: Path, spacing_scale: float, source: Path = H5) -> Path:
     from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
     from versemi.plans.planner import PlanSettings
 
-    ids = [line.strip() for line in (source / "train.list").read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in (source / "train.list").read_text(encoding="utf-8").splitlines() if line.strip()]
     work.mkdir(parents=True, exist_ok=True)
     test_file = work / "test_ids.txt"
     test_file.write_text("\n".join(ids[60:]) + "\n")
@@ -113,7 +113,7 @@ def training_wall_seconds(folder: Path, checkpoint: Path) -> float:
     """From the start of the training process to its final checkpoint (files written by
     ``finish_training``; runs recorded before ``started`` was stored: its file's time minus ``seconds``)."""
     wall_file = folder / "wall.json"
-    wall = json.loads(wall_file.read_text())
+    wall = json.loads(wall_file.read_text(encoding="utf-8"))
     started = wall.get("started", wall_file.stat().st_mtime - wall["seconds"])
     return checkpoint.stat().st_mtime - started
 
@@ -128,9 +128,9 @@ def evaluate_run(folder: Path, raw: Path, mirroring: bool, device: str = "cpu") 
     from versemi.model.checkpoint import load_checkpoint
 
     result_file = folder / "evaluation.json"
-    checkpoint = Path((folder / "checkpoint.txt").read_text())
+    checkpoint = Path((folder / "checkpoint.txt").read_text(encoding="utf-8"))
     if result_file.is_file():
-        return {**json.loads(result_file.read_text()), "wall_seconds": training_wall_seconds(folder, checkpoint)}
+        return {**json.loads(result_file.read_text(encoding="utf-8")), "wall_seconds": training_wall_seconds(folder, checkpoint)}
     state = load_checkpoint(checkpoint)
     torch.set_num_threads(2)
     ensemble = load_models([checkpoint], device=device)
@@ -145,7 +145,7 @@ def evaluate_run(folder: Path, raw: Path, mirroring: bool, device: str = "cpu") 
     history = state["history"]
     iterations = len([x for epoch in history["iteration_losses"] for x in epoch])
     train_seconds = float(sum(history["epoch_seconds"]))
-    wall = json.loads((folder / "wall.json").read_text())
+    wall = json.loads((folder / "wall.json").read_text(encoding="utf-8"))
     wall["seconds"] = training_wall_seconds(folder, checkpoint)
     result = {"mean": summary["mean"]["1"], "cases": {r["case"]: r["metrics"]["1"]["dice"] for r in summary["cases"]},
               "iterations": iterations, "seconds_per_iteration": train_seconds / max(iterations, 1),
@@ -164,7 +164,7 @@ def _peak_memory(folder: Path) -> float | None:
     import re
 
     logs = list((folder / "results").glob("*/*/fold_all/training_log.txt"))
-    values = [float(v) for log in logs for v in re.findall(r"peak GPU memory ([0-9.]+) GiB", log.read_text())]
+    values = [float(v) for log in logs for v in re.findall(r"peak GPU memory ([0-9.]+) GiB", log.read_text(encoding="utf-8"))]
     return max(values) if values else None
 
 

@@ -45,7 +45,7 @@ def main() -> None:
         images = paths.raw_root() / dataset / "imagesTs"
         maps = predict_cases([images], args.work / dataset / "all", prompts, ensemble, mirroring=mirroring,
                              save_probabilities=True, overwrite=True, show_progress=False)
-        table = json.loads((args.work / dataset / "all" / "labels.json").read_text())
+        table = json.loads((args.work / dataset / "all" / "labels.json").read_text(encoding="utf-8"))
         single = {}
         for p in prompts:
             folder = args.work / dataset / f"prompt{p['index']}"

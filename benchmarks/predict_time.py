@@ -52,7 +52,7 @@ def pick_case() -> tuple[str, tuple[int, int, int]]:
     """The train.list case whose (x, y, z) shape is closest to SHAPE_XYZ."""
     import h5py
 
-    ids = [line.strip() for line in (H5 / "train.list").read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in (H5 / "train.list").read_text(encoding="utf-8").splitlines() if line.strip()]
     best = None
     for case_id in ids:
         with h5py.File(H5 / case_id / "mri_norm2.h5", "r") as f:
@@ -102,7 +102,7 @@ def la_plan():
     from versemi.plans.topology import plan_patch_and_topology
 
     shapes = []
-    for case_id in (H5 / "train.list").read_text().split():
+    for case_id in (H5 / "train.list").read_text(encoding="utf-8").split():
         with h5py.File(H5 / case_id / "mri_norm2.h5", "r") as f:
             shapes.append(f["image"].shape[::-1])
     median = np.median(np.array(shapes), axis=0)

@@ -120,7 +120,7 @@ def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = 
     from versemi.model.config import TrainingConfig
     from versemi.training.trainers import find_trainer
 
-    plans = plans or json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())
+    plans = plans or json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
     settings = dict(epochs=10, patch_size=[16, 32, 32], batch_size=2, features=[4, 8, 16], num_workers=0,
                     optimizer="adam", lr=3e-3)
     settings.update(config)

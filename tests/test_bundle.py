@@ -114,7 +114,7 @@ def _test_image(raw: Path, dataset: str) -> Path:
 
 def _bundle_precision(bundle: Path) -> str:
     """The precision the bundle was exported for, as its metadata records it."""
-    return json.loads((bundle / "configs" / "metadata.json").read_text())["versemi"]["precision"]
+    return json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))["versemi"]["precision"]
 
 
 def _versemi_predictions(trained, inputs: Path, output: Path, prompt: str, precision: str = "fp32") -> Path:
@@ -154,8 +154,8 @@ def test_bundle_has_the_standard_layout(trained):
     assert files == ["LICENSE", "configs/inference.json", "configs/logging.conf", "configs/metadata.json",
                      "docs/README.md", "models/checksums.json", "models/model.pt", "models/model.ts",
                      "scripts/__init__.py", "scripts/inference.py"]
-    assert (trained.bundle / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]
-    card = (trained.bundle / "docs" / "README.md").read_text()
+    assert (trained.bundle / "LICENSE").read_text(encoding="utf-8").split()[:3] == ["Apache", "License", "Version"]
+    card = (trained.bundle / "docs" / "README.md").read_text(encoding="utf-8")
     for words in ("not a medical device", "DemoLA", "DemoPancreas", "Cross-validation", "Input requirements",
                   "Version history", "left_atrium"):
         assert words in card
@@ -163,7 +163,7 @@ def test_bundle_has_the_standard_layout(trained):
 
 
 def test_metadata_has_the_mandatory_keys_of_the_bundle_spec(trained):
-    meta = json.loads((trained.bundle / "configs" / "metadata.json").read_text())
+    meta = json.loads((trained.bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     for key, kind in MANDATORY.items():
         assert isinstance(meta.get(key), kind), f"{key}: {meta.get(key)!r} is not a {kind.__name__}"
     assert meta["schema"].endswith("meta_schema_20240725.json")
@@ -183,7 +183,7 @@ def test_metadata_has_the_mandatory_keys_of_the_bundle_spec(trained):
                     "channel_def": {"0": "background", "1": "left_atrium"}}
     assert meta["versemi"]["folds"] == ["0", "1"] and meta["versemi"]["prompt"]["dataset"] == "DemoLA"
     fold_dice = json.loads((trained.experiment / f"{TRAINER}__3d_fullres" / "fold_0" / "validation" /
-                            "summary.json").read_text())["mean_dice"]["DemoLA/left_atrium"]
+                            "summary.json").read_text(encoding="utf-8"))["mean_dice"]["DemoLA/left_atrium"]
     assert meta["eval_metrics"]["fold_0_dice"] == pytest.approx(fold_dice)
 
 
@@ -203,7 +203,7 @@ def test_metadata_verifies_with_monai_offline(trained, tmp_path):
     (tmp_path / "schema.json").write_text(json.dumps(schema))
     meta_file = str(trained.bundle / "configs" / "metadata.json")
     verify_metadata(meta_file=meta_file, filepath=str(tmp_path / "schema.json"))
-    bad = json.loads(Path(meta_file).read_text())
+    bad = json.loads(Path(meta_file).read_text(encoding="utf-8"))
     del bad["copyright"]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(Exception, match="copyright"):
@@ -335,7 +335,7 @@ def test_ct_bundle_matches_versemi_predict(trained, tmp_path):
     reference = _versemi_predictions(trained, inputs, tmp_path / "versemi", "DemoPancreas", _bundle_precision(bundle))
     name = image.name.replace("_0000", "")
     assert _assert_same_segmentation(tmp_path / "out" / name, reference / name) >= 0.99
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     image_format = meta["network_data_format"]["inputs"]["image"]
     assert image_format["modality"] == "CT" and len(image_format["value_range"]) == 2
 
@@ -386,7 +386,7 @@ def test_bad_input_is_refused_with_nothing_written(trained, tmp_path, capsys, mo
     assert "exists already" in err and "--overwrite" in err
     assert _export("-p", "DemoLA", "-f", "0", "-o", str(target), "--overwrite") == 2  # not a bundle: kept
     assert "is not a bundle" in capsys.readouterr().err
-    assert (target / "notes.txt").read_text() == "keep me"
+    assert (target / "notes.txt").read_text(encoding="utf-8") == "keep me"
 
     def fail_after_some_files(folder, relative, data):
         if relative == "docs/README.md":
@@ -512,21 +512,21 @@ def test_label_map_bundle_runs_without_versemi_and_matches_versemi_predict(label
     assert result.returncode == 0, result.stderr[-3000:]
     assert _bundle_precision(bundle) == "fp32"  # the default: the same label maps on every machine
     reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["all"], "fp32")
-    table = json.loads((reference / "labels.json").read_text())
+    table = json.loads((reference / "labels.json").read_text(encoding="utf-8"))
     # both datasets call their target 1: numbered 1..3 in prompt order
     assert [(e["dataset"], e["label"], e["value"]) for e in table["labels"]] == [
         ("Tiny2", "target", 1), ("Tiny2", "second", 2), ("TinyB", "target", 3)]
     for written in (bundle / "configs" / "labels.json", tmp_path / "out" / "labels.json"):
         assert written.read_bytes() == (reference / "labels.json").read_bytes()
     assert len(_assert_same_label_maps(tmp_path / "out", reference) - {0}) >= 2
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["num_channels"] == 4 and pred["channel_def"] == {"0": "background", "1": "Tiny2/target",
                                                                  "2": "Tiny2/second", "3": "TinyB/target"}
     assert meta["label_classes"] == "0: background, 1: Tiny2/target, 2: Tiny2/second, 3: TinyB/target"
     assert meta["versemi"]["label_table"] == table and "prompt" not in meta["versemi"]
     assert "Tiny2/second_fold_1_dice" in meta["eval_metrics"]
-    card = (bundle / "docs" / "README.md").read_text()
+    card = (bundle / "docs" / "README.md").read_text(encoding="utf-8")
     assert "## Labels" in card and "| 3 | TinyB | target | 1 | 2 |" in card
     assert "versemi_predict -p Tiny2:target Tiny2:second TinyB:target" in card
 
@@ -543,7 +543,7 @@ def test_one_datasets_labels_keep_their_values(label_map, tmp_path):
     _run_in_process(bundle, inputs, tmp_path / "out")
     reference = _label_map_predictions(label_map, inputs, tmp_path / "versemi", ["Tiny2:target", "Tiny2/second"],
                                        _bundle_precision(bundle))
-    table = json.loads((bundle / "configs" / "labels.json").read_text())
+    table = json.loads((bundle / "configs" / "labels.json").read_text(encoding="utf-8"))
     assert [e["value"] for e in table["labels"]] == [1, 2] and table["values"] == "each dataset's own label values"
     assert (tmp_path / "out" / "labels.json").read_bytes() == (reference / "labels.json").read_bytes()
     assert _assert_same_label_maps(tmp_path / "out", reference) == {0, 1, 2}
@@ -568,7 +568,7 @@ def test_bf16_bundle_records_its_precision_and_agrees_with_versemi_predict_in_bf
     assert export_bundle_main(["-tr", TRAINER, "-f", "0", "1", "-p", "Tiny2:target", "Tiny2/second", "-o",
                                str(bundle), "--precision", "bf16"]) == 0
     assert _bundle_precision(bundle) == "bf16"
-    card = (bundle / "docs" / "README.md").read_text()
+    card = (bundle / "docs" / "README.md").read_text(encoding="utf-8")
     assert "exported for bf16" in card and "--precision bf16" in card
     traced = torch.jit.load(str(bundle / "models" / "model.ts"))
     # a real image, z-scored, (x, y, z): random noise would give saturated probabilities, equal in any precision

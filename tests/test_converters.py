@@ -64,7 +64,7 @@ def test_la_h5_real_cases(tmp_path):
     chosen = [listed[4], listed[0], listed[2]]  # deliberately not in list order
     out = convert_la_h5(LA_H5, tmp_path / "LA", ids=chosen, show_progress=False)
     expected_order = [listed[0], listed[2], listed[4]]
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["case_order"] == expected_order and meta["numTraining"] == 3
     assert meta["channel_names"] == {"0": "MRI"} and meta["labels"] == {"background": 0, "left_atrium": 1}
     assert [c.case_id for c in load_dataset(out).labeled_cases()] == expected_order
@@ -91,7 +91,7 @@ def test_la_h5_lists_spacing_and_test_split(tmp_path):
     before = snapshot(src)
     out = convert("la-h5", src, tmp_path / "out", spacing=(0.5, 0.6, 0.7), show_progress=False)
     assert snapshot(src) == before
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["case_order"] == ["B7", "A1"]
     assert (out / "imagesTs/T9_0000.nii.gz").is_file() and (out / "labelsTs/T9.nii.gz").is_file()
     nii = nib.load(out / "imagesTr/B7_0000.nii.gz")
@@ -142,7 +142,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match=re.escape(str(out))):
         convert_la_h5(src, out, show_progress=False)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text(encoding="utf-8") == "mine"
     convert_la_h5(src, out, overwrite=True, show_progress=False)
     assert not (out / "keep.txt").exists() and (out / "dataset.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
@@ -177,7 +177,7 @@ def test_la_2018(tmp_path):
     before = snapshot(src)
     out = convert_la_2018(src, tmp_path / "out", show_progress=False)
     assert snapshot(src) == before
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["case_order"] == ["c1", "c2"] and meta["numTraining"] == 2
     for case_id in ("c1", "c2"):
         image_path, label_path = out / f"imagesTr/{case_id}_0000.nii.gz", out / f"labelsTr/{case_id}.nii.gz"
@@ -225,7 +225,7 @@ def test_msd_splits_4d_channels(tmp_path):
     before = snapshot(src)
     out = convert_msd(src, tmp_path / "out", show_progress=False)
     assert snapshot(src) == before
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["channel_names"] == {"0": "FLAIR", "1": "T1w"}
     assert meta["labels"] == {"background": 0, "edema": 1, "tumour": 2}
     assert meta["numTraining"] == 2 and meta["case_order"] == ["b_002", "a_001"] and meta["file_ending"] == ".nii.gz"
@@ -292,7 +292,7 @@ def test_pancreas_nih(tmp_path):
     before = snapshot(src)
     out = convert_pancreas_nih(src, tmp_path / "out", show_progress=False)
     assert snapshot(src) == before
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["case_order"] == ["pancreas_0001", "pancreas_0002"] and meta["numTraining"] == 2
     assert meta["channel_names"] == {"0": "CT"} and meta["labels"] == {"background": 0, "pancreas": 1}
     identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

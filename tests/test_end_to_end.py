@@ -30,7 +30,7 @@ def test_synthetic_to_plans_and_cache(tmp_path):
     assert planned.returncode == 0, planned.stderr
     assert "10 case(s) preprocessed" in planned.stdout
     plans_root = tmp_path / "work" / "versemi_plans"
-    plans = json.loads((plans_root / "DemoLA_DemoPancreas" / "plans.json").read_text())
+    plans = json.loads((plans_root / "DemoLA_DemoPancreas" / "plans.json").read_text(encoding="utf-8"))
     assert plans["dataset_names"] == ["DemoLA", "DemoPancreas"]
     for name in ("DemoLA", "DemoPancreas"):
         assert (plans_root / name / "fingerprint.json").is_file()
@@ -51,5 +51,5 @@ def test_real_la_cases_plan(tmp_path):
     convert_la_h5(source, tmp_path / "work" / "raw" / "LA", ids=ids, show_progress=False)
     planned = _cli("versemi_plan_and_preprocess", "-d", "LA", env=env)
     assert planned.returncode == 0, planned.stderr
-    plans = json.loads((tmp_path / "work" / "versemi_plans" / "LA" / "plans.json").read_text())
+    plans = json.loads((tmp_path / "work" / "versemi_plans" / "LA" / "plans.json").read_text(encoding="utf-8"))
     assert plans["datasets"]["LA"]["target_spacing"] == pytest.approx([0.625] * 3)

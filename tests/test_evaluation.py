@@ -113,7 +113,7 @@ def test_evaluate_folders_end_to_end(tmp_path):
     for name in ("summary.json", "summary.csv", "summary.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    written = json.loads((out / "summary.json").read_text())  # strict JSON: no NaN literals
+    written = json.loads((out / "summary.json").read_text(encoding="utf-8"))  # strict JSON: no NaN literals
     assert written == json.loads(json.dumps(summary))
     assert summary["labels"] == [1] and summary["units"] == "mm" and summary["empty_convention"] == "nan"
     assert summary["ignored_predictions"] == ["unlabelled_extra"]

@@ -85,7 +85,7 @@ def test_prediction_feeds_the_network_what_the_training_cache_holds(trained):
     for dataset in ("DemoLA", "DemoPancreas"):
         prompt = resolve_prompt(ensemble.plans, dataset)
         for path in sorted((trained.cache / dataset).glob("*.json")):
-            properties = json.loads(path.read_text())
+            properties = json.loads(path.read_text(encoding="utf-8"))
             folder = "imagesTr" if properties["labeled"] else "imagesUnlabeled"
             files = sorted((trained.raw / dataset / folder).glob(f"{properties['case_id']}_*"))
             prepared = prepare_case(ensemble, files, [prompt])

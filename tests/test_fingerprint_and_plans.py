@@ -47,7 +47,7 @@ def test_fingerprint_is_reused_until_raw_data_changes(toy_raw, tmp_path):
     path = tmp_path / "DemoLA" / "fingerprint.json"
     stamp = path.stat().st_mtime_ns
     again, _ = load_or_compute_fingerprint(dataset, tmp_path, 1, False)
-    assert again == json.loads(path.read_text()) and path.stat().st_mtime_ns == stamp
+    assert again == json.loads(path.read_text(encoding="utf-8")) and path.stat().st_mtime_ns == stamp
     label = dataset.labeled_cases()[0].label
     os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
     changed, _ = load_or_compute_fingerprint(dataset, tmp_path, 1, False)
@@ -88,7 +88,7 @@ def test_joint_plan_of_two_datasets(toy_raw, tmp_path):
                                 num_processes=1, show_progress=False)
     summary = plan_and_preprocess(request, preprocess=False)
     assert summary["experiment"] == "DemoLA_DemoPancreas-3labeled"
-    plans = json.loads((tmp_path / summary["experiment"] / "plans.json").read_text())
+    plans = json.loads((tmp_path / summary["experiment"] / "plans.json").read_text(encoding="utf-8"))
     assert [p["label"] for p in plans["prompts"]] == ["left_atrium", "pancreas", "synthetic"]
     assert plans["num_prompts"] == 3 and plans["synthetic_prompt"] == 2
     la, ct = plans["datasets"]["DemoLA"], plans["datasets"]["DemoPancreas"]
@@ -107,15 +107,15 @@ def test_existing_plan_is_never_overwritten_silently(toy_raw, tmp_path):
     request = ExperimentRequest(["DemoLA"], toy_raw, tmp_path, num_processes=1, show_progress=False)
     plan_and_preprocess(request, preprocess=False)
     path = tmp_path / "DemoLA" / "plans.json"
-    edited = json.loads(path.read_text())
+    edited = json.loads(path.read_text(encoding="utf-8"))
     edited["configurations"]["3d_fullres"]["batch_size"] = 7
     path.write_text(json.dumps(edited))
     with pytest.raises(InputError, match="--overwrite-plans"):
         plan_and_preprocess(request, preprocess=False)
-    assert json.loads(path.read_text())["configurations"]["3d_fullres"]["batch_size"] == 7
+    assert json.loads(path.read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["batch_size"] == 7
     request.overwrite_plans = True
     plan_and_preprocess(request, preprocess=False)
-    assert json.loads(path.read_text())["configurations"]["3d_fullres"]["batch_size"] != 7
+    assert json.loads(path.read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["batch_size"] != 7
 
 
 def test_the_typed_plans_view_answers_from_the_plans(planned):
@@ -123,7 +123,7 @@ def test_the_typed_plans_view_answers_from_the_plans(planned):
 
     from versemi.model.plans_view import PlansView
 
-    plans = json.loads((planned / "DemoLA_DemoPancreas" / "plans.json").read_text())
+    plans = json.loads((planned / "DemoLA_DemoPancreas" / "plans.json").read_text(encoding="utf-8"))
     view = PlansView(plans)
     assert view.dataset_names == ["DemoLA", "DemoPancreas"] and view.experiment == "DemoLA_DemoPancreas"
     assert [p["dataset"] for p in view.real_prompts] == ["DemoLA", "DemoPancreas"]

@@ -99,7 +99,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
         message = str(refused.value)
         assert str(lock) in message and f"process {os.getpid()} on this host" in message
         assert "fix: wait for it to finish or stop it" in message
-        assert json.loads(lock.read_text())["pid"] == os.getpid(), "the refused run keeps off the holder's lock"
+        assert json.loads(lock.read_text(encoding="utf-8"))["pid"] == os.getpid(), "the refused run keeps off the holder's lock"
     assert not lock.exists(), "released on exit"
 
 
@@ -115,7 +115,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2024-01-01 00:00:00",
                                 "command": "versemi_predict"}))
     with folder_lock(tmp_path, "prediction"):
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert json.loads(lock.read_text(encoding="utf-8"))["pid"] == os.getpid()
     assert not lock.exists()
     err = capsys.readouterr().err
     assert f"note: {lock}: taking over the lock of versemi_predict (process {pid}" in err
@@ -127,7 +127,7 @@ def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
     with pytest.raises(InputError, match="on host elsewhere.invalid"):
         with run_lock(lock, "prediction"):
             pass
-    assert "elsewhere.invalid" in lock.read_text()
+    assert "elsewhere.invalid" in lock.read_text(encoding="utf-8")
 
 
 HOLD_LOCK = textwrap.dedent("""
@@ -161,7 +161,7 @@ def planned(tmp_path_factory) -> SimpleNamespace:
     write_tiny_dataset(root / "raw" / "Toy", num_cases=3, shape=SHAPE)
     assert plan(root / "raw", root / "plans") == 0
     return SimpleNamespace(raw=root / "raw", plans=root / "plans",
-                           plans_json=json.loads((root / "plans" / "Toy" / "plans.json").read_text()))
+                           plans_json=json.loads((root / "plans" / "Toy" / "plans.json").read_text(encoding="utf-8")))
 
 
 def test_preprocessing_the_same_cache_twice_at_once_is_refused(planned, capsys):

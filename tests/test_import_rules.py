@@ -26,7 +26,7 @@ def imports(path: Path, source_root: Path) -> list[tuple[int, list[str]]]:
     module = module_name(path, source_root)
     package = (module if path.name == "__init__.py" else module.rpartition(".")[0]).split(".")
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, [alias.name]) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

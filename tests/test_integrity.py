@@ -88,7 +88,7 @@ def test_all_problems_of_all_datasets_in_one_pass(tmp_path, capsys):
     corrupt(first, "nan")
     corrupt(first, "label_values")
     corrupt(second, "missing_label")
-    meta = json.loads((second / "dataset.json").read_text())
+    meta = json.loads((second / "dataset.json").read_text(encoding="utf-8"))
     meta["numTraining"] = 9
     (second / "dataset.json").write_text(json.dumps(meta))
     assert run(raw, plans, "-d", "First", "Second", "Missing") == 2

@@ -87,7 +87,7 @@ def test_the_demo_pair_in_one_label_map(toy_raw_master, tmp_path):
     with toy_experiment(toy_raw_master, tmp_path / "exp", {"0": []}):
         folder = toy_raw_master / "DemoLA" / "imagesTs"
         single, together = _single_and_together(folder, tmp_path, "DemoLA_DemoPancreas", ["DemoLA", "DemoPancreas"])
-        table = json.loads((together / "labels.json").read_text())
+        table = json.loads((together / "labels.json").read_text(encoding="utf-8"))
         # both datasets call their structure 1: numbered 1, 2 in prompt order
         assert [(e["dataset"], e["value"]) for e in table["labels"]] == [("DemoLA", 1), ("DemoPancreas", 2)]
         _assert_agrees_where_no_overlap(single, together, [1, 2])
@@ -106,7 +106,7 @@ def test_a_two_label_dataset_keeps_its_own_values_with_one_backbone_pass_per_win
     assert train_main(["3d_fullres", "0", "-tr", "SupervisedTrainer", *TINY_TRAINING]) == 0
     single, together = _single_and_together(raw / "Tiny2" / "imagesTs", tmp_path, "Tiny2",
                                             ["Tiny2:target", "Tiny2:second"], "-tr", "SupervisedTrainer")
-    assert json.loads((together / "labels.json").read_text())["values"] == "each dataset's own label values"
+    assert json.loads((together / "labels.json").read_text(encoding="utf-8"))["values"] == "each dataset's own label values"
     _assert_agrees_where_no_overlap(single, together, [1, 2])
 
     ensemble = load_models(tmp_path / "results" / "Tiny2", ["0"], "SupervisedTrainer")

@@ -67,7 +67,7 @@ def test_controller_context_keeps_per_image_feature_statistics():
 def test_planned_networks_use_the_group_context_and_older_plans_rebuild_as_trained(planned):
     from versemi.nets import build_network
 
-    plan = json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())["configurations"]["3d_fullres"]["network"]
+    plan = json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["network"]
     assert plan["context_norm"] == "group"
     assert isinstance(build_network(plan, 1, 3).prompt_head.controller.pre_pool[0], torch.nn.GroupNorm)
     older = {k: v for k, v in plan.items() if k != "context_norm"}
@@ -223,7 +223,7 @@ def test_every_loss_term_is_logged_per_epoch(planned, results):
     history = torch.load(folder / "checkpoint_final.pth", weights_only=False)["history"]
     assert set(history["terms"][0]) == {"supervised", "synthetic", "task_mix", "loss"}
     assert set(history["terms"][1]) == {"supervised", "synthetic", "task_mix", "consistency", "box", "loss"}
-    log = (folder / "training_log.txt").read_text()
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
     assert "consistency" in log and "box" in log
     assert (folder / "progress.png").stat().st_size > 0
 
@@ -246,7 +246,7 @@ def test_unlabeled_stream_is_loaded_only_when_used(planned, tmp_path, monkeypatc
 
 def _two_label_plans(planned) -> dict:
     """The toy plan with DemoLA given a second structure (label 2), so it has two prompts."""
-    plans = json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())
+    plans = json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
     prompts = [p for p in plans["prompts"] if p["dataset"] is not None]
     extra = {**prompts[0], "label": "vein", "label_value": 2}
     ordered = [prompts[0], extra] + prompts[1:]
@@ -358,7 +358,7 @@ def test_time_budget_is_stored_and_kept_on_continue(planned, results, capsys):
     budget = state["config"]["budget"]
     assert state["config"]["epochs"] == budget["epochs"] == state["epoch"]
     assert state["config"]["iterations_per_epoch"] == budget["iterations_per_epoch"]
-    assert "time budget 0.3 min" in (folder / "training_log.txt").read_text()
+    assert "time budget 0.3 min" in (folder / "training_log.txt").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow

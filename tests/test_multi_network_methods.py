@@ -56,7 +56,7 @@ class TwoNetworkTrainer(Trainer):
 
 
 def _plans(planned: Path) -> dict:
-    return json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text())
+    return json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
 
 
 def two_networks(planned: Path, folder: Path, setup: bool = True, **config) -> TwoNetworkTrainer:
@@ -360,7 +360,7 @@ train(sys.argv[1:])
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     folder = results / TOY_EXPERIMENT / "C3S3Trainer__3d_fullres" / "fold_1"
-    assert "batch 2 x 2 process(es)" in (folder / "training_log.txt").read_text()
+    assert "batch 2 x 2 process(es)" in (folder / "training_log.txt").read_text(encoding="utf-8")
     first, second = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
     assert first.keys() == second.keys() == {"unet", "vnet", "projector_unet", "projector_vnet"}
     for name in first:

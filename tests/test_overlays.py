@@ -42,7 +42,7 @@ def test_evaluation_draws_the_best_median_and_worst_case_with_both_contours(tmp_
     folder = predictions / "summary" / "overlays"
     names = sorted(p.name for p in folder.glob("*.png"))
     assert names == ["best_case0.png", "median_case2.png", "worst_case3.png"]
-    page = (folder / "index.html").read_text()
+    page = (folder / "index.html").read_text(encoding="utf-8")
     assert all(name in page for name in names) and "Dice target 100.0" in page
     worst = imread(folder / "worst_case3.png")
     assert _has_color(worst, REFERENCE_COLOR) and _has_color(worst, PREDICTION_COLOR)
@@ -105,9 +105,9 @@ def test_label_map_overlay_names_the_structures_and_no_title_covers_a_picture(tm
 def test_evaluation_names_the_structures_as_dataset_json_does(tmp_path):
     raw = _named_two_structure_dataset(tmp_path / "Hippocampus")
     assert evaluate_main(["-r", str(raw / "labelsTr"), "-p", str(raw / "labelsTr"), "-o", str(tmp_path / "s")]) == 0
-    assert json.loads((tmp_path / "s" / "summary.json").read_text())["label_names"] == {"1": "Anterior",
+    assert json.loads((tmp_path / "s" / "summary.json").read_text(encoding="utf-8"))["label_names"] == {"1": "Anterior",
                                                                                          "2": "Posterior"}
-    page = (tmp_path / "s" / "overlays" / "index.html").read_text()
+    page = (tmp_path / "s" / "overlays" / "index.html").read_text(encoding="utf-8")
     assert "Dice Anterior 100.0, Posterior 100.0" in page and "label 1" not in page
 
 

@@ -56,11 +56,11 @@ def _run(raw, plans, *extra):
 
 def test_cache_contents(toy_raw, tmp_path):
     assert _run(toy_raw, tmp_path, "--labeled", "DemoLA=3") == 0
-    plans = json.loads((tmp_path / "DemoLA-3labeled_DemoPancreas" / "plans.json").read_text())
+    plans = json.loads((tmp_path / "DemoLA-3labeled_DemoPancreas" / "plans.json").read_text(encoding="utf-8"))
     cache = tmp_path / "DemoLA-3labeled_DemoPancreas" / "3d_fullres"
     raw = load_dataset(toy_raw / "DemoLA")
     case = raw.labeled_cases()[0]
-    props = json.loads((cache / "DemoLA" / f"{case.case_id}.json").read_text())
+    props = json.loads((cache / "DemoLA" / f"{case.case_id}.json").read_text(encoding="utf-8"))
     image, geometry = read_image(case.images)
     label, _ = read_label(case.label)
     data = read_array(cache / "DemoLA" / props["files"]["data"]["name"])
@@ -74,7 +74,7 @@ def test_cache_contents(toy_raw, tmp_path):
     assert len(locations) > 0 and (seg[0][tuple(locations.T)] == 1).all()
     # cases beyond the labeled limit are cached without their labels
     demoted = plans["datasets"]["DemoLA"]["unlabeled_cases"][0]
-    demoted_props = json.loads((cache / "DemoLA" / f"{demoted}.json").read_text())
+    demoted_props = json.loads((cache / "DemoLA" / f"{demoted}.json").read_text(encoding="utf-8"))
     assert not demoted_props["labeled"] and "seg" not in demoted_props["files"]
     assert not list(cache.rglob(f"{demoted}_seg.b2nd"))
 
@@ -128,10 +128,10 @@ def test_kill_and_rerun_redoes_only_missing_or_damaged_cases(toy_raw, tmp_path, 
 def test_changed_raw_file_redoes_only_its_case_and_keeps_the_plan(toy_raw, tmp_path, capsys):
     assert _run(toy_raw, tmp_path) == 0
     plans_file = tmp_path / "DemoLA_DemoPancreas" / "plans.json"
-    before = plans_file.read_text()
+    before = plans_file.read_text(encoding="utf-8")
     image = load_dataset(toy_raw / "DemoLA").labeled_cases()[1].images[0]
     image.write_bytes(image.read_bytes())  # same content, new modification time
     capsys.readouterr()
     assert _run(toy_raw, tmp_path) == 0
     assert "1 case(s) preprocessed, 13 already up to date" in capsys.readouterr().out
-    assert plans_file.read_text() == before
+    assert plans_file.read_text(encoding="utf-8") == before

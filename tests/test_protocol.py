@@ -45,9 +45,9 @@ def test_find_postprocessing_decides_per_prompt_from_the_validation_cases(traine
     assert find_postprocessing_main(["--no-mirroring", "--quiet"]) == 0
     out = capsys.readouterr().out
     path = trained.experiment / "VerSemiTrainer__3d_fullres" / "postprocessing.json"
-    result = json.loads(path.read_text())
+    result = json.loads(path.read_text(encoding="utf-8"))
     assert result["folds"] == ["0", "1"] and sorted(result["prompts"]) == sorted(PROMPTS)
-    plans = json.loads((trained.root / "plans" / EXPERIMENT / "plans.json").read_text())
+    plans = json.loads((trained.root / "plans" / EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
     for key, decision in result["prompts"].items():
         dataset = key.split("/")[0]
         val = [k for f in (0, 1) for k in plans["splits"]["folds"][f]["val"] if k.startswith(dataset + "/")]
@@ -211,7 +211,7 @@ def test_literature_window_matches_the_gaussian_window_on_position_independent_n
 def test_benchmark_protocol_end_to_end_on_real_la_cases(tmp_path, capsys):
     if not SHARED_LA.is_dir():
         pytest.skip(f"real LA data not found at {SHARED_LA} (../shared/data/la2018_h5 beside the checkout)")
-    ids = [line.strip() for line in (SHARED_LA / "train.list").read_text().splitlines() if line.strip()][:4]
+    ids = [line.strip() for line in (SHARED_LA / "train.list").read_text(encoding="utf-8").splitlines() if line.strip()][:4]
     source = tmp_path / "la_h5"
     source.mkdir()
     for case_id in ids:
@@ -228,7 +228,7 @@ def test_benchmark_protocol_end_to_end_on_real_la_cases(tmp_path, capsys):
     rows = [line for line in out.splitlines() if "| Jaccard" in line]
     assert [row.split()[0] for row in rows] == ["pipeline", "pipeline+lcc", "literature", "literature+lcc"]
     assert "applied in the plan's grid" in out
-    summary = json.loads((work / "benchmark_summary.json").read_text())
+    summary = json.loads((work / "benchmark_summary.json").read_text(encoding="utf-8"))
     assert summary["test_cases"] == [ids[1]] and summary["labeled_cases"] == [ids[0], ids[2]]
     assert summary["unlabeled_cases"] == [ids[3]] and summary["distance_units"] == "voxels"
     assert summary["windows"]["literature"]["grid"] == "plan" and summary["plan"]["spacing_scale"] == 2
@@ -238,7 +238,7 @@ def test_benchmark_protocol_end_to_end_on_real_la_cases(tmp_path, capsys):
         reference = work / "raw" / "LA" / "labelsTs" / f"{ids[1]}.nii.gz"
         assert sitk.ReadImage(str(prediction)).GetSize() == sitk.ReadImage(str(reference)).GetSize()
     # the test case never entered training: neither labeled nor unlabeled in the plan
-    plans = json.loads(Path(summary["plan"]["file"]).read_text())
+    plans = json.loads(Path(summary["plan"]["file"]).read_text(encoding="utf-8"))
     assert ids[1] not in plans["datasets"]["LA"]["labeled_cases"] + plans["datasets"]["LA"]["unlabeled_cases"]
     # a rerun reuses everything; another test split in the same work folder is refused
     assert benchmark_main(argv) == 0

@@ -87,5 +87,5 @@ def test_every_progress_bar_goes_through_the_switch():
     """tqdm is used in one module only, so no bar can ignore quiet."""
     package = Path(versemi.__file__).parent
     users = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
-                   if re.search(r"^\s*(from|import) tqdm", path.read_text(), re.MULTILINE))
+                   if re.search(r"^\s*(from|import) tqdm", path.read_text(encoding="utf-8"), re.MULTILINE))
     assert users == ["console.py"]

@@ -15,7 +15,7 @@ LINK = re.compile(r"\]\(([^)#]+)(#[^)]*)?\)")
 
 
 def test_the_settings_table_is_the_generated_one():
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     assert with_current_table(text) == text, "run: python -m versemi.training.settings_table README.md"
     assert "| `VerSemiTrainer` | `stage1_fraction` 0.3," in settings_table()
 
@@ -28,7 +28,7 @@ def test_regenerating_replaces_only_the_table():
 def test_every_trainer_is_listed_with_a_link_to_its_source():
     trainers, broken = discover_trainers()
     assert not broken
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     for name, trainer in trainers.items():
         if name == "Trainer":  # the base class, listed as SupervisedTrainer
             continue
@@ -38,7 +38,7 @@ def test_every_trainer_is_listed_with_a_link_to_its_source():
 
 def test_every_link_stays_inside_the_repository_and_exists():
     for document in (README, REPO / "docs" / "method.md"):
-        for target, _ in LINK.findall(document.read_text()):
+        for target, _ in LINK.findall(document.read_text(encoding="utf-8")):
             if re.match(r"[a-z]+://", target):
                 continue
             path = (document.parent / target).resolve()
@@ -46,6 +46,6 @@ def test_every_link_stays_inside_the_repository_and_exists():
 
 
 def test_the_first_screen_shows_how_to_run_the_demo_and_the_tests():
-    first_screen = "\n".join(README.read_text().splitlines()[:25])
+    first_screen = "\n".join(README.read_text(encoding="utf-8").splitlines()[:25])
     for command in ("make demo", "make test ", "make test-all"):
         assert command in first_screen, command

@@ -43,7 +43,7 @@ def source(tmp_path_factory) -> Path:
         pytest.skip(f"Task04_Hippocampus not found: {HIPPOCAMPUS}; put the Decathlon's Task04_Hippocampus there "
                     "to run these tests (or set VERSEMI_TEST_DATA to the folder that holds it)")
     folder = tmp_path_factory.mktemp("msd") / "Task04_Hippocampus"
-    meta = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
+    meta = json.loads((HIPPOCAMPUS / "dataset.json").read_text(encoding="utf-8"))
     meta["training"] = [e for e in meta["training"] if case_id(e) in CASES]
     meta["numTraining"] = len(meta["training"])
     for entry in meta["training"]:
@@ -73,7 +73,7 @@ def verify(raw_root: Path, plans: Path) -> int:
 
 
 def test_the_copies_are_the_shipped_files(source):
-    meta = json.loads((source / "dataset.json").read_text())
+    meta = json.loads((source / "dataset.json").read_text(encoding="utf-8"))
     assert sorted(case_id(e) for e in meta["training"]) == list(CASES)
     for entry in meta["training"]:
         for key in ("image", "label"):
@@ -85,7 +85,7 @@ def test_the_copies_are_the_shipped_files(source):
 
 def test_conversion_keeps_cases_label_names_voxels_and_geometry(source, raw):
     folder = raw / "Hippocampus"
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert meta["numTraining"] == len(CASES) and meta["labels"] == LABELS and meta["channel_names"] == {"0": "MRI"}
     dataset = load_dataset(folder)
     assert [c.case_id for c in dataset.labeled_cases()] == list(CASES)
@@ -122,8 +122,8 @@ def test_integrity_check_finds_no_problems_and_writes_nothing(raw, tmp_path, cap
 def test_planning_the_real_cases(raw, tmp_path):
     request = ExperimentRequest(["Hippocampus"], raw, tmp_path, num_processes=1, show_progress=False)
     summary = plan_and_preprocess(request, preprocess=False)
-    plans = json.loads(Path(summary["plans"]).read_text())
-    fingerprint = json.loads((tmp_path / "Hippocampus" / "fingerprint.json").read_text())
+    plans = json.loads(Path(summary["plans"]).read_text(encoding="utf-8"))
+    fingerprint = json.loads((tmp_path / "Hippocampus" / "fingerprint.json").read_text(encoding="utf-8"))
     assert fingerprint["num_labeled"] == len(CASES)
     assert [(p["dataset"], p["label"], p["label_value"]) for p in plans["prompts"] if p["dataset"]] == [
         ("Hippocampus", "Anterior", 1), ("Hippocampus", "Posterior", 2)]

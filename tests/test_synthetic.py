@@ -128,7 +128,7 @@ def test_refuses_to_overwrite_and_leaves_folder_untouched(tmp_path):
     with pytest.raises(InputError, match="overwrite"):
         make_synthetic(tmp_path, TOY, show_progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["DemoPancreas"]  # DemoLA not written either
-    assert [p.name for p in existing.iterdir()] == ["keep.txt"] and (existing / "keep.txt").read_text() == "mine"
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"] and (existing / "keep.txt").read_text(encoding="utf-8") == "mine"
 
     written = make_synthetic(tmp_path, TOY, show_progress=False, overwrite=True)
     assert written == [tmp_path / name for name in DEMO_DATASETS]

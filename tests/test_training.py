@@ -62,7 +62,7 @@ def test_cli_trains_and_writes_checkpoints_curves_and_validation(planned, result
         assert (folder / name).is_file(), name
     state = torch.load(folder / "checkpoint_final.pth", weights_only=False)
     assert state["plans"]["experiment"] == EXPERIMENT and state["epoch"] == 2
-    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    summary = json.loads((folder / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["mean_dice"]) == {"DemoLA/left_atrium", "DemoPancreas/pancreas"}
     # a trained fold is not overwritten by accident
     assert train_main(["3d_fullres", "0", "--plans-root", str(planned), *TINY]) == 2
@@ -98,7 +98,7 @@ def test_killed_and_resumed_run_continues_the_same_loss_sequence(planned, result
     for a, b in zip(uninterrupted["iteration_losses"], resumed["iteration_losses"]):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
     assert "resumed at epoch 1" in (tmp_path / "killed" / EXPERIMENT / "VerSemiTrainer__3d_fullres" / "fold_0" /
-                                    "training_log.txt").read_text()
+                                    "training_log.txt").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("trainer,extra", [
@@ -115,7 +115,7 @@ def test_ddp_with_two_cpu_processes(planned, results, trainer, extra):
     run = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     folder = results / EXPERIMENT / f"{trainer}__3d_fullres" / "fold_1"
-    assert "batch 2 x 2 process(es)" in (folder / "training_log.txt").read_text()
+    assert "batch 2 x 2 process(es)" in (folder / "training_log.txt").read_text(encoding="utf-8")
     assert (folder / "checkpoint_final.pth").is_file()
 
 
@@ -132,7 +132,7 @@ def test_plan_and_cache_mismatch_is_a_clear_error(planned, tmp_path, results, ca
     copy = tmp_path / "plans"
     (copy / EXPERIMENT).mkdir(parents=True)
     os.symlink(planned / EXPERIMENT / "3d_fullres", copy / EXPERIMENT / "3d_fullres")
-    plans = json.loads((planned / EXPERIMENT / "plans.json").read_text())
+    plans = json.loads((planned / EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
     plans["datasets"]["DemoLA"]["target_spacing"] = [2.0, 2.0, 2.0]
     (copy / EXPERIMENT / "plans.json").write_text(json.dumps(plans))
     assert train_main(["3d_fullres", "0", "--plans-root", str(copy), *TINY]) == 2

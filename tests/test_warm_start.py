@@ -87,7 +87,7 @@ def test_a_member_of_the_same_name_and_plan_is_loaded_the_others_are_logged(plan
     from_supervised = make_trainer("MEDLTrainer", planned, tmp_path / "medl2", init_from=str(supervised_source))
     assert_weights(from_supervised.model, source_weights(supervised_source))
     assert from_supervised.warm_start["left_as_initialised"] == ["vnet"]
-    log = (tmp_path / "medl2" / "MEDLTrainer" / "training_log.txt").read_text()
+    log = (tmp_path / "medl2" / "MEDLTrainer" / "training_log.txt").read_text(encoding="utf-8")
     assert "network 'vnet' left as initialised" in log
 
 
@@ -95,7 +95,7 @@ def test_mutual_learning_skips_stage_1_only_with_both_networks(planned, tmp_path
     partial = make_trainer("MutualLearningTrainer", planned, tmp_path / "partial", init_from=str(supervised_source))
     assert partial.stage == 1 and partial.settings["stage1_fraction"] == 0.3  # stage 1 trains the peer
     assert partial.warm_start["left_as_initialised"] == ["peer"] and partial.warm_start["skipped_stage"] is None
-    assert "stage 1 kept" in (tmp_path / "partial" / "MutualLearningTrainer" / "training_log.txt").read_text()
+    assert "stage 1 kept" in (tmp_path / "partial" / "MutualLearningTrainer" / "training_log.txt").read_text(encoding="utf-8")
 
     pair = saved_checkpoint("MutualLearningTrainer", planned, tmp_path / "pair")
     trainer = make_trainer("MutualLearningTrainer", planned, tmp_path, init_from=str(pair))
@@ -128,7 +128,7 @@ def two_channels(plans: dict) -> dict:
                                           (other_dataset, "OtherLA/left_atrium"),
                                           (two_channels, "input channels 1 in the checkpoint, 2 in this run")])
 def test_other_prompts_or_channels_are_refused(planned, tmp_path, supervised_source, change, named):
-    plans = change(json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text()))
+    plans = change(json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text(encoding="utf-8")))
     with pytest.raises(InputError) as refused:
         make_trainer("SupervisedTrainer", planned, tmp_path, plans=plans, init_from=str(supervised_source))
     [problem] = refused.value.problems
@@ -165,7 +165,7 @@ def test_cli_warm_start_is_recorded_and_not_redone_on_continue(planned, results,
     assert state["warm_start"]["trainer"] == "SupervisedTrainer"
     assert state["warm_start"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert "consistency" in state["history"]["terms"][0]  # the first epoch ran stage 2
-    log = (folder / "training_log.txt").read_text()
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
     assert f"warm start from {source.resolve()} (SupervisedTrainer, fold all)" in log
 
     source.unlink()  # --continue loads the run's own checkpoint, never the source again
@@ -173,5 +173,5 @@ def test_cli_warm_start_is_recorded_and_not_redone_on_continue(planned, results,
     state = torch.load(folder / "checkpoint_final.pth", weights_only=False)
     assert state["epoch"] == 3 and state["warm_start"]["trainer"] == "SupervisedTrainer"
     assert state["config"]["method"]["stage1_fraction"] == 0
-    log = (folder / "training_log.txt").read_text()
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
     assert log.count("warm start from") == 1 and "resumed at epoch 2" in log

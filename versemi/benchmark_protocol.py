@@ -146,8 +146,8 @@ def make_source_view(source: Path, folder: Path, train: list[str], test: list[st
     folder.mkdir(parents=True, exist_ok=True)
     for case_id in train + test:
         (folder / case_id).symlink_to((source / case_id).resolve(), target_is_directory=True)
-    (folder / "train.list").write_text("\n".join(train) + "\n")
-    (folder / "test.list").write_text("\n".join(test) + "\n")
+    (folder / "train.list").write_text("\n".join(train) + "\n", encoding="utf-8")
+    (folder / "test.list").write_text("\n".join(test) + "\n", encoding="utf-8")
     return folder
 
 

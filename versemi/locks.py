@@ -63,7 +63,7 @@ def _acquire(path: Path, holder: dict) -> None:
 def _read(path: Path) -> dict | None:
     """The holder written in a lock file; None when absent, or unreadable (e.g. being written now)."""
     try:
-        holder = json.loads(path.read_text())
+        holder = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) else None

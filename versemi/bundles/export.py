@@ -341,7 +341,7 @@ def cross_validation_dice(ensemble: Ensemble, prompt_key: str) -> dict[str, floa
         value = None
         if summary.is_file():
             try:
-                value = json.loads(summary.read_text()).get("mean_dice", {}).get(prompt_key)
+                value = json.loads(summary.read_text(encoding="utf-8")).get("mean_dice", {}).get(prompt_key)
             except (OSError, ValueError):
                 value = None
         scores[model.fold] = None if value is None else float(value)

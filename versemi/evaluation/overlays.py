@@ -98,7 +98,7 @@ def write_index(entries: list[tuple[str, Path]], folder: Path, heading: str) -> 
     path = folder / "index.html"
     with atomic_path(path, suffix=".html") as tmp:
         Path(tmp).write_text(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(heading)}"
-                             f"</title></head>\n<body>\n<h2>{html.escape(heading)}</h2>\n{body}\n</body></html>\n")
+                             f"</title></head>\n<body>\n<h2>{html.escape(heading)}</h2>\n{body}\n</body></html>\n", encoding="utf-8")
     return path
 
 

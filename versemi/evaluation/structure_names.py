@@ -41,6 +41,6 @@ def _label_map_names(prediction_dir: Path) -> dict[int, str]:
 def _read(path: Path):
     """The JSON in ``path``; None where there is none (names are a courtesy, never a reason to fail)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None

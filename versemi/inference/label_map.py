@@ -66,5 +66,5 @@ def compose(probabilities: np.ndarray, table: LabelTable, lcc: set[int] = frozen
 def write_label_table(table: LabelTable, folder: Path) -> Path:
     path = Path(folder) / "labels.json"
     with atomic_path(path, suffix=".json") as tmp:
-        Path(tmp).write_text(json.dumps(table.to_json(), indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(table.to_json(), indent=2) + "\n", encoding="utf-8")
     return path

@@ -260,7 +260,7 @@ def _run_cases(cases: Sequence[InputCase], prepare, network, finish, background_
 def _label_table_problems(table: LabelTable, output_folder: Path, overwrite: bool) -> list[Problem]:
     """An existing labels.json of other values would no longer describe the folder's label maps."""
     path = Path(output_folder) / "labels.json"
-    if path.is_file() and not overwrite and json.loads(path.read_text()) != table.to_json():
+    if path.is_file() and not overwrite and json.loads(path.read_text(encoding="utf-8")) != table.to_json():
         return [Problem(str(path), "exists and describes other labels than this prediction's",
                         "pass --overwrite to replace it, or choose another output folder")]
     return []

@@ -22,7 +22,7 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 def cpu_has_bf16() -> bool:
     """True when /proc/cpuinfo lists a native bf16 instruction set (AMX or AVX512-BF16)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return False
     flags = set()

@@ -60,7 +60,7 @@ def with_current_table(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     path = Path((argv if argv is not None else sys.argv[1:])[0])
-    path.write_text(with_current_table(path.read_text()))
+    path.write_text(with_current_table(path.read_text(encoding="utf-8")))
     return 0
 
 

@@ -32,7 +32,7 @@ _FILE_ENDING = re.compile(r"\.(h5|nrrd|nii|nii\.gz|mha)$", re.IGNORECASE)
 def read_id_list(path: Path) -> list[str]:
     """The case IDs of a train.list/test.list file, in order (blank and ``#`` lines skipped)."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise input_error(path, f"cannot be read as a text list ({exc})", "write one case ID per line") from exc
     ids = []
