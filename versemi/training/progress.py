@@ -21,7 +21,7 @@ class TrainingLog:
 
     def write(self, message: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}"
-        with open(self.file, "a") as f:
+        with open(self.file, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
     def record(self, **values) -> None:

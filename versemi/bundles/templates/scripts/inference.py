@@ -49,7 +49,7 @@ def verify_model_files(bundle_root):
         raise BundleIntegrityError(f"{listing} is missing, so the model files cannot be verified; re-export the "
                                    "bundle (versemi_export_bundle), or pass --bundle_root if the bundle lies "
                                    "elsewhere")
-    with open(listing) as f:
+    with open(listing, encoding="utf-8") as f:
         expected = json.load(f)["sha256"]
     problems = []
     for relative, digest in sorted(expected.items()):
