@@ -27,15 +27,12 @@ from versemi.datasets.io import Geometry, write_image
 from versemi.errors import InputError, input_error
 from versemi.inference import load_models, predict_cases
 from versemi.locks import LOCK_NAME, folder_lock, run_lock
+from versemi.model.checkpoint import save_checkpoint
 from versemi.parallel import map_with_progress
 from versemi.preprocessing.cache import write_array
 
 from conftest import write_tiny_dataset
 
-try:  # where the checkpoint writer lives moves with the package layout
-    from versemi.model.checkpoint import save_checkpoint
-except ImportError:
-    from versemi.training.checkpoint import save_checkpoint
 
 GEOMETRY = Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 SHAPE = (16, 16, 16)

@@ -1,11 +1,13 @@
-"""Validation: pseudo-Dice on patches each epoch, sliding-window Dice on whole cases at the end."""
+"""Validation: pseudo-Dice on patches each epoch, sliding-window Dice on whole cases at the end
+(the predictor's sliding window, without mirroring, in fp32; the evaluation's Dice)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from ..atomic import write_json
+from ..evaluation.metrics import dice
+from ..inference.sliding_window import sliding_window_probabilities
 from ..model.plans_view import PlansView
 
 
@@ -20,28 +22,6 @@ def pseudo_dice_counts(logits: torch.Tensor, batch: dict, counts: dict) -> None:
         counts[prompt] = (tp + int((p & t).sum()), fp + int((p & ~t).sum()), fn + int((~p & t).sum()))
 
 
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    denominator = pred.sum() + ref.sum()
-    return 1.0 if denominator == 0 else float(2 * (pred & ref).sum() / denominator)
-
-
-@torch.no_grad()
-def predict_case_probabilities(model, data: np.ndarray, prompts: list[int], patch_size,
-                               device: torch.device, overlap: float = 0.5) -> torch.Tensor:
-    """Target-class probabilities (K, Z, Y, X) of all ``prompts`` by Gaussian sliding window, one backbone
-    pass per window; ``model(x, prompts)`` returns logits (a network, or ``Trainer.predict_logits``)."""
-    image = torch.from_numpy(np.ascontiguousarray(data))[None].to(device)
-    prompt_tensor = torch.tensor(prompts, device=device)
-
-    def predictor(windows: torch.Tensor) -> torch.Tensor:
-        logits = model(windows, prompt_tensor.expand(windows.shape[0], -1))  # (B, K, 2, ...)
-        return torch.softmax(logits.float(), dim=2)[:, :, 1]
-
-    return sliding_window_inference(image, list(patch_size), sw_batch_size=2, predictor=predictor,
-                                    overlap=overlap, mode="gaussian")[0]
-
-
 def sliding_window_validation(trainer) -> dict:
     """Dice per case and prompt on the fold's validation cases, in the preprocessed (cropped,
     resampled) grid, of the trained model (the mean of its members, if several); written to
@@ -52,8 +32,10 @@ def sliding_window_validation(trainer) -> dict:
         dataset = key.split("/", 1)[0]
         prompts = [(p["index"], p["label_value"]) for p in PlansView(trainer.plans).prompts_of(dataset)]
         data, seg = trainer.store.arrays(key)
-        probabilities = predict_case_probabilities(trainer.predict_logits, data[:], [p for p, _ in prompts],
-                                                   trainer.patch_size, trainer.device).cpu().numpy()
+        # ``predict_logits``: the members' mean where the trainer trains several networks
+        probabilities = sliding_window_probabilities(trainer.predict_logits, data[:], [p for p, _ in prompts],
+                                                     trainer.patch_size, trainer.device, mirroring=False,
+                                                     precision="fp32").cpu().numpy()
         labels = seg[:][0]
         cases.append({"case": key, "dice": {trainer.prompt_names[p]: dice(probabilities[i] > 0.5, labels == value)
                                             for i, (p, value) in enumerate(prompts)}})
