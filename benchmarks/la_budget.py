@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+import budget_runs
+
 REPO = Path(__file__).resolve().parents[1]
 H5 = REPO.parent / "shared" / "data" / "la2018_h5"
-BIN = Path(sys.executable).parent
+BIN = budget_runs.BIN
 EXPERIMENT = "LA8_dev"
 METRICS = ("dice", "jaccard", "hd95", "asd")
 # in this order, two side by side, the pairs are (BCP, M3HL), (CAD, Supervised), (VerSemi, BCP) ...
@@ -85,87 +87,29 @@ def train_command(args, variant: dict, seed: int) -> list[str]:
 
 
 def start_training(args, work: Path, variant: dict, seed: int) -> subprocess.Popen | None:
-    folder = run_folder(work, variant, seed)
-    if (folder / "checkpoint.txt").is_file():
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "VERSEMI_RESULTS": str(folder / "results"), "VERSEMI_PLANS": str(work / "versemi_plans"),
-           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    log = open(folder / "train.log", "w")
-    process = subprocess.Popen(train_command(args, variant, seed), env=env, stdout=log, stderr=subprocess.STDOUT)
-    process.started, process.folder, process.load_before = time.time(), folder, os.getloadavg()[0]
-    return process
-
-
-def finish_training(process: subprocess.Popen, variant: dict) -> None:
-    if process.wait() != 0:
-        sys.exit(f"training failed: see {process.folder / 'train.log'}")
-    checkpoint = (process.folder / "results" / EXPERIMENT / f"{variant['trainer']}__3d_fullres" / "fold_all" /
-                  "checkpoint_final.pth")
-    (process.folder / "wall.json").write_text(json.dumps({"started": process.started,
-                                                          "seconds": checkpoint.stat().st_mtime - process.started,
-                                                          "load_before": process.load_before,
-                                                          "load_after": os.getloadavg()[0]}))
-    (process.folder / "checkpoint.txt").write_text(str(checkpoint))
-
-
-def training_wall_seconds(folder: Path, checkpoint: Path) -> float:
-    """From the start of the training process to its final checkpoint (files written by
-    ``finish_training``; runs recorded before ``started`` was stored: its file's time minus ``seconds``)."""
-    wall_file = folder / "wall.json"
-    wall = json.loads(wall_file.read_text(encoding="utf-8"))
-    started = wall.get("started", wall_file.stat().st_mtime - wall["seconds"])
-    return checkpoint.stat().st_mtime - started
+    return budget_runs.start_training(train_command(args, variant, seed), run_folder(work, variant, seed), EXPERIMENT,
+                                      variant["trainer"], work / "versemi_plans", args.threads)
 
 
 def evaluate_run(folder: Path, raw: Path, mirroring: bool, device: str = "cpu") -> dict:
     """Predict the test cases at their own resolution and score them in voxel units (cached)."""
     import torch
-    from versemi.datasets.io import write_image
-    from versemi.datasets.layout import load_dataset
     from versemi.evaluation import evaluate_folders
-    from versemi.inference.predictor import load_models, predict_case
     from versemi.model.checkpoint import load_checkpoint
 
     result_file = folder / "evaluation.json"
     checkpoint = Path((folder / "checkpoint.txt").read_text(encoding="utf-8"))
     if result_file.is_file():
-        return {**json.loads(result_file.read_text(encoding="utf-8")), "wall_seconds": training_wall_seconds(folder, checkpoint)}
-    state = load_checkpoint(checkpoint)
+        return {**json.loads(result_file.read_text(encoding="utf-8")),
+                "wall_seconds": budget_runs.training_wall_seconds(folder, checkpoint)}
     torch.set_num_threads(2)
-    ensemble = load_models([checkpoint], device=device)
-    predictions = folder / "predictions"
-    started = time.time()
-    for case in load_dataset(raw).test_cases():
-        result = predict_case(ensemble, case.images, "LA", step=0.5, mirroring=mirroring)
-        write_image(result.mask.astype(np.uint8), result.geometry, predictions / f"{case.case_id}.nii.gz")
-    predict_seconds = time.time() - started
-    summary = evaluate_folders(raw / "labelsTs", predictions, voxel_units=True, labels=[1],
+    predict_seconds = budget_runs.predict_test_cases(checkpoint, raw, folder / "predictions", mirroring, device)
+    summary = evaluate_folders(raw / "labelsTs", folder / "predictions", voxel_units=True, labels=[1],
                                output_dir=folder / "evaluation")
-    history = state["history"]
-    iterations = len([x for epoch in history["iteration_losses"] for x in epoch])
-    train_seconds = float(sum(history["epoch_seconds"]))
-    wall = json.loads((folder / "wall.json").read_text(encoding="utf-8"))
-    wall["seconds"] = training_wall_seconds(folder, checkpoint)
     result = {"mean": summary["mean"]["1"], "cases": {r["case"]: r["metrics"]["1"]["dice"] for r in summary["cases"]},
-              "iterations": iterations, "seconds_per_iteration": train_seconds / max(iterations, 1),
-              "train_loop_seconds": train_seconds, "wall_seconds": wall["seconds"], "load": [wall["load_before"],
-                                                                                              wall["load_after"]],
-              "budget": state["config"].get("budget"), "predict_seconds": predict_seconds,
-              "data_wait_seconds": float(sum(history.get("data_wait_seconds", []))),
-              "peak_gpu_memory_gib": _peak_memory(folder),
-              "final_terms": (history.get("terms") or [{}])[-1]}
+              **budget_runs.training_record(folder, load_checkpoint(checkpoint)), "predict_seconds": predict_seconds}
     result_file.write_text(json.dumps(result, indent=2))
     return result
-
-
-def _peak_memory(folder: Path) -> float | None:
-    """The largest peak GPU memory that the training log reports, if it trained on a GPU."""
-    import re
-
-    logs = list((folder / "results").glob("*/*/fold_all/training_log.txt"))
-    values = [float(v) for log in logs for v in re.findall(r"peak GPU memory ([0-9.]+) GiB", log.read_text(encoding="utf-8"))]
-    return max(values) if values else None
 
 
 def table(results: dict, minutes: float) -> list[str]:
@@ -250,7 +194,7 @@ def main() -> None:
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
         for variant, seed, process in started:
             if process is not None:
-                finish_training(process, variant)
+                budget_runs.finish_training(process)
         for variant, seed in group:
             result = evaluate_run(run_folder(work, variant, seed), raw, args.mirroring, args.device)
             results[variant["label"]][seed] = result

@@ -253,6 +253,35 @@ def test_msd_listed_file_missing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_msd_test_ids_are_held_out_with_labels(tmp_path):
+    from versemi.benchmark_protocol import convert_split
+
+    src = tmp_path / "Task04_Hippocampus"
+    (src / "imagesTr").mkdir(parents=True)
+    (src / "labelsTr").mkdir()
+    label = np.zeros((4, 5, 3), np.uint8)
+    label[1:3, 1:3, 1], label[3, 4, 2] = 1, 2
+    ids = ("h_001", "h_002", "h_003")
+    for case_id in ids:
+        nib.save(nib.Nifti1Image(np.ones((4, 5, 3), np.float32), np.eye(4)), src / "imagesTr" / f"{case_id}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), src / "labelsTr" / f"{case_id}.nii.gz")
+    (src / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ids]}))
+    out = tmp_path / "raw" / "Hippocampus"
+    assert convert_split(src, out, ["h_001", "h_002"], ["h_003"], show_progress=False, kind="msd")
+    dataset = load_dataset(out)
+    assert dataset.meta["case_order"] == ["h_001", "h_002"] and dataset.meta["numTraining"] == 2
+    assert [c.case_id for c in dataset.labeled_cases()] == ["h_001", "h_002"]
+    (test,) = dataset.test_cases()
+    assert test.case_id == "h_003" and np.array_equal(np.asanyarray(nib.load(test.label).dataobj), label)
+    assert not convert_split(src, out, ["h_001", "h_002"], ["h_003"], show_progress=False, kind="msd")
+    with pytest.raises(InputError, match="another train/test split"):
+        convert_split(src, out, ["h_001", "h_003"], ["h_002"], show_progress=False, kind="msd")
+    with pytest.raises(InputError, match="lists no training case h_009"):
+        convert_msd(src, tmp_path / "other", show_progress=False, test_ids=["h_009"])
+
+
 # ---------------------------------------------------------------- pancreas-nih
 
 

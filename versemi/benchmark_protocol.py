@@ -152,10 +152,13 @@ def make_source_view(source: Path, folder: Path, train: list[str], test: list[st
 
 
 def convert_split(source: Path, raw_dataset: Path, train: list[str], test: list[str],
-                  show_progress: bool = True) -> bool:
+                  show_progress: bool = True, kind: str = "la-h5") -> bool:
     """Convert the split into ``raw_dataset`` (True), or reuse it where it already holds exactly this
-    split (False); a different split there is refused."""
+    split (False); a different split there is refused. ``kind``: ``la-h5`` (UA-MT's layout, the
+    training order is ``train``) or ``msd`` (a Decathlon task folder: the training order is its
+    dataset.json's, which must be ``train`` once the test cases are removed)."""
     from .datasets.converters.la_h5 import convert_la_h5
+    from .datasets.converters.msd import convert_msd
     from .datasets.layout import load_dataset
 
     if (raw_dataset / "dataset.json").is_file():
@@ -168,6 +171,12 @@ def convert_split(source: Path, raw_dataset: Path, train: list[str], test: list[
         raise input_error(raw_dataset, "holds another train/test split (converted by an earlier run with other "
                                        "test ids or source)",
                           "use another --work folder for this split, or delete that one")
+    if kind == "msd":
+        convert_msd(source, raw_dataset, overwrite=raw_dataset.exists(), show_progress=show_progress, test_ids=test)
+        if load_dataset(raw_dataset).meta.get("case_order") != train:
+            raise input_error(source / "dataset.json", "lists its training cases in another order than the split's",
+                              "give the training ids in dataset.json's order")
+        return True
     with tempfile.TemporaryDirectory(prefix=".source-view-", dir=raw_dataset.parent.parent) as tmp:
         view = make_source_view(source, Path(tmp) / "la_h5", train, test)
         convert_la_h5(view, raw_dataset, overwrite=raw_dataset.exists(), show_progress=show_progress)

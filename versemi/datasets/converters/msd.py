@@ -4,11 +4,13 @@ The MSD ``dataset.json`` lists the cases (``training``: image/label pairs, ``tes
 names the channels (``modality``) and labels (``{"0": "background", ...}``). Multi-modal images are
 4D (x, y, z, c): each channel becomes its own 3D file ``CASE_000c.nii.gz`` with the 3D part of the
 geometry. Labels keep their own geometry. The training list order becomes ``case_order``. macOS
-``._*`` entries are skipped.
+``._*`` entries are skipped. ``test_ids`` holds training cases out as a labeled test set
+(imagesTs/labelsTs), which no training or planning reads.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,7 +18,7 @@ import SimpleITK as sitk
 from ...atomic import read_json
 from ...errors import input_error
 from ..io import Geometry, read_label, read_sitk
-from ..layout import IMAGES_TR, IMAGES_TS, LABELS_TR, write_dataset_json
+from ..layout import IMAGES_TR, IMAGES_TS, LABELS_TR, LABELS_TS, write_dataset_json
 from ._output import building, integer_label, prepare_output, progress, require_dir, write_channels, write_label
 
 FIX_FOLDER = "point to an MSD task folder (it holds dataset.json, imagesTr, labelsTr)"
@@ -59,8 +61,10 @@ def _read_channels(path: Path, count: int) -> tuple[list[np.ndarray], Geometry]:
     return [sitk.GetArrayFromImage(v) for v in volumes], Geometry.of(volumes[0])
 
 
-def convert_msd(source: Path, output: Path, *, overwrite: bool = False, show_progress: bool = True) -> Path:
-    """Convert an MSD task folder into a raw dataset at ``output``; returns ``output``."""
+def convert_msd(source: Path, output: Path, *, overwrite: bool = False, show_progress: bool = True,
+                test_ids: Sequence[str] = ()) -> Path:
+    """Convert an MSD task folder into a raw dataset at ``output``; returns ``output``. Training cases
+    named in ``test_ids`` go to imagesTs/labelsTs instead of imagesTr/labelsTr."""
     source, output = Path(source), Path(output)
     require_dir(source, FIX_FOLDER)
     prepare_output(source, output, overwrite)
@@ -81,14 +85,20 @@ def convert_msd(source: Path, output: Path, *, overwrite: bool = False, show_pro
     for path in [p for pair in training for p in pair] + test:
         if not path.is_file():
             raise input_error(path, "is missing (listed in dataset.json)", "restore the file from the MSD download")
-    order = [_case_id(image) for image, _ in training]
+    held_out = set(test_ids)
+    unknown = held_out - {_case_id(image) for image, _ in training}
+    if unknown:
+        raise input_error(json_path, f"lists no training case {', '.join(sorted(unknown))} (given as test ids)",
+                          "hold out only cases of dataset.json's training list")
+    order = [_case_id(image) for image, _ in training if _case_id(image) not in held_out]
     declared = set(labels.values())
     jobs = [(image, label) for image, label in training] + [(image, None) for image in test]
     with building(output) as tmp:
         for image_path, label_path in progress(jobs, show_progress, "msd"):
             case_id = _case_id(image_path)
             arrays, geometry = _read_channels(image_path, len(channels))
-            write_channels(tmp / (IMAGES_TR if label_path else IMAGES_TS), case_id, arrays, geometry)
+            tested = label_path is None or case_id in held_out
+            write_channels(tmp / (IMAGES_TS if tested else IMAGES_TR), case_id, arrays, geometry)
             if label_path is None:
                 continue
             # read_label, not SimpleITK: SimpleITK would turn NaN voxels of a float label into background
@@ -101,6 +111,6 @@ def convert_msd(source: Path, output: Path, *, overwrite: bool = False, show_pro
             if undeclared:
                 raise input_error(label_path, f"holds label values {sorted(undeclared)} not in dataset.json's labels",
                                   "restore the original label, or declare the values in dataset.json")
-            write_label(tmp / LABELS_TR, case_id, label, label_geometry)
-        write_dataset_json(tmp, channels, labels, len(training), case_order=order)
+            write_label(tmp / (LABELS_TS if tested else LABELS_TR), case_id, label, label_geometry)
+        write_dataset_json(tmp, channels, labels, len(order), case_order=order)
     return output

@@ -1,0 +1,302 @@
+"""Supervised learning curve on real hippocampus MRI: test Dice against the training time budget.
+
+It finds where supervised training converges on a CPU: the place to ask whether unlabeled scans help.
+
+Data: the 200 cases of ``../shared/data/Task04_Hippocampus`` (MSD Task04, labels 1 Anterior and
+2 Posterior). Development split, in sorted case-id order: the first 10 are labeled, the next 150
+are used without labels, the last 40 are a development test set (imagesTs/labelsTs) that no
+training or selection ever sees. The 160 training cases are converted in that order and planned
+with ``--labeled Hippocampus=10``; the split is written to ``<work>/split.json``.
+
+    python benchmarks/hippocampus_converged.py curve --work WORK --budgets 5 10 20 40 --seeds 0
+
+``curve``: SupervisedTrainer, fold ``all``, ``--time-budget`` each of ``--budgets`` minutes (one
+run per budget and seed, one after the other, ``--threads`` each), the plan's network, patch and
+batch unless ``--patch``/``--batch-size``/``--features`` override them, final checkpoint. The 40
+test cases are predicted by the pipeline's predictor in their own geometry (1 mm) and scored per
+label (Dice, HD95 and ASD in mm, MedPy conventions); the table shows means over both labels. The
+plateau budget is the first budget whose doubling adds less than 0.5 Dice points. Writes
+``<work>/hippocampus_curve.json``, ``.md`` and ``.png`` (Dice against budget, log2 axis), with the
+CPU model, bf16 units, precision, threads and the load average at the start and end of each run.
+
+Runs live in ``<work>/runs/<label>/<budget>min_seed<seed>``: a finished run and its evaluation
+are reused, a killed run is continued (``--continue``), so rerunning the same command finishes
+what is missing and the table grows. Only ``curve`` exists; the later modes share its split, run
+folders and scoring: semi-supervised trainers from scratch on the same split, continuation of a
+supervised checkpoint with ``versemi_train --init-from``, and the all-labeled ceiling (160
+labeled). Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import budget_runs
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO.parent / "shared" / "data" / "Task04_Hippocampus"
+DATASET = "Hippocampus"
+LABELED, UNLABELED, TEST = 10, 150, 40
+EXPERIMENT = f"{DATASET}{LABELED}_dev"
+LABELS = (1, 2)
+PLATEAU_GAIN = 0.5  # Dice points a doubled budget must add to count as still learning
+METRICS = ("dice", "hd95", "asd")
+
+
+def split_ids(source: Path) -> dict[str, list[str]]:
+    """The development split of the task's training list, in sorted case-id order."""
+    from versemi.atomic import read_json
+
+    ids = sorted(Path(e["label"]).name.removesuffix(".nii.gz") for e in read_json(source / "dataset.json")["training"])
+    if len(ids) != LABELED + UNLABELED + TEST:
+        sys.exit(f"{source} lists {len(ids)} training cases; this split needs {LABELED + UNLABELED + TEST}")
+    return {"labeled": ids[:LABELED], "unlabeled": ids[LABELED:LABELED + UNLABELED], "test": ids[LABELED + UNLABELED:]}
+
+
+def prepare_data(work: Path, source: Path) -> Path:
+    """Write the split, convert (test cases held out with their labels), plan and preprocess; returns raw/Hippocampus."""
+    from versemi.benchmark_protocol import convert_split
+    from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+
+    split = split_ids(source)
+    work.mkdir(parents=True, exist_ok=True)
+    split_file = work / "split.json"
+    if split_file.is_file() and json.loads(split_file.read_text(encoding="utf-8")) != split:
+        sys.exit(f"{split_file} holds another split: use another --work")
+    split_file.write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
+    raw = work / "raw" / DATASET
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    convert_split(source, raw, split["labeled"] + split["unlabeled"], split["test"], show_progress=False, kind="msd")
+    plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
+                                          labeled_limits={DATASET: LABELED}, num_processes=1, show_progress=False))
+    return raw
+
+
+def machine() -> dict:
+    from versemi.model.precision import cpu_has_bf16
+
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+             if line.startswith("model name")]
+    return {"cpu": names[0] if names else "unknown", "cores": os.cpu_count(), "bf16_units": cpu_has_bf16()}
+
+
+def train_command(args, trainer: str, budget: float, seed: int) -> list[str]:
+    command = [str(budget_runs.BIN / "versemi_train"), "3d_fullres", "all", "-e", EXPERIMENT, "-tr", trainer,
+               "--time-budget", f"{budget:g}", "--seed", str(seed), "--num-workers", str(args.num_workers),
+               "--precision", args.precision, "--device", "cpu"]
+    for flag, value in (("--patch-size", args.patch), ("--batch-size", args.batch_size), ("--features", args.features)):
+        if value is not None:
+            command += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return command
+
+
+def evaluate_run(folder: Path, raw: Path, mirroring: bool) -> dict:
+    """Predict the test cases in their own geometry and score both labels in mm (cached)."""
+    import torch
+    from versemi.evaluation import evaluate_folders
+    from versemi.model.checkpoint import load_checkpoint
+    from versemi.model.precision import autocast_dtype
+
+    result_file = folder / "evaluation.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text(encoding="utf-8"))
+    checkpoint = Path((folder / "checkpoint.txt").read_text(encoding="utf-8"))
+    torch.set_num_threads(1)
+    predict_seconds = budget_runs.predict_test_cases(checkpoint, raw, folder / "predictions", mirroring)
+    summary = evaluate_folders(raw / "labelsTs", folder / "predictions", voxel_units=False, labels=list(LABELS),
+                               output_dir=folder / "evaluation")
+    state = load_checkpoint(checkpoint)
+    config = state["config"]
+    dtype = autocast_dtype(config.get("precision", "auto"), config.get("amp", True), torch.device("cpu"))
+    per_label = {str(label): summary["mean"][str(label)] for label in LABELS}
+    result = {"mean": {m: _mean([per_label[str(label)][m] for label in LABELS]) for m in METRICS},
+              "per_label": per_label, "counts": summary["counts"],
+              "cases": {r["case"]: {label: r["metrics"][label]["dice"] for label in r["metrics"]} for r in summary["cases"]},
+              **budget_runs.training_record(folder, state), "predict_seconds": predict_seconds,
+              "precision": {"requested": config.get("precision"), "used": "fp32" if dtype is None else str(dtype)},
+              "mirroring": mirroring}
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _mean(values: list) -> float | None:
+    """Mean over labels; None where a label has no defined value."""
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def plateau(results: dict[float, dict[int, dict]]) -> tuple[float | None, list[str]]:
+    """The first budget whose doubling (both measured) adds less than PLATEAU_GAIN Dice points, and
+    one line per measured doubling."""
+    dice = {b: 100 * np.mean([r["mean"]["dice"] for r in runs.values()]) for b, runs in results.items() if runs}
+    lines, found = [], None
+    for budget in sorted(dice):
+        if 2 * budget in dice:
+            gain = dice[2 * budget] - dice[budget]
+            lines.append(f"{budget:g} -> {2 * budget:g} min: {gain:+.2f} Dice points")
+            if found is None and gain < PLATEAU_GAIN:
+                found = budget
+    return found, lines
+
+
+def verdict(found: float | None, lines: list[str]) -> str:
+    if found is not None:
+        return (f"plateau at {found:g} min: doubling it to {2 * found:g} min adds less than {PLATEAU_GAIN} Dice "
+                f"points ({'; '.join(lines)})")
+    if not lines:
+        return "no plateau verdict yet: no budget and its double have both been measured"
+    return f"no plateau yet: every measured doubling adds at least {PLATEAU_GAIN} Dice points ({'; '.join(lines)})"
+
+
+def table(results: dict[float, dict[int, dict]]) -> list[str]:
+    rows = ["| budget min | seeds | Dice % (mean of 2 labels) | Dice anterior % | Dice posterior % | HD95 mm | ASD mm "
+            "| iterations | s/it | wall / budget | load start -> end | precision |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for budget in sorted(results):
+        runs = results[budget]
+        seeds = sorted(runs)
+
+        def stat(values, scale=1.0, digits=2):
+            values = np.array([v for v in values if v is not None], float) * scale
+            if not values.size:
+                return "n/a"
+            return f"{values.mean():.{digits}f}" + (f" ± {values.std():.{digits}f}" if values.size > 1 else "")
+        cells = [stat([runs[s]["mean"]["dice"] for s in seeds], 100)]
+        cells += [stat([runs[s]["per_label"][str(label)]["dice"] for s in seeds], 100) for label in LABELS]
+        cells += [stat([runs[s]["mean"][m] for s in seeds]) for m in ("hd95", "asd")]
+        cells += [stat([runs[s]["iterations"] for s in seeds], digits=0),
+                  stat([runs[s]["seconds_per_iteration"] for s in seeds]),
+                  stat([runs[s]["wall_seconds"] / (60 * budget) for s in seeds]),
+                  ", ".join(f"{runs[s]['load'][0]:.2f} -> {runs[s]['load'][1]:.2f}" for s in seeds),
+                  ", ".join(sorted({runs[s]["precision"]["used"] for s in seeds}))]
+        rows.append(f"| {budget:g} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def figure(results: dict[float, dict[int, dict]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(b for b in results if results[b])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    means = [100 * np.mean([r["mean"]["dice"] for r in results[b].values()]) for b in budgets]
+    ax.plot(budgets, means, "o-", color="C0", label="mean of both labels (line: mean over seeds)")
+    for label, color, name in ((1, "C1", "anterior"), (2, "C2", "posterior")):
+        ax.plot(budgets, [100 * np.mean([r["per_label"][str(label)]["dice"] for r in results[b].values()])
+                          for b in budgets], "s--", color=color, ms=4, label=name)
+    for b in budgets:
+        seeds = [100 * r["mean"]["dice"] for r in results[b].values()]
+        ax.plot([b] * len(seeds), seeds, "k.", ms=5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.set_xlabel("time budget (min, log2)")
+    ax.set_ylabel("test Dice % (40 cases)")
+    ax.set_title(f"SupervisedTrainer, {LABELED} labeled hippocampus cases", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_outputs(args, work: Path, results: dict, host: dict) -> str:
+    found, lines = plateau(results)
+    text = verdict(found, lines)
+    settings = (f"Hippocampus development split ({LABELED} labeled / {UNLABELED} unlabeled / {TEST} test, "
+                f"{work / 'split.json'}); SupervisedTrainer fold all, final checkpoint; network, patch and batch: "
+                f"{'the plan' if args.patch is None and args.batch_size is None and args.features is None else 'overridden'}"
+                f"; {args.threads} thread(s), {args.num_workers} loader worker(s), precision {args.precision}; test "
+                f"mirroring {'on' if args.mirroring else 'off'}; CPU {host['cpu']} ({host['cores']} cores), bf16 units: "
+                f"{'yes' if host['bf16_units'] else 'no'}")
+    rows = table(results)
+    (work / "hippocampus_curve.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n\n" + text + "\n",
+                                               encoding="utf-8")
+    (work / "hippocampus_curve.json").write_text(json.dumps(
+        {"settings": vars(args) | {"work": str(work)}, "machine": host, "split": str(work / "split.json"),
+         "results": {f"{b:g}": runs for b, runs in sorted(results.items())},
+         "plateau_budget": found, "doublings": lines, "verdict": text}, indent=2, default=str), encoding="utf-8")
+    figure(results, work / "hippocampus_curve.png")
+    print(settings)
+    print("\n".join(rows))
+    print(text, flush=True)
+    return text
+
+
+def curve(args) -> None:
+    work = args.work.absolute()
+    raw = prepare_data(work, args.data.absolute())
+    host = machine()
+    trainer, label = "SupervisedTrainer", "Supervised"
+    jobs = [(budget, seed) for seed in args.seeds for budget in args.budgets]
+    folders = {job: work / "runs" / label / f"{job[0]:g}min_seed{job[1]}" for job in jobs}
+    results: dict[float, dict[int, dict]] = {budget: {} for budget in args.budgets}
+    for number, (budget, seed) in enumerate(jobs, 1):
+        folder = folders[(budget, seed)]
+        process = budget_runs.start_training(train_command(args, trainer, budget, seed), folder, EXPERIMENT, trainer,
+                                             work / "versemi_plans", args.threads)
+        name = f"[{number}/{len(jobs)}] {label} {budget:g} min seed {seed}"
+        if process is None:
+            print(f"{time.strftime('%H:%M:%S')} {name}: finished earlier, reused", flush=True)
+        else:
+            # ETA from the budgets alone: the setup, warm-up and prediction come on top
+            left = sum(b for b, s in jobs[number - 1:] if not (folders[(b, s)] / "checkpoint.txt").is_file())
+            print(f"{time.strftime('%H:%M:%S')} {name}: {'continuing' if process.resumed else 'training'} "
+                  f"(load {process.load_before:.2f}), ends about {time.strftime('%H:%M', time.localtime(time.time() + 60 * budget))}"
+                  f", the whole curve about {time.strftime('%H:%M', time.localtime(time.time() + 60 * left))}"
+                  f"; log {folder / 'train.log'}", flush=True)
+            budget_runs.finish_training(process)
+        result = evaluate_run(folder, raw, args.mirroring)
+        results[budget][seed] = result
+        print(f"{time.strftime('%H:%M:%S')} {name}: Dice {100 * result['mean']['dice']:.2f} "
+              f"(anterior {100 * result['per_label']['1']['dice']:.2f}, posterior "
+              f"{100 * result['per_label']['2']['dice']:.2f}), {result['iterations']} iterations, "
+              f"{result['seconds_per_iteration']:.2f} s/it, {result['precision']['used']}, load "
+              f"{result['load'][0]:.2f} -> {result['load'][1]:.2f}", flush=True)
+        write_outputs(args, work, results, host)
+    print(f"wrote {work / 'hippocampus_curve.md'}, .json and .png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "hippocampus",
+                        help="split, converted data, plans, runs and the result files")
+    common.add_argument("--data", type=Path, default=SOURCE, help="the MSD Task04_Hippocampus folder")
+    common.add_argument("--seeds", type=int, nargs="+", default=[0])
+    common.add_argument("--threads", type=int, default=1, help="threads per run (runs go one at a time)")
+    common.add_argument("--num-workers", type=int, default=0, help="loader processes per stream")
+    common.add_argument("--precision", default="auto", help="versemi_train --precision (auto: bf16 only where "
+                                                            "the CPU has bf16 units)")
+    common.add_argument("--patch", type=int, nargs=3, help="override the plan's patch (z y x)")
+    common.add_argument("--batch-size", type=int, help="override the plan's batch size")
+    common.add_argument("--features", type=int, nargs="+", help="override the plan's features per stage")
+    common.add_argument("--no-mirroring", dest="mirroring", action="store_false", help="no test-time mirroring")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    modes = parser.add_subparsers(dest="mode", required=True)
+    curve_parser = modes.add_parser("curve", parents=[common], help="SupervisedTrainer's Dice against the time budget")
+    curve_parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 10.0, 20.0, 40.0],
+                              help="--time-budget of each run, minutes")
+    curve_parser.set_defaults(run=curve)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"real hippocampus data not found at {args.data}: this benchmark needs ../shared beside the "
+                 "checkout, or --data")
+    if os.environ.get("OMP_NUM_THREADS") is None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for this process's preprocessing and prediction
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
