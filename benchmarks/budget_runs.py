@@ -1,9 +1,10 @@
 """Shared by the time-budget benchmarks: one ``versemi_train`` process per run folder, its wall
 time and load, prediction of a raw dataset's test cases, and what the final checkpoint records.
 
-A run folder holds ``train.log``, ``results/`` (the trainer's output), ``wall.json`` and, once the
-run finished, ``checkpoint.txt`` (the final checkpoint's path): a folder with it is never trained
-again, one with only a latest checkpoint (a killed run) is continued with ``--continue``.
+A run folder holds ``command.json`` (the arguments it was started with), ``train.log``, ``results/``
+(the trainer's output), ``wall.json`` and, once the run finished, ``checkpoint.txt`` (the final
+checkpoint's path): a folder with it is never trained again, one with only a latest checkpoint (a
+killed run) is continued with ``--continue``.
 """
 from __future__ import annotations
 
@@ -26,10 +27,16 @@ def fold_all_folder(folder: Path, experiment: str, trainer: str) -> Path:
 
 def start_training(command: list[str], folder: Path, experiment: str, trainer: str, plans: Path,
                    threads: int) -> subprocess.Popen | None:
-    """Start ``command`` (a versemi_train argv) in ``folder``; None if that run already finished."""
+    """Start ``command`` (a versemi_train argv) in ``folder``; None if that run already finished.
+    A folder whose run was started with other arguments is refused, so settings never mix."""
+    recorded = folder / "command.json"
+    if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8"))[1:] != command[1:]:
+        sys.exit(f"{folder} holds a run started as {recorded.read_text(encoding='utf-8')}: use another --work "
+                 "for other settings, or move that folder away")
     if (folder / "checkpoint.txt").is_file():
         return None
     folder.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(command), encoding="utf-8")
     resumed = (fold_all_folder(folder, experiment, trainer) / "checkpoint_latest.pth").is_file()
     if resumed:
         command = command + ["--continue"]
