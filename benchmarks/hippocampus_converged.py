@@ -137,16 +137,17 @@ def _mean(values: list) -> float | None:
 def plateau(results: dict[float, dict[int, dict]]) -> tuple[float | None, list[str]]:
     """The first budget whose doubling (both measured) adds less than PLATEAU_GAIN Dice points, and
     one line per measured doubling. A budget at Dice 0 has not started learning, so a flat doubling
-    from there is no plateau."""
+    from there is no plateau; nor is a doubling that loses PLATEAU_GAIN or more (a failed run)."""
     dice = {b: 100 * np.mean([r["mean"]["dice"] for r in runs.values()]) for b, runs in results.items() if runs}
     lines, found = [], None
     for budget in sorted(dice):
         if 2 * budget in dice:
             gain = dice[2 * budget] - dice[budget]
-            started = dice[budget] > 0
+            started, fell = dice[budget] > 0, gain <= -PLATEAU_GAIN
             lines.append(f"{budget:g} -> {2 * budget:g} min: {gain:+.2f} Dice points"
-                         + ("" if started else f" (Dice 0 at {budget:g} min: not learning yet)"))
-            if found is None and started and gain < PLATEAU_GAIN:
+                         + ("" if started else f" (Dice 0 at {budget:g} min: not learning yet)")
+                         + (f" (fell: the {2 * budget:g}-minute run failed, no plateau)" if fell else ""))
+            if found is None and started and not fell and gain < PLATEAU_GAIN:
                 found = budget
     return found, lines
 
