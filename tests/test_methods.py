@@ -74,6 +74,18 @@ def test_planned_networks_use_the_group_context_and_older_plans_rebuild_as_train
     assert isinstance(build_network(older, 1, 3).prompt_head.controller.pre_pool[0], torch.nn.InstanceNorm3d)
 
 
+def test_planned_networks_use_the_leaky_head_and_older_plans_keep_the_relu(planned):
+    from versemi.nets import build_network
+
+    plan = json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["network"]
+    assert plan["head_activation"] == "leaky_relu"
+    assert build_network(plan, 1, 3).prompt_head.activation == "leaky_relu"
+    older = {k: v for k, v in plan.items() if k != "head_activation"}
+    assert build_network(older, 1, 3).prompt_head.activation == "relu"
+    with pytest.raises(ValueError, match="unknown head activation 'gelu'"):
+        build_network({**plan, "head_activation": "gelu"}, 1, 3)
+
+
 # ----- VerSemi -----
 def _labeled_batch(trainer, size: int) -> dict:
     """A labeled batch whose sample i is filled with the value i (the last samples are the loader's

@@ -96,6 +96,25 @@ def test_dynamic_head_matches_public_grouped_convolution() -> None:
     assert w1.shape == (batch, prompts, 8, 8) and b1.shape == (batch, prompts, 8)
 
 
+@pytest.mark.parametrize("slope", [0.0, 0.01])
+def test_dynamic_head_hidden_activation_has_the_given_negative_slope(slope: float) -> None:
+    """Every hidden unit negative: a ReLU head outputs its last bias, a leaky one still reads the input."""
+    gen = torch.Generator().manual_seed(0)
+    precls = torch.rand(1, 8, 2, 3, 4, generator=gen)  # non-negative features
+    w1 = -torch.rand(8, 8, generator=gen)  # every first-layer unit < 0
+    b3 = torch.tensor([0.5, -0.5])
+    # the public layout: weights (row-major), then biases
+    layout = [w1.flatten(), torch.eye(8).flatten(), torch.ones(2, 8).flatten(), torch.zeros(8), torch.zeros(8), b3]
+    params = torch.cat(layout).view(1, 1, NUM_HEAD_PARAMS).requires_grad_(True)
+    logits = apply_dynamic_head(precls, params, slope)
+    hidden = torch.einsum("oi,bizyx->bozyx", w1, precls)
+    expected = slope * slope * hidden.sum(1, keepdim=True) + b3.view(1, 2, 1, 1, 1)
+    torch.testing.assert_close(logits[:, 0], expected.expand(1, 2, 2, 3, 4))
+    logits[:, 0, 1].sum().backward()
+    first_layer_grad = split_head_params(params.grad)[0][0]
+    assert (first_layer_grad.abs().sum() > 0) == (slope > 0)  # a dead ReLU head passes no gradient back
+
+
 @pytest.mark.parametrize("plan, shape", CASES)
 def test_backbone_runs_once_and_does_not_depend_on_the_prompt(plan: dict, shape: tuple[int, ...]) -> None:
     model = make_model(plan)

@@ -57,7 +57,8 @@ class PromptedSegmenter(nn.Module):
     (nnU-Net convention: downsample the targets). Otherwise outputs are single tensors.
     """
 
-    def __init__(self, backbone: Backbone, num_prompts: int, norm: str = "instance", context_norm: str = "group") -> None:
+    def __init__(self, backbone: Backbone, num_prompts: int, norm: str = "instance", context_norm: str = "group",
+                 head_activation: str = "leaky_relu") -> None:
         """num_prompts = number of real tasks + 1 synthetic (the synthetic prompt is the last index)."""
         super().__init__()
         if num_prompts < 1:
@@ -65,7 +66,7 @@ class PromptedSegmenter(nn.Module):
         self.num_prompts = num_prompts
         self.backbone = backbone
         self.prompt_head = PromptHead(backbone.bottleneck_channels, backbone.decoder_channels, num_prompts, norm,
-                                      context_norm)
+                                      context_norm, head_activation)
 
     @property
     def divisor(self) -> tuple[int, int, int]:
@@ -152,5 +153,7 @@ def build_network(network_plan: Mapping[str, Any], in_channels: int, num_prompts
         )
     else:
         raise ValueError(f"network plan: unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
-    # plans made before the controller context kept image statistics have no key: rebuild them as trained
-    return PromptedSegmenter(backbone, num_prompts, norm=norm, context_norm=network_plan.get("context_norm", "instance"))
+    # plans made before the controller context kept image statistics, or before the leaky head,
+    # have no key: rebuild them as trained
+    return PromptedSegmenter(backbone, num_prompts, norm=norm, context_norm=network_plan.get("context_norm", "instance"),
+                             head_activation=network_plan.get("head_activation", "relu"))

@@ -1,7 +1,8 @@
 """DoDNet-style dynamic prompt head.
 
 A controller maps [pooled bottleneck context, one-hot prompt] to the 162 parameters of a tiny
-per-(sample, prompt) head: three 1x1x1 convolutions 8->8 (ReLU), 8->8 (ReLU), 8->2. The
+per-(sample, prompt) head: three 1x1x1 convolutions 8->8, 8->8, 8->2 with an activation between
+them (ReLU in DoDNet; leaky ReLU in new plans, see HEAD_ACTIVATIONS). The
 decoder features are reduced to 8 channels once ("precls"); the generated head then runs per
 prompt. A 1x1x1 convolution is a per-voxel matrix product, so the head is computed with batched
 matmuls over (sample, prompt) instead of the public code's grouped convolution; the results
@@ -25,6 +26,12 @@ HEAD_LAYER_SHAPES = ((HEAD_CHANNELS, HEAD_CHANNELS), (HEAD_CHANNELS, HEAD_CHANNE
 # The public code's layout: all weights (row-major (out, in)), then all biases.
 _PARAM_SPLIT = [o * i for o, i in HEAD_LAYER_SHAPES] + [o for o, _ in HEAD_LAYER_SHAPES]
 NUM_HEAD_PARAMS = sum(_PARAM_SPLIT)  # 64 + 64 + 16 + 8 + 8 + 2 = 162
+# Negative slope of the generated head's hidden activations. With a plain ReLU all 16 hidden
+# units of a generated head can go negative for every voxel; no gradient then reaches the
+# controller through them, the output is the last bias (background everywhere) and training
+# never recovers. Seen on real hippocampus MRI: Dice 0 after 40 minutes, loss flat from epoch 3.
+# A small slope keeps a gradient; plans written before carry no key and keep the ReLU.
+HEAD_ACTIVATIONS = {"relu": 0.0, "leaky_relu": 0.01}
 
 
 class PromptFeatures(NamedTuple):
@@ -48,8 +55,11 @@ def split_head_params(params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
     ]
 
 
-def apply_dynamic_head(precls: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Run each (sample, prompt)'s generated head: (B, 8, *S) and (B, K, 162) -> (B, K, 2, *S)."""
+def apply_dynamic_head(precls: torch.Tensor, params: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
+    """Run each (sample, prompt)'s generated head: (B, 8, *S) and (B, K, 162) -> (B, K, 2, *S).
+
+    ``negative_slope`` is that of the hidden activations (0: ReLU).
+    """
     batch, channels, *spatial = precls.shape
     if params.dim() != 3 or params.shape[0] != batch:
         raise ValueError(f"params must be (B={batch}, K, {NUM_HEAD_PARAMS}); got {tuple(params.shape)}")
@@ -60,8 +70,8 @@ def apply_dynamic_head(precls: torch.Tensor, params: torch.Tensor) -> torch.Tens
     (w1, b1), (w2, b2), (w3, b3) = split_head_params(params)
     # First layer: stack the K prompts' weights so the shared features are read once: (B, K*8, V).
     h = torch.matmul(w1.reshape(batch, prompts * HEAD_CHANNELS, channels), voxels)
-    h = torch.relu(h.view(batch, prompts, HEAD_CHANNELS, -1) + b1[..., None])
-    h = torch.relu(torch.matmul(w2, h) + b2[..., None])
+    h = F.leaky_relu(h.view(batch, prompts, HEAD_CHANNELS, -1) + b1[..., None], negative_slope)
+    h = F.leaky_relu(torch.matmul(w2, h) + b2[..., None], negative_slope)
     logits = torch.matmul(w3, h) + b3[..., None]  # (B, K, 2, V)
     return logits.view(batch, prompts, NUM_CLASSES, *spatial)
 
@@ -122,10 +132,13 @@ class PromptHead(nn.Module):
     """Controller plus one pre-classifier per output resolution (full resolution first)."""
 
     def __init__(self, bottleneck_channels: int, decoder_channels: Sequence[int], num_prompts: int, norm: str = "instance",
-                 context: str = "group") -> None:
+                 context: str = "group", activation: str = "leaky_relu") -> None:
         """decoder_channels[0] is the full-resolution decoder width, the rest deep-supervision levels."""
         super().__init__()
+        if activation not in HEAD_ACTIVATIONS:
+            raise ValueError(f"unknown head activation {activation!r}; expected one of {sorted(HEAD_ACTIVATIONS)}")
         self.num_prompts = num_prompts
+        self.activation = activation
         self.controller = TaskController(bottleneck_channels, num_prompts, norm, context)
         self.preclassifiers = nn.ModuleList(PreClassifier(c, norm) for c in decoder_channels)
 
@@ -142,4 +155,5 @@ class PromptHead(nn.Module):
     def forward(self, features: PromptFeatures, prompts: torch.Tensor) -> list[torch.Tensor]:
         """(B, K) prompt indices -> logits (B, K, 2, *S) per prepared resolution, finest first."""
         params = self.head_params(features, prompts)
-        return [apply_dynamic_head(level, params) for level in (features.precls, *features.deep_precls)]
+        slope = HEAD_ACTIVATIONS[self.activation]
+        return [apply_dynamic_head(level, params, slope) for level in (features.precls, *features.deep_precls)]

@@ -31,7 +31,8 @@ class Topology:
 
     def network_plan(self, architecture: str = "unet") -> dict:
         return {"architecture": architecture, "features": self.features, "kernel_sizes": self.kernel_sizes,
-                "strides": self.strides, "norm": "instance", "context_norm": "group", "deep_supervision": False}
+                "strides": self.strides, "norm": "instance", "context_norm": "group",
+                "head_activation": "leaky_relu", "deep_supervision": False}
 
 
 def pool_and_conv_props(spacing, patch_size, max_stages: int = MAX_STAGES) -> Topology:
