@@ -20,10 +20,12 @@ venv: $(BIN)/.installed
 demo: venv
 	test -d "$(VERSEMI_ROOT)/raw/DemoLA" || $(BIN)/versemi_make_synthetic -o "$(VERSEMI_ROOT)/raw"
 	$(BIN)/versemi_plan_and_preprocess -d DemoLA DemoPancreas -np 2
-	# a short CPU schedule with a small network; see README for the full-size command
+	# a short CPU schedule with a small network; see README for the full-size command. Its 60 iterations
+	# would train supervised throughout by default (--supervised-warm-up auto): the demo shows the method
 	test -f "$(VERSEMI_ROOT)/results/DemoLA_DemoPancreas/VerSemiTrainer__3d_fullres/fold_0/checkpoint_final.pth" || \
 	  $(BIN)/versemi_train 3d_fullres fold0 --epochs 4 --iterations-per-epoch 15 --val-iterations 5 \
-	    --patch-size 32 48 48 --batch-size 2 --features 8 16 32 64 --optimizer adam --lr 3e-3 --num-workers 1
+	    --patch-size 32 48 48 --batch-size 2 --features 8 16 32 64 --optimizer adam --lr 3e-3 --num-workers 1 \
+	    --supervised-warm-up 0
 	@echo "training curves: $(VERSEMI_ROOT)/results/DemoLA_DemoPancreas/VerSemiTrainer__3d_fullres/fold_0/progress.png"
 	$(BIN)/versemi_predict -i "$(VERSEMI_ROOT)/raw/DemoLA/imagesTs" -o "$(VERSEMI_ROOT)/predictions/DemoLA" -p DemoLA --overwrite
 	$(BIN)/versemi_evaluate -r "$(VERSEMI_ROOT)/raw/DemoLA/labelsTs" -p "$(VERSEMI_ROOT)/predictions/DemoLA"

@@ -19,12 +19,23 @@ plateau budget is the first budget whose doubling adds less than 0.5 Dice points
 ``<work>/hippocampus_curve.json``, ``.md`` and ``.png`` (Dice against budget, log2 axis), with the
 CPU model, bf16 units, precision, threads and the load average at the start and end of each run.
 
-Runs live in ``<work>/runs/<label>/<budget>min_seed<seed>``: a finished run and its evaluation
-are reused, a killed run is continued (``--continue``), so rerunning the same command finishes
-what is missing and the table grows. Only ``curve`` exists; the later modes share its split, run
-folders and scoring: semi-supervised trainers from scratch on the same split, continuation of a
-supervised checkpoint with ``versemi_train --init-from``, and the all-labeled ceiling (160
-labeled). Not a test.
+``compare``: ``--trainers`` at one ``--budget`` per run, each of ``--seeds``, on the same split,
+network and scoring. From scratch (the default: semi-supervised trainers get the shared supervised
+warm-up, ``--supervised-warm-up auto``), or, with ``--from-budget F``, each continuing from the
+curve's SupervisedTrainer checkpoint of ``F`` minutes and seed ``--from-seed`` (``versemi_train
+--init-from``) for the same added budget, SupervisedTrainer continuing as the reference:
+
+    python benchmarks/hippocampus_converged.py compare --work WORK --budget 20 --from-budget 20 \
+        --trainers SupervisedTrainer MeanTeacherTrainer VerSemiTrainer --seeds 0 1
+
+Writes ``<work>/hippocampus_compare_<scratch|fromFmin>_<budget>min.md``, ``.json`` and ``.png``:
+mean ± std over seeds per trainer and its difference to SupervisedTrainer's mean.
+
+Runs live in ``<work>/runs/<label>/<budget>min_seed<seed>`` (continuations in
+``<label>_from<F>min``): a finished run and its evaluation are reused, a killed run is continued
+(``--continue``), so rerunning the same command finishes what is missing and the table grows
+(SupervisedTrainer from scratch is the curve's run). Still missing: the all-labeled ceiling (160
+labeled cases, another plan). Not a test.
 """
 from __future__ import annotations
 
@@ -87,10 +98,12 @@ def machine() -> dict:
     return {"cpu": names[0] if names else "unknown", "cores": os.cpu_count(), "bf16_units": cpu_has_bf16()}
 
 
-def train_command(args, trainer: str, budget: float, seed: int) -> list[str]:
+def train_command(args, trainer: str, budget: float, seed: int, init_from: Path | None = None) -> list[str]:
     command = [str(budget_runs.BIN / "versemi_train"), "3d_fullres", "all", "-e", EXPERIMENT, "-tr", trainer,
                "--time-budget", f"{budget:g}", "--seed", str(seed), "--num-workers", str(args.num_workers),
                "--precision", args.precision, "--device", "cpu"]
+    if init_from is not None:
+        command += ["--init-from", str(init_from)]
     for flag, value in (("--patch-size", args.patch), ("--batch-size", args.batch_size), ("--features", args.features)):
         if value is not None:
             command += [flag, *map(str, value if isinstance(value, list) else [value])]
@@ -271,6 +284,127 @@ def curve(args) -> None:
     print(f"wrote {work / 'hippocampus_curve.md'}, .json and .png")
 
 
+def trainer_label(trainer: str) -> str:
+    return trainer.removesuffix("Trainer")
+
+
+def run_and_score(args, work: Path, raw: Path, trainer: str, budget: float, seed: int, folder: Path, name: str,
+                  init_from: Path | None = None) -> dict:
+    """Train (or reuse) one run and score it on the test cases."""
+    process = budget_runs.start_training(train_command(args, trainer, budget, seed, init_from), folder, EXPERIMENT,
+                                         trainer, work / "versemi_plans", args.threads)
+    if process is None:
+        print(f"{time.strftime('%H:%M:%S')} {name}: finished earlier, reused", flush=True)
+    else:
+        print(f"{time.strftime('%H:%M:%S')} {name}: {'continuing' if process.resumed else 'training'} "
+              f"(load {process.load_before:.2f}), ends about "
+              f"{time.strftime('%H:%M', time.localtime(time.time() + 60 * budget))}; log {folder / 'train.log'}",
+              flush=True)
+        budget_runs.finish_training(process)
+    result = evaluate_run(folder, raw, args.mirroring)
+    print(f"{time.strftime('%H:%M:%S')} {name}: Dice {100 * result['mean']['dice']:.2f} "
+          f"(anterior {100 * result['per_label']['1']['dice']:.2f}, posterior "
+          f"{100 * result['per_label']['2']['dice']:.2f}), {result['iterations']} iterations, "
+          f"{result['seconds_per_iteration']:.2f} s/it, {result['precision']['used']}, load "
+          f"{result['load'][0]:.2f} -> {result['load'][1]:.2f}", flush=True)
+    return result
+
+
+def supervised_checkpoint(work: Path, budget: float, seed: int) -> Path:
+    """The final checkpoint of the curve's SupervisedTrainer run of ``budget`` minutes."""
+    marker = work / "runs" / "Supervised" / f"{budget:g}min_seed{seed}" / "checkpoint.txt"
+    if not marker.is_file():
+        sys.exit(f"no finished SupervisedTrainer run of {budget:g} min, seed {seed} in {work / 'runs'}: "
+                 f"run `curve --budgets {budget:g} --seeds {seed}` first")
+    return Path(marker.read_text(encoding="utf-8"))
+
+
+def compare_rows(results: dict[str, dict[int, dict]]) -> list[str]:
+    rows = ["| trainer | seeds | Dice % (mean of 2 labels) | vs Supervised | Dice anterior % | Dice posterior % "
+            "| HD95 mm | ASD mm | iterations | s/it | load start -> end | precision |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    reference = results.get("SupervisedTrainer")
+    base = 100 * np.mean([r["mean"]["dice"] for r in reference.values()]) if reference else None
+
+    def stat(values, scale=1.0, digits=2):
+        values = np.array([v for v in values if v is not None], float) * scale
+        if not values.size:
+            return "n/a"
+        return f"{values.mean():.{digits}f}" + (f" ± {values.std():.{digits}f}" if values.size > 1 else "")
+    for trainer, runs in results.items():
+        if not runs:
+            continue
+        seeds = sorted(runs)
+        dice = 100 * np.mean([runs[s]["mean"]["dice"] for s in seeds])
+        cells = [stat([runs[s]["mean"]["dice"] for s in seeds], 100),
+                 "reference" if trainer == "SupervisedTrainer" else ("n/a" if base is None else f"{dice - base:+.2f}")]
+        cells += [stat([runs[s]["per_label"][str(label)]["dice"] for s in seeds], 100) for label in LABELS]
+        cells += [stat([runs[s]["mean"][m] for s in seeds]) for m in ("hd95", "asd")]
+        cells += [stat([runs[s]["iterations"] for s in seeds], digits=0),
+                  stat([runs[s]["seconds_per_iteration"] for s in seeds]),
+                  ", ".join(f"{runs[s]['load'][0]:.2f} -> {runs[s]['load'][1]:.2f}" for s in seeds),
+                  ", ".join(sorted({runs[s]["precision"]["used"] for s in seeds}))]
+        rows.append(f"| {trainer} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def compare_figure(results: dict[str, dict[int, dict]], title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trainers = [t for t, runs in results.items() if runs]
+    fig, ax = plt.subplots(figsize=(1.2 * len(trainers) + 2.5, 4.5))
+    for x, trainer in enumerate(trainers):
+        seeds = [100 * r["mean"]["dice"] for r in results[trainer].values()]
+        ax.bar(x, np.mean(seeds), color="C0" if trainer == "SupervisedTrainer" else "C1", alpha=0.7)
+        ax.plot([x] * len(seeds), seeds, "k.", ms=6)
+    ax.set_xticks(range(len(trainers)), [trainer_label(t) for t in trainers], rotation=30, ha="right")
+    ax.set_ylabel("test Dice % (40 cases; bar: mean, dots: seeds)")
+    low = min(100 * r["mean"]["dice"] for t in trainers for r in results[t].values())
+    ax.set_ylim(max(0.0, low - 10), 100)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def compare(args) -> None:
+    work = args.work.absolute()
+    raw = prepare_data(work, args.data.absolute())
+    host = machine()
+    source = None if args.from_budget is None else supervised_checkpoint(work, args.from_budget, args.from_seed)
+    tag = f"{'scratch' if source is None else f'from{args.from_budget:g}min'}_{args.budget:g}min"
+    results: dict[str, dict[int, dict]] = {trainer: {} for trainer in args.trainers}
+    jobs = [(trainer, seed) for seed in args.seeds for trainer in args.trainers]
+    for number, (trainer, seed) in enumerate(jobs, 1):
+        label = trainer_label(trainer) + ("" if source is None else f"_from{args.from_budget:g}min")
+        folder = work / "runs" / label / f"{args.budget:g}min_seed{seed}"
+        name = f"[{number}/{len(jobs)}] {label} {args.budget:g} min seed {seed}"
+        results[trainer][seed] = run_and_score(args, work, raw, trainer, args.budget, seed, folder, name, source)
+        start = ("from scratch (semi-supervised trainers: shared supervised warm-up, auto)" if source is None else
+                 f"continuing from SupervisedTrainer's {args.from_budget:g}-minute checkpoint of seed {args.from_seed} "
+                 f"({source}) with --init-from")
+        title = (f"{args.budget:g} min per run, {start.split(' (')[0]}, {LABELED} labeled + {UNLABELED} unlabeled")
+        settings = (f"Hippocampus development split ({LABELED} labeled / {UNLABELED} unlabeled / {TEST} test, "
+                    f"{work / 'split.json'}); fold all, final checkpoint, --time-budget {args.budget:g} min per run, "
+                    f"{start}; network, patch and batch: "
+                    f"{'the plan' if args.patch is None and args.batch_size is None and args.features is None else 'overridden'}"
+                    f" (features {args.features}, batch {args.batch_size}); {args.threads} thread(s), precision "
+                    f"{args.precision}; test mirroring {'on' if args.mirroring else 'off'}; CPU {host['cpu']} "
+                    f"({host['cores']} cores), bf16 units: {'yes' if host['bf16_units'] else 'no'}")
+        rows = compare_rows(results)
+        (work / f"hippocampus_compare_{tag}.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n",
+                                                           encoding="utf-8")
+        (work / f"hippocampus_compare_{tag}.json").write_text(json.dumps(
+            {"settings": vars(args) | {"work": str(work)}, "machine": host, "init_from": str(source) if source else None,
+             "results": results}, indent=2, default=str), encoding="utf-8")
+        compare_figure(results, title, work / f"hippocampus_compare_{tag}.png")
+    print(settings)
+    print("\n".join(rows), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "hippocampus",
@@ -294,6 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     curve_parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 10.0, 20.0, 40.0],
                               help="--time-budget of each run, minutes")
     curve_parser.set_defaults(run=curve)
+    compare_parser = modes.add_parser("compare", parents=[common], help="trainers at one budget, from scratch or "
+                                                                       "continuing a supervised checkpoint")
+    compare_parser.add_argument("--trainers", nargs="+", default=["SupervisedTrainer", "MeanTeacherTrainer",
+                                                                  "VerSemiTrainer"])
+    compare_parser.add_argument("--budget", type=float, required=True, help="--time-budget of each run, minutes")
+    compare_parser.add_argument("--from-budget", type=float, help="continue from the curve's SupervisedTrainer run "
+                                                                  "of this many minutes (--init-from)")
+    compare_parser.add_argument("--from-seed", type=int, default=0, help="the seed of that run")
+    compare_parser.set_defaults(run=compare)
     return parser
 
 

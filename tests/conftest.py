@@ -57,7 +57,7 @@ def write_tiny_dataset(folder: Path, num_cases: int = 3, shape=(6, 8, 10), spaci
 TOY_EXPERIMENT = "DemoLA_DemoPancreas"
 TINY_TRAINING = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16",
                  "--num-workers", "0", "--val-iterations", "1", "--epochs", "1", "--iterations-per-epoch", "2",
-                 "--no-augmentation"]
+                 "--no-augmentation", "--supervised-warm-up", "0"]  # a method's own steps from the first iteration
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = 
 
     plans = plans or json.loads((planned / TOY_EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
     settings = dict(epochs=10, patch_size=[16, 32, 32], batch_size=2, features=[4, 8, 16], num_workers=0,
-                    optimizer="adam", lr=3e-3)
+                    optimizer="adam", lr=3e-3, supervised_warm_up="0")
     settings.update(config)
     trainer = find_trainer(name)(plans, planned, "3d_fullres", "0", tmp_path / name, TrainingConfig(**settings))
     trainer.setup()

@@ -31,8 +31,9 @@ from versemi.training.trainers.medl import class_aware_fusion, class_reliability
 
 from conftest import TOY_EXPERIMENT, assert_same_weights, fit_fixed_batch, make_trainer, train_killed_and_resumed
 
+# a few iterations: without --supervised-warm-up 0 (auto) a method would train supervised throughout
 TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
-        "--val-iterations", "1"]
+        "--val-iterations", "1", "--supervised-warm-up", "0"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

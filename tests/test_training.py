@@ -17,8 +17,9 @@ from versemi.training.trainers import discover_trainers
 
 from conftest import fit_fixed_batch, make_trainer
 
+# a few iterations: without --supervised-warm-up 0 (auto) a method would train supervised throughout
 TINY = ["--patch-size", "16", "32", "32", "--batch-size", "2", "--features", "4", "8", "16", "--num-workers", "0",
-        "--val-iterations", "1"]
+        "--val-iterations", "1", "--supervised-warm-up", "0"]
 EXPERIMENT = "DemoLA_DemoPancreas"
 
 

@@ -43,6 +43,10 @@ class TrainingConfig:
     budget: dict | None = None
     # --init-from: the checkpoint whose weights a new run starts from (a warm start); kept on --continue
     init_from: str | None = None
+    # --supervised-warm-up: "auto" or a share of the schedule trained supervised before a
+    # semi-supervised method starts (versemi.training.warm_up); the epochs it resolved to
+    supervised_warm_up: str = "auto"
+    warm_up_epochs: int | None = None
     # method settings read by the trainer subclasses
     method: dict = field(default_factory=dict)
 
@@ -57,6 +61,8 @@ class TrainingConfig:
     def from_dict(cls, d: dict) -> "TrainingConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
+        if "supervised_warm_up" not in d:  # saved before the warm-up existed: the method started at once
+            d.update(supervised_warm_up="0", warm_up_epochs=0)
         d["augmentation"] = AugmentationSettings(**d.get("augmentation", {}))
         return cls(**d)
 

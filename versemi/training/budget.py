@@ -1,8 +1,10 @@
 """``--time-budget``: fit the whole schedule (LR decay, stages, ramp-ups) into a wall-clock budget.
 
 After setup, a short warm-up times real training steps of each phase whose cost differs (e.g.
-VerSemi's stage 1 and stage 2), with the real data loaders, then puts the network, optimizer and
-method state back as they were. From the seconds per iteration and the per-epoch overhead
+VerSemi's stage 1 and stage 2, and the supervised steps of the shared warm-up before a method
+starts, ``warm_up``), with the real data loaders, then puts the network, optimizer and method
+state back as they were. The supervised warm-up and the method then share the seconds as
+``--supervised-warm-up`` asks (``warm_up.split_epochs``). From the seconds per iteration and the per-epoch overhead
 (checkpoint, curves, validation) it fixes epochs x iterations per epoch, so the schedule ends
 within the budget on the hardware at hand. The choice is stored in the training settings (and so
 in every checkpoint): ``--continue`` keeps it exactly.
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from ..errors import input_error
 from ..model.checkpoint import save_checkpoint
 from .progress import TrainingLog
+from .warm_up import split_epochs
 
 WARMUP_STEPS = 2          # untimed: worker start, first allocations
 TIMED_STEPS = 4           # per phase; the median is used
@@ -42,6 +45,15 @@ def time_phase(trainer, epoch: int) -> float:
         marks.append(now - last)
         last = now
     return statistics.median(marks[WARMUP_STEPS:])
+
+
+def time_warm_up_step(trainer) -> float:
+    """Median seconds per iteration of the shared supervised warm-up's steps."""
+    trainer.config.warm_up_epochs = 1
+    try:
+        return time_phase(trainer, 0)
+    finally:
+        trainer.config.warm_up_epochs = 0
 
 
 def time_epoch_overhead(trainer) -> float:
@@ -69,30 +81,42 @@ def _agree(values: list[float]) -> list[float]:
 
 
 def fit_schedule(trainer) -> dict:
-    """Time the phases, set ``config.epochs`` and ``config.iterations_per_epoch``; returns the record."""
+    """Time the phases, set ``config.epochs``, ``config.iterations_per_epoch`` and
+    ``config.warm_up_epochs``; returns the record."""
     config = trainer.config
+    request = config.supervised_warm_up if trainer.uses_unlabeled else "0"
     state = trainer.snapshot()
+    config.warm_up_epochs = 0  # the method's phases first, then (if asked for) the warm-up's step
     phases = trainer.budget_phases()
     phase_seconds = [time_phase(trainer, epoch) for epoch, _ in phases]
+    warm_up_step = time_warm_up_step(trainer) if request != "0" else None
     trainer.restore(state)
     overhead = time_epoch_overhead(trainer)
     per_iteration = sum(share * seconds for (_, share), seconds in zip(phases, phase_seconds))
     elapsed = time.time() - trainer.started
-    per_iteration, overhead, elapsed = _agree([per_iteration, overhead, elapsed])
+    per_iteration, supervised, overhead, elapsed = _agree([per_iteration, warm_up_step or per_iteration, overhead,
+                                                           elapsed])
     available = config.time_budget * 60 * SAFETY - elapsed
     wanted = available / per_iteration
     per_epoch = min(config.iterations_per_epoch, max(MIN_ITERATIONS_PER_EPOCH, math.ceil(wanted / TARGET_EPOCHS)))
-    epochs = int(available // (per_epoch * per_iteration + overhead))
+    warm_epochs, method_epochs = split_epochs(request, available, per_epoch, per_epoch * supervised + overhead,
+                                              per_epoch * per_iteration + overhead, trainer.warm_start is not None)
+    epochs = warm_epochs + method_epochs
     if epochs < 1:
         raise input_error(f"--time-budget {config.time_budget:g}",
                           f"the budget does not cover one epoch of {per_epoch} iterations after the warm-up "
                           f"({elapsed:.0f} s so far, {per_iteration:.2f} s per iteration)",
                           "raise the budget, or train with --epochs instead")
-    config.epochs, config.iterations_per_epoch = epochs, per_epoch
-    phases_text = ", ".join(f"{s:.2f} s/it from epoch {e}" for (e, _), s in zip(phases, phase_seconds))
+    config.epochs, config.iterations_per_epoch, config.warm_up_epochs = epochs, per_epoch, warm_epochs
+    phases_text = ", ".join(f"{s:.2f} s/it from method epoch {e}" for (e, _), s in zip(phases, phase_seconds))
+    if warm_up_step is not None:
+        phases_text = f"{supervised:.2f} s/it supervised, {phases_text}"
     message = (f"time budget {config.time_budget:g} min: warm-up {elapsed:.0f} s measured {phases_text} "
-               f"(mean {per_iteration:.2f} s/it, {overhead:.1f} s per epoch besides); training {epochs} epochs x "
-               f"{per_epoch} iterations = {epochs * per_epoch} iterations")
+               f"(method mean {per_iteration:.2f} s/it, {overhead:.1f} s per epoch besides); training {epochs} epochs x "
+               f"{per_epoch} iterations = {epochs * per_epoch} iterations"
+               + (f", the first {warm_epochs} epochs supervised" if warm_epochs else ""))
     return {"minutes": config.time_budget, "seconds_per_iteration": per_iteration, "phase_seconds": phase_seconds,
+            "supervised_warm_up_seconds_per_iteration": warm_up_step and supervised,
+            "supervised_warm_up_epochs": warm_epochs,
             "epoch_overhead_seconds": overhead, "warmup_seconds": elapsed, "epochs": epochs,
             "iterations_per_epoch": per_epoch, "iterations": epochs * per_epoch, "message": message}

@@ -22,6 +22,7 @@ from ..model.plans_view import PlansView
 from ..model.precision import PRECISIONS
 from .trainer import distributed_device
 from .trainers import find_trainer
+from .warm_up import MIN_METHOD_ITERATIONS, WARM_UP_ITERATIONS, parse_request
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="fit the whole schedule (LR decay, stages, ramp-ups) into this many minutes: a short "
                         "warm-up times real steps, then fixes epochs x iterations (stored for --continue)")
+    p.add_argument("--supervised-warm-up", metavar="auto|SHARE",
+                   help="a semi-supervised trainer first trains supervised, then its method starts (default auto: "
+                        f"{WARM_UP_ITERATIONS} iterations, where {MIN_METHOD_ITERATIONS} are left for the method; "
+                        "a shorter schedule stays supervised, a warm start gets none); a share in [0, 1] of the "
+                        "schedule instead, 0 to start the method at once")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="mixed precision (default auto: bf16 on CPUs with bf16 units and on CUDA)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (same as --precision fp32)")
@@ -87,6 +93,13 @@ def make_config(args, saved: dict | None) -> TrainingConfig:
     if args.init_from is not None:
         config.init_from = str(args.init_from.resolve())
     config.method.update(parse_method(args.method))
+    if args.supervised_warm_up is not None:
+        request = parse_request(args.supervised_warm_up)
+        if saved and request != config.supervised_warm_up:
+            raise input_error(f"--supervised-warm-up {args.supervised_warm_up}",
+                              f"this run was started with --supervised-warm-up {config.supervised_warm_up}",
+                              "continue it without the option, or start a new run in another folder")
+        config.supervised_warm_up = request
     if config.time_budget is not None and config.time_budget <= 0:
         raise input_error(f"--time-budget {config.time_budget:g}", "is not a positive number of minutes",
                           "give the minutes the whole training may take, e.g. --time-budget 20")

@@ -6,7 +6,9 @@ A subclass sets ``uses_unlabeled`` and overrides ``train_step`` (and, if it need
 streams in background workers, optimizer and poly LR, mixed precision, EMA teachers (``add_teacher``),
 further networks trained beside the main one (``add_network``), a schedule fitted to a time budget,
 checkpoints, resume, a warm start from another run's weights (``--init-from``, ``warm_start``),
-validation, logging of every loss term, DDP.
+a supervised warm-up before a semi-supervised method starts (``--supervised-warm-up``, ``warm_up``),
+validation, logging of every loss term, DDP. A method's stages, ramp-ups and ``unlabeled_from``
+count from the method's start (``method_epoch`` of ``method_epochs``), after the warm-up.
 The shared pieces of the methods' mathematics live beside it: ``losses`` (masked Dice + CE),
 ``mixing`` (boxes, block masks, copy-paste), ``pseudo_labels``, ``feature_taps``, ``prompts``.
 """
@@ -45,6 +47,8 @@ from .state import TrainerState, random_state, set_random_state
 from .teacher import EMATeacher
 from .validation import pseudo_dice_counts, sliding_window_validation
 from .warm_start import WarmStart
+from .warm_up import describe as describe_warm_up
+from .warm_up import split_iterations
 
 EMA_DICE_MOMENTUM = 0.9
 
@@ -132,13 +136,16 @@ class Trainer:
         return {"loss": multiscale(self.loss, logits, labeled["target"])}
 
     def stage_starts(self) -> list[int]:
-        """The first epoch of stage 2, 3, ... (empty: one stage). Stages may change the step's work."""
+        """The first method epoch (``method_epoch``) of stage 2, 3, ... (empty: one stage). Stages may
+        change the step's work."""
         return []
 
     @property
     def stage(self) -> int:
-        """The current stage, 1-based."""
-        return 1 + sum(self.epoch >= start for start in self.stage_starts())
+        """The method's current stage, 1-based (1 during the supervised warm-up)."""
+        if self.in_warm_up:
+            return 1
+        return 1 + sum(self.method_epoch >= start for start in self.stage_starts())
 
     def on_stage_start(self, stage: int) -> None:
         """Called when the loop enters stage 2, 3, ... (before that epoch's first step)."""
@@ -152,16 +159,76 @@ class Trainer:
             teacher.update(self.model)
 
     def unlabeled_from(self) -> int | None:
-        """First iteration whose ``train_step`` needs an unlabeled batch (None: never). Before it,
-        the unlabeled stream is neither loaded nor augmented."""
+        """First iteration of the method (counted from its start) whose ``train_step`` needs an
+        unlabeled batch (None: never). Before it, the unlabeled stream is neither loaded nor augmented."""
         return 0 if self.uses_unlabeled else None
 
     def budget_phases(self) -> list[tuple[int, float]]:
-        """(epoch, share of the iterations) of each phase whose step cost differs; the time-budget
-        warm-up times a few steps of each. One phase per stage."""
-        epochs = max(1, self.config.epochs)
+        """(method epoch, share of the method's iterations) of each phase whose step cost differs;
+        the time-budget warm-up times a few steps of each. One phase per stage."""
+        epochs = max(1, self.method_epochs)
         bounds = [0] + [min(start, epochs) for start in self.stage_starts()] + [epochs]
         return [(start, (stop - start) / epochs) for start, stop in zip(bounds, bounds[1:]) if stop > start]
+
+    # ----- the shared supervised warm-up (versemi.training.warm_up) -----
+    @property
+    def warm_up_epochs(self) -> int:
+        """Epochs trained supervised before the method starts (always 0 without unlabeled data)."""
+        return int(self.config.warm_up_epochs or 0) if self.uses_unlabeled else 0
+
+    @property
+    def in_warm_up(self) -> bool:
+        return self.epoch < self.warm_up_epochs
+
+    @property
+    def method_epoch(self) -> int:
+        """The epoch counted from the method's start (0 during the warm-up)."""
+        return max(0, self.epoch - self.warm_up_epochs)
+
+    @property
+    def method_epochs(self) -> int:
+        """The method's share of the schedule, in epochs: what its stages and ramp-ups divide."""
+        return max(1, self.config.epochs - self.warm_up_epochs)
+
+    def method_stage_epochs(self) -> list[int]:
+        """The run's epochs at which stage 2, 3, ... start."""
+        return [self.warm_up_epochs + start for start in self.stage_starts()]
+
+    def first_unlabeled_iteration(self) -> int | None:
+        """The run's first iteration that reads an unlabeled batch (None: never)."""
+        first = self.unlabeled_from() if self.unlabeled_source is not None else None
+        return None if first is None else self.warm_up_epochs * self.config.iterations_per_epoch + first
+
+    def resolve_warm_up(self) -> None:
+        """Fix ``config.warm_up_epochs`` from the request and the schedule (a time budget fixes it
+        while fitting the schedule; ``--continue`` keeps the saved value)."""
+        if self.config.warm_up_epochs is not None:
+            return
+        if not self.uses_unlabeled:
+            self.config.warm_up_epochs = 0
+            return
+        per_epoch, epochs = self.config.iterations_per_epoch, self.config.epochs
+        warm = split_iterations(self.config.supervised_warm_up, epochs * per_epoch, self.warm_start is not None)
+        self.config.warm_up_epochs = min(epochs, math.ceil(warm / per_epoch))
+
+    def warm_up_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
+        """A step of the warm-up: each segmenter the trainer trains learns the labeled batch on its
+        own, so a one-network trainer takes SupervisedTrainer's step exactly."""
+        networks = [self.network] + [e.network for e in self.extra_networks.values() if e.network_plan is not None]
+        losses = [multiscale(self.loss, network(labeled["data"], labeled["prompt"]), labeled["target"])
+                  for network in networks]
+        if len(losses) == 1:
+            return {"loss": losses[0]}
+        names = self.members()
+        return {"loss": sum(losses[1:], losses[0]), **{f"supervised_{name}": loss for name, loss in zip(names, losses)}}
+
+    def on_warm_up_end(self) -> None:
+        """The method starts: every teacher restarts from the warmed-up network, as after a warm start."""
+        for teacher in self.teachers.values():
+            teacher.copy_from(self.model)
+        if self.is_main:
+            self.log.write(f"supervised warm-up done after epoch {self.epoch}: {type(self).__name__}'s method starts"
+                           f"{', teachers copied from the network' if self.teachers else ''}")
 
     def add_teacher(self, decay: float, name: str = "teacher") -> EMATeacher:
         """An EMA copy of the network, updated after every optimizer step and checkpointed."""
@@ -382,6 +449,7 @@ class Trainer:
             if self.is_main:
                 self.log.write(self.config.budget["message"])
                 print(self.config.budget["message"], flush=True)
+        self.resolve_warm_up()
         if resumed and self.is_main:
             self.log.write(f"resumed at epoch {self.epoch}")
         elif self.is_main:
@@ -391,11 +459,16 @@ class Trainer:
                            f"(+{self.unlabeled_batch_size if self.uses_unlabeled else 0} unlabeled), {self.config.epochs} epochs of "
                            f"{self.config.iterations_per_epoch} iterations on {self.device} in {precision}; "
                            f"method settings {self.settings}")
+            if self.uses_unlabeled:
+                self.log.write(describe_warm_up(self.config.supervised_warm_up, self.warm_up_epochs, self.config.epochs,
+                                                self.config.iterations_per_epoch, self.warm_start is not None))
         self.training_batches = self.batch_stream(self.epoch * self.config.iterations_per_epoch,
                                                    self.config.epochs * self.config.iterations_per_epoch)
         while self.epoch < self.config.epochs:
             started = time.time()
-            if self.epoch in self.stage_starts():
+            if self.warm_up_epochs and self.epoch == self.warm_up_epochs:
+                self.on_warm_up_end()
+            if self.epoch in self.method_stage_epochs():
                 self.on_stage_start(self.stage)
             self.on_epoch_start()
             train_loss, iteration_losses, terms = self.train_epoch()
@@ -418,11 +491,12 @@ class Trainer:
 
         The background workers are started once per run, not per epoch: fewer process starts, and
         no fork after validation has used the data in this process. The unlabeled workers start
-        only at ``unlabeled_from()``: a stage that does not use unlabeled data does not pay for it.
+        only at ``first_unlabeled_iteration()``: the warm-up, or a stage that does not use unlabeled
+        data, does not pay for it.
         """
         workers = self.config.num_workers
         labeled = batch_loader(self.labeled_source, start, stop, workers)
-        first = self.unlabeled_from() if self.unlabeled_source is not None else None
+        first = self.first_unlabeled_iteration()
         if first is None or first >= stop:
             yield from ((batch, None) for batch in labeled)
             return
@@ -440,8 +514,9 @@ class Trainer:
         optimized = self._optimized()
         for _, optimizer in optimized:
             optimizer.zero_grad(set_to_none=True)
+        step = self.warm_up_step if self.in_warm_up else self.train_step
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            terms = self.train_step(labeled, unlabeled)
+            terms = step(labeled, unlabeled)
         self.scaler.scale(terms["loss"]).backward()  # one backward; each optimizer steps its own parameters
         for model, optimizer in optimized:
             self.scaler.unscale_(optimizer)

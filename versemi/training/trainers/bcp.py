@@ -75,7 +75,7 @@ class BCPTrainer(Trainer):
     # ----- stages -----
     @property
     def pretrain_epochs(self) -> int:
-        return round(self.settings["pretrain_fraction"] * self.config.epochs)
+        return round(self.settings["pretrain_fraction"] * self.method_epochs)
 
     def stage_starts(self) -> list[int]:
         return [self.pretrain_epochs]
@@ -85,7 +85,7 @@ class BCPTrainer(Trainer):
 
     def self_training_progress(self) -> float:
         """0 at the start of self-training, 1 at the end of the schedule."""
-        return (self.epoch - self.pretrain_epochs) / max(1, self.config.epochs - self.pretrain_epochs)
+        return (self.method_epoch - self.pretrain_epochs) / max(1, self.method_epochs - self.pretrain_epochs)
 
     def on_stage_start(self, stage: int) -> None:
         self.teacher.copy_from(self.model)  # self-training starts from the pre-trained weights

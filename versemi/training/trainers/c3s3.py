@@ -162,7 +162,7 @@ class C3S3Trainer(Trainer):
 
     def pseudo_weight(self) -> float:
         s = self.settings
-        return s["weight_pseudo"] * sigmoid_rampup(self.epoch / max(1e-8, s["rampup_fraction"] * self.config.epochs))
+        return s["weight_pseudo"] * sigmoid_rampup(self.method_epoch / max(1e-8, s["rampup_fraction"] * self.method_epochs))
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
         """The step's images once, or twice with the second view noised."""

@@ -110,11 +110,11 @@ class MEDLTrainer(Trainer):
     @property
     def progress(self) -> float:
         """0 at the first epoch, towards 1 at the last."""
-        return self.epoch / max(1, self.config.epochs)
+        return self.method_epoch / max(1, self.method_epochs)
 
     def unlabeled_weight(self) -> float:
         s = self.settings
-        return s["weight_unlabeled"] * sigmoid_rampup(self.epoch / max(1e-8, s["rampup_fraction"] * self.config.epochs))
+        return s["weight_unlabeled"] * sigmoid_rampup(self.method_epoch / max(1e-8, s["rampup_fraction"] * self.method_epochs))
 
     def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
         s = self.settings

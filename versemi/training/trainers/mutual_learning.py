@@ -127,7 +127,7 @@ class MutualLearningTrainer(Trainer):
         self.overlap += step
 
     def stage_starts(self) -> list[int]:
-        return [round(self.settings["stage1_fraction"] * self.config.epochs)]
+        return [round(self.settings["stage1_fraction"] * self.method_epochs)]
 
     def unlabeled_from(self) -> int | None:
         """Unlabeled images are first used in stage 2: stage 1 learns from labels only."""

@@ -75,7 +75,7 @@ class VerSemiTrainer(Trainer):
 
     @property
     def stage1_epochs(self) -> int:
-        return round(self.settings["stage1_fraction"] * self.config.epochs)
+        return round(self.settings["stage1_fraction"] * self.method_epochs)
 
     def stage_starts(self) -> list[int]:
         return [self.stage1_epochs]
@@ -87,8 +87,8 @@ class VerSemiTrainer(Trainer):
         s = self.settings
         if not s["rampup"]:
             return s["weight_consistency"]
-        length = max(1.0, s["rampup_fraction"] * (self.config.epochs - self.stage1_epochs))
-        return s["weight_consistency"] * sigmoid_rampup((self.epoch - self.stage1_epochs) / length)
+        length = max(1.0, s["rampup_fraction"] * (self.method_epochs - self.stage1_epochs))
+        return s["weight_consistency"] * sigmoid_rampup((self.method_epoch - self.stage1_epochs) / length)
 
     def all_prompt_logits(self, images: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """One backbone pass over the distinct images -> per output level (finest first), the
