@@ -180,3 +180,45 @@ def test_time_budget_with_epochs_fails_before_anything_is_written(planned, resul
                        "--epochs", "2"]) == 2
     assert "give either --time-budget or --epochs, not both" in capsys.readouterr().err
     assert not (results / EXPERIMENT).exists()
+
+
+def test_a_cpu_trains_the_plans_cpu_preset_unless_told_otherwise(planned, tmp_path):
+    """The plan stores a CPU preset (a quarter of the features, batch at most 4); a CPU run takes it
+    where no --features/--batch-size is given, a GPU run and --network-size plan keep the plan's size."""
+    from versemi.model.config import TrainingConfig
+    from versemi.training.trainers import find_trainer
+
+    plans = json.loads((planned / EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
+    configuration = plans["configurations"]["3d_fullres"]
+    preset = configuration["cpu_preset"]
+    assert preset["features"] == [max(8, f // 4) for f in configuration["network"]["features"]]
+    assert preset["batch_size"] == min(configuration["batch_size"], 4)
+
+    def built(device: str, **config):
+        trainer = find_trainer("SupervisedTrainer")(plans, planned, "3d_fullres", "0", tmp_path / device,
+                                                    TrainingConfig(**config), device)
+        return trainer.effective.network_plan["features"], trainer.batch_size, trainer.config.network_size
+
+    assert built("cpu") == (preset["features"], preset["batch_size"], "cpu")
+    assert built("meta") == (configuration["network"]["features"], configuration["batch_size"], "plan")
+    assert built("cpu", network_size="plan") == (configuration["network"]["features"], configuration["batch_size"],
+                                                 "plan")
+    assert built("cpu", batch_size=1) == (preset["features"], 1, "cpu")
+    features = [4] * len(preset["features"])
+    assert built("cpu", features=[4], batch_size=1) == (features, 1, "cpu")
+    # runs saved before the preset continue at the size they trained
+    old = {k: v for k, v in TrainingConfig().to_dict().items() if k != "network_size"}
+    assert TrainingConfig.from_dict(old).network_size == "plan"
+
+
+def test_network_size_cpu_needs_a_plan_with_the_preset(planned, tmp_path):
+    from versemi.errors import InputError
+    from versemi.model.config import TrainingConfig, resolve_network_size
+
+    plans = json.loads((planned / EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
+    del plans["configurations"]["3d_fullres"]["cpu_preset"]
+    with pytest.raises(InputError, match="no cpu_preset"):
+        resolve_network_size(plans, "3d_fullres", TrainingConfig(network_size="cpu"), "cpu")
+    config = TrainingConfig()
+    assert resolve_network_size(plans, "3d_fullres", config, "cpu") is None and config.network_size == "plan"
+    assert config.features is None and config.batch_size is None

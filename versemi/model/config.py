@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from ..errors import input_error
 from ..plans.topology import pool_and_conv_props
 from .augmentation_settings import AugmentationSettings
 from .plans_view import PlansView
@@ -43,6 +44,9 @@ class TrainingConfig:
     budget: dict | None = None
     # --init-from: the checkpoint whose weights a new run starts from (a warm start); kept on --continue
     init_from: str | None = None
+    # --network-size: "plan", "cpu" (the plan's cpu_preset) or "auto" (cpu_preset when training on a
+    # CPU); a run stores the size it resolved to
+    network_size: str = "auto"
     # --supervised-warm-up: "auto" or a share of the schedule trained supervised before a
     # semi-supervised method starts (versemi.training.warm_up); the epochs it resolved to
     supervised_warm_up: str = "auto"
@@ -61,10 +65,42 @@ class TrainingConfig:
     def from_dict(cls, d: dict) -> "TrainingConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("network_size", "plan")  # saved before the CPU preset existed
         if "supervised_warm_up" not in d:  # saved before the warm-up existed: the method started at once
             d.update(supervised_warm_up="0", warm_up_epochs=0)
         d["augmentation"] = AugmentationSettings(**d.get("augmentation", {}))
         return cls(**d)
+
+
+NETWORK_SIZES = ("auto", "plan", "cpu")
+
+
+def resolve_network_size(plans: dict, configuration: str, config: TrainingConfig, device_type: str) -> str | None:
+    """Fix ``config.network_size`` to "plan" or "cpu" and fill the batch size and features the CPU
+    preset sets where no override gave them; returns a line for the training log (None: no change)."""
+    if config.network_size not in NETWORK_SIZES:
+        raise ValueError(f"network_size must be one of {NETWORK_SIZES}; got {config.network_size!r}")
+    preset = PlansView(plans).configuration(configuration).get("cpu_preset")
+    wanted = config.network_size == "cpu" or (config.network_size == "auto" and device_type == "cpu")
+    if config.network_size == "cpu" and preset is None:
+        raise input_error("--network-size cpu", "the plan has no cpu_preset (planned by an older version)",
+                          "plan the experiment again, or train with --features and --batch-size")
+    if preset is None or not wanted:
+        config.network_size = "plan"
+        return None
+    config.network_size = "cpu"
+    taken = []
+    if config.features is None and config.patch_size is None:  # a patch override re-derives its own features
+        config.features = list(preset["features"])
+        taken.append(f"features {'-'.join(map(str, preset['features']))}")
+    if config.batch_size is None:
+        config.batch_size = int(preset["batch_size"])
+        taken.append(f"batch {preset['batch_size']}")
+    if not taken:  # --features and --batch-size decided everything
+        return None
+    kept = "" if len(taken) == 2 else " (the rest as given on the command line)"
+    return (f"network size: the plan's CPU preset, {', '.join(taken)}{kept}; "
+            "--network-size plan trains the plan's full size")
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,7 @@ def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: di
                 "batch_size": batch_size,
                 "topology_spacing": [float(s) for s in spacing],
                 "network": topology.network_plan(settings.architecture),
+                "cpu_preset": topology.cpu_preset(batch_size),
             }
         },
         "splits": {"seed": SPLIT_SEED, "folds": cross_validation_splits(datasets)},

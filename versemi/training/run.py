@@ -16,7 +16,7 @@ from ..console import add_quiet_option
 from ..errors import input_error
 from ..locks import folder_lock
 from ..model.augmentation_settings import AugmentationSettings
-from ..model.config import TrainingConfig
+from ..model.config import NETWORK_SIZES, TrainingConfig
 from ..model.layout import find_experiment, output_folder, parse_fold
 from ..model.plans_view import PlansView
 from ..model.precision import PRECISIONS
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (same as --precision fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA)")
     p.add_argument("--no-augmentation", action="store_true")
+    p.add_argument("--network-size", choices=NETWORK_SIZES,
+                   help="auto (default): the plan's CPU preset when training on a CPU (a quarter of the features, "
+                        "batch at most 4: a plateau within about 30 minutes), the plan's size otherwise; plan or cpu "
+                        "to choose. --features and --batch-size override either")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="override the plan (quick runs)")
     p.add_argument("--batch-size", type=int, help="override the plan (quick runs)")
     p.add_argument("--unlabeled-batch-size", type=int, help="unlabeled samples per step (default: the batch size)")
@@ -93,6 +97,12 @@ def make_config(args, saved: dict | None) -> TrainingConfig:
     if args.init_from is not None:
         config.init_from = str(args.init_from.resolve())
     config.method.update(parse_method(args.method))
+    if args.network_size is not None:
+        if saved and args.network_size not in ("auto", config.network_size):
+            raise input_error(f"--network-size {args.network_size}", f"this run trains the {config.network_size} size",
+                              "continue it without the option, or start a new run in another folder")
+        if not saved:
+            config.network_size = args.network_size
     if args.supervised_warm_up is not None:
         request = parse_request(args.supervised_warm_up)
         if saved and request != config.supervised_warm_up:

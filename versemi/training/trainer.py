@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..console import progress_bar
 from ..errors import input_error
 from ..model.checkpoint import MAIN_MEMBER, load_checkpoint, save_checkpoint
-from ..model.config import TrainingConfig, effective_configuration
+from ..model.config import TrainingConfig, effective_configuration, resolve_network_size
 from ..model.layout import checkpoint_file
 from ..model.plans_view import PlansView
 from ..model.precision import autocast_dtype
@@ -99,6 +99,8 @@ class Trainer:
         self.is_main = self.rank == 0
         view = PlansView(plans)
         plan = view.configuration(configuration)
+        # on a CPU the plan's CPU preset, unless overridden (stored in the settings, so --continue keeps it)
+        self.network_size_note = resolve_network_size(plans, configuration, config, self.device.type)
         # the patch and network after the run's overrides, as the checkpoint records them
         self.effective = effective_configuration(plans, configuration, config)
         self.patch_size = list(self.effective.patch_size)
@@ -459,6 +461,8 @@ class Trainer:
                            f"(+{self.unlabeled_batch_size if self.uses_unlabeled else 0} unlabeled), {self.config.epochs} epochs of "
                            f"{self.config.iterations_per_epoch} iterations on {self.device} in {precision}; "
                            f"method settings {self.settings}")
+            if self.network_size_note:
+                self.log.write(self.network_size_note)
             if self.uses_unlabeled:
                 self.log.write(describe_warm_up(self.config.supervised_warm_up, self.warm_up_epochs, self.config.epochs,
                                                 self.config.iterations_per_epoch, self.warm_start is not None))
