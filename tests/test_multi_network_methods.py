@@ -61,10 +61,8 @@ def _plans(planned: Path) -> dict:
 
 
 def two_networks(planned: Path, folder: Path, setup: bool = True, **config) -> TwoNetworkTrainer:
-    # fp32: in bf16 (CPUs with bf16 units) the 4-feature V-Net can reach NaN weights within 4 Adam steps
-    # at this learning rate, depending on the thread layout, and NaN weights never compare equal
     settings = dict(epochs=2, iterations_per_epoch=2, val_iterations=1, patch_size=[16, 32, 32], batch_size=2,
-                    features=[4, 8, 16], num_workers=0, optimizer="adam", lr=3e-3, precision="fp32")
+                    features=[4, 8, 16], num_workers=0, optimizer="adam", lr=3e-3)
     settings.update(config)
     trainer = TwoNetworkTrainer(_plans(planned), planned, "3d_fullres", "0", folder, TrainingConfig(**settings))
     if setup:

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .bf16_guard import guard_bf16_convolutions
 from .backbones import NORM_NAMES, Backbone, BackboneOutput, UNetBackbone, VNetBackbone, make_norm
 from .prompt_head import (
     HEAD_CHANNELS,
@@ -155,5 +156,6 @@ def build_network(network_plan: Mapping[str, Any], in_channels: int, num_prompts
         raise ValueError(f"network plan: unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
     # plans made before the controller context kept image statistics, or before the leaky head,
     # have no key: rebuild them as trained
-    return PromptedSegmenter(backbone, num_prompts, norm=norm, context_norm=network_plan.get("context_norm", "instance"),
-                             head_activation=network_plan.get("head_activation", "relu"))
+    model = PromptedSegmenter(backbone, num_prompts, norm=norm, context_norm=network_plan.get("context_norm", "instance"),
+                              head_activation=network_plan.get("head_activation", "relu"))
+    return guard_bf16_convolutions(model)
