@@ -215,6 +215,10 @@ def figure(results: dict[float, dict[int, dict]], path: Path) -> None:
     for b in budgets:
         seeds = [100 * r["mean"]["dice"] for r in results[b].values()]
         ax.plot([b] * len(seeds), seeds, "k.", ms=5)
+    # at least 10 Dice points of axis, so a plateau's fraction of a point does not look like a slope
+    low, high = ax.get_ylim()
+    middle, half = (low + high) / 2, max((high - low) / 2, 5.0)
+    ax.set_ylim(max(0.0, middle - half), min(100.0, middle + half))
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
     ax.set_xlabel("time budget (min, log2)")
