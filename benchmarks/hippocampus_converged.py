@@ -325,8 +325,8 @@ def supervised_checkpoint(work: Path, budget: float, seed: int) -> Path:
 
 def compare_rows(results: dict[str, dict[int, dict]]) -> list[str]:
     rows = ["| trainer | seeds | Dice % (mean of 2 labels) | vs Supervised | Dice anterior % | Dice posterior % "
-            "| HD95 mm | ASD mm | iterations | s/it | load start -> end | precision |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| HD95 mm | ASD mm | iterations | s/it | wall / budget | load start -> end | precision |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     reference = results.get("SupervisedTrainer")
     base = 100 * np.mean([r["mean"]["dice"] for r in reference.values()]) if reference else None
 
@@ -346,6 +346,8 @@ def compare_rows(results: dict[str, dict[int, dict]]) -> list[str]:
         cells += [stat([runs[s]["mean"][m] for s in seeds]) for m in ("hd95", "asd")]
         cells += [stat([runs[s]["iterations"] for s in seeds], digits=0),
                   stat([runs[s]["seconds_per_iteration"] for s in seeds]),
+                  # equal compute means equal wall time: a run that ends early had less of it
+                  stat([runs[s]["wall_seconds"] / (60 * runs[s]["budget"]["minutes"]) for s in seeds]),
                   ", ".join(f"{runs[s]['load'][0]:.2f} -> {runs[s]['load'][1]:.2f}" for s in seeds),
                   ", ".join(sorted({runs[s]["precision"]["used"] for s in seeds}))]
         rows.append(f"| {trainer} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
