@@ -5,8 +5,8 @@ wrong values when the input is shallow along its first spatial axis, sometimes r
 never wrote, so two identical runs differ and NaNs appear. The forward pass and the input
 gradient are right. Measured on an AMD EPYC with AVX512-BF16, from 16 channels on
 (``benchmarks/bf16_conv_check.py``): kernel 3 is wrong at depth 2 and right at depths 1 and 3 to
-8 whatever the other extents; kernel 5 is wrong at depths 1 to 7, and at every depth when the
-height is 1; kernel 1 and strided kernel 3 were right. A network meets kernel 3 at depth 2 at its
+8 whatever the other extents; kernel 5 is wrong at every depth tried (1 to 12, and up to 32 at
+height 1); kernel 1 and strided kernel 3 were right. A network meets kernel 3 at depth 2 at its
 coarsest level (a patch 16 deep after three poolings), and there training reached NaN.
 
 So under CPU bf16 autocast a stride-1 convolution computes in fp32 when its kernel is 3 deep and
