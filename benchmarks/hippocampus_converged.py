@@ -31,11 +31,19 @@ curve's SupervisedTrainer checkpoint of ``F`` minutes and seed ``--from-seed`` (
 Writes ``<work>/hippocampus_compare_<scratch|fromFmin>_<budget>min.md``, ``.json`` and ``.png``:
 mean ± std over seeds per trainer and its difference to SupervisedTrainer's mean.
 
+Ablations: a ``--trainers`` entry may carry settings, ``MeanTeacherTrainer:weight_consistency=1`` (a
+``--method`` setting, JSON value) or ``BCPTrainer:--unlabeled-batch-size=2`` (a versemi_train flag);
+its runs live in their own folder (``MeanTeacher_weight_consistency=1_from40min``).
+
+The ceiling: ``curve --all-labeled --budgets 40`` trains SupervisedTrainer with all 160 training
+cases labeled (experiment ``Hippocampus160_dev``, ``runs/AllLabeled``); ``AllLabeled`` in
+``compare --trainers`` continues it from its own ``--from-budget`` checkpoint like the others, and
+the table then shows each row's share of the gap from SupervisedTrainer to it.
+
 Runs live in ``<work>/runs/<label>/<budget>min_seed<seed>`` (continuations in
 ``<label>_from<F>min``): a finished run and its evaluation are reused, a killed run is continued
 (``--continue``), so rerunning the same command finishes what is missing and the table grows
-(SupervisedTrainer from scratch is the curve's run). Still missing: the all-labeled ceiling (160
-labeled cases, another plan). Not a test.
+(SupervisedTrainer from scratch is the curve's run). Not a test.
 """
 from __future__ import annotations
 
@@ -46,6 +54,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,6 +65,8 @@ SOURCE = REPO.parent / "shared" / "data" / "Task04_Hippocampus"
 DATASET = "Hippocampus"
 LABELED, UNLABELED, TEST = 10, 150, 40
 EXPERIMENT = f"{DATASET}{LABELED}_dev"
+ALL_LABELED = "AllLabeled"  # SupervisedTrainer with the unlabeled cases' labels too: the ceiling
+EXPERIMENT_ALL_LABELED = f"{DATASET}{LABELED + UNLABELED}_dev"
 LABELS = (1, 2)
 PLATEAU_GAIN = 0.5  # Dice points a doubled budget must add to count as still learning
 METRICS = ("dice", "hd95", "asd")
@@ -71,8 +82,9 @@ def split_ids(source: Path) -> dict[str, list[str]]:
     return {"labeled": ids[:LABELED], "unlabeled": ids[LABELED:LABELED + UNLABELED], "test": ids[LABELED + UNLABELED:]}
 
 
-def prepare_data(work: Path, source: Path) -> Path:
-    """Write the split, convert (test cases held out with their labels), plan and preprocess; returns raw/Hippocampus."""
+def prepare_data(work: Path, source: Path, all_labeled: bool = False) -> Path:
+    """Write the split, convert (test cases held out with their labels), plan and preprocess; returns
+    raw/Hippocampus. ``all_labeled``: also plan the ceiling's experiment, all 160 training cases labeled."""
     from versemi.benchmark_protocol import convert_split
     from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
 
@@ -87,6 +99,11 @@ def prepare_data(work: Path, source: Path) -> Path:
     convert_split(source, raw, split["labeled"] + split["unlabeled"], split["test"], show_progress=False, kind="msd")
     plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
                                           labeled_limits={DATASET: LABELED}, num_processes=1, show_progress=False))
+    if all_labeled:
+        plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans",
+                                              experiment=EXPERIMENT_ALL_LABELED,
+                                              labeled_limits={DATASET: LABELED + UNLABELED}, num_processes=1,
+                                              show_progress=False))
     return raw
 
 
@@ -98,12 +115,53 @@ def machine() -> dict:
     return {"cpu": names[0] if names else "unknown", "cores": os.cpu_count(), "bf16_units": cpu_has_bf16()}
 
 
-def train_command(args, trainer: str, budget: float, seed: int, init_from: Path | None = None) -> list[str]:
-    command = [str(budget_runs.BIN / "versemi_train"), "3d_fullres", "all", "-e", EXPERIMENT, "-tr", trainer,
+class RunSpec(NamedTuple):
+    """One row of a comparison: a trainer class, its ``--method`` settings and extra training flags,
+    and the experiment it trains on (the all-labeled ceiling has its own plan)."""
+    trainer: str
+    label: str
+    method: dict
+    flags: tuple[str, ...] = ()
+    experiment: str = EXPERIMENT
+
+
+def parse_spec(text: str) -> RunSpec:
+    """``Trainer`` or ``Trainer:key=value,...``: a key that starts with ``--`` is a versemi_train flag
+    (``--unlabeled-batch-size=2``), any other a ``--method`` setting whose value is read as JSON
+    (``weight_consistency=1``, ``stage2_labeled_cutmix=false``) or else kept as text. ``AllLabeled``
+    is SupervisedTrainer with all 160 training cases labeled: the ceiling."""
+    if text == ALL_LABELED:
+        return RunSpec("SupervisedTrainer", ALL_LABELED, {}, (), EXPERIMENT_ALL_LABELED)
+    trainer, _, options = text.partition(":")
+    method, flags = {}, []
+    for item in filter(None, options.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            sys.exit(f"--trainers {text!r}: write each setting as key=value")
+        if key.startswith("--"):
+            flags += [key, value]
+            continue
+        try:
+            method[key] = json.loads(value)
+        except json.JSONDecodeError:
+            method[key] = value
+    label = trainer.removesuffix("Trainer") + "".join(f"_{k.lstrip('-')}={v}" for k, v in
+                                                       (item.partition("=")[::2] for item in filter(None, options.split(","))))
+    return RunSpec(trainer, label, method, tuple(flags))
+
+
+def train_command(args, trainer: str, budget: float, seed: int, init_from: Path | None = None,
+                  spec: RunSpec | None = None) -> list[str]:
+    experiment = EXPERIMENT if spec is None else spec.experiment
+    command = [str(budget_runs.BIN / "versemi_train"), "3d_fullres", "all", "-e", experiment, "-tr", trainer,
                "--time-budget", f"{budget:g}", "--seed", str(seed), "--num-workers", str(args.num_workers),
                "--precision", args.precision, "--device", "cpu"]
     if init_from is not None:
         command += ["--init-from", str(init_from)]
+    if spec is not None and spec.method:
+        command += ["--method", json.dumps(spec.method, sort_keys=True)]
+    if spec is not None:
+        command += list(spec.flags)
     for flag, value in (("--patch-size", args.patch), ("--batch-size", args.batch_size), ("--features", args.features)):
         if value is not None:
             command += [flag, *map(str, value if isinstance(value, list) else [value])]
@@ -231,23 +289,30 @@ def figure(results: dict[float, dict[int, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def curve_name(args) -> str:
+    return "hippocampus_curve_all_labeled" if args.all_labeled else "hippocampus_curve"
+
+
 def write_outputs(args, work: Path, results: dict, host: dict) -> str:
     found, lines = plateau(results)
     text = verdict(found, lines)
-    settings = (f"Hippocampus development split ({LABELED} labeled / {UNLABELED} unlabeled / {TEST} test, "
+    labeled = (f"all {LABELED + UNLABELED} training cases labeled (the ceiling)" if args.all_labeled else
+               f"{LABELED} labeled / {UNLABELED} unlabeled")
+    settings = (f"Hippocampus development split ({labeled} / {TEST} test, "
                 f"{work / 'split.json'}); SupervisedTrainer fold all, final checkpoint; network, patch and batch: "
                 f"{'the plan' if args.patch is None and args.batch_size is None and args.features is None else 'overridden'}"
                 f"; {args.threads} thread(s), {args.num_workers} loader worker(s), precision {args.precision}; test "
                 f"mirroring {'on' if args.mirroring else 'off'}; CPU {host['cpu']} ({host['cores']} cores), bf16 units: "
                 f"{'yes' if host['bf16_units'] else 'no'}")
     rows = table(results)
-    (work / "hippocampus_curve.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n\n" + text + "\n",
+    name = curve_name(args)
+    (work / f"{name}.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n\n" + text + "\n",
                                                encoding="utf-8")
-    (work / "hippocampus_curve.json").write_text(json.dumps(
+    (work / f"{name}.json").write_text(json.dumps(
         {"settings": vars(args) | {"work": str(work)}, "machine": host, "split": str(work / "split.json"),
          "results": {f"{b:g}": runs for b, runs in sorted(results.items()) if runs},
          "plateau_budget": found, "doublings": lines, "verdict": text}, indent=2, default=str), encoding="utf-8")
-    figure(results, work / "hippocampus_curve.png")
+    figure(results, work / f"{name}.png")
     print(settings)
     print("\n".join(rows))
     print(text, flush=True)
@@ -256,15 +321,17 @@ def write_outputs(args, work: Path, results: dict, host: dict) -> str:
 
 def curve(args) -> None:
     work = args.work.absolute()
-    raw = prepare_data(work, args.data.absolute())
+    raw = prepare_data(work, args.data.absolute(), args.all_labeled)
     host = machine()
-    trainer, label = "SupervisedTrainer", "Supervised"
+    spec = parse_spec(ALL_LABELED) if args.all_labeled else None
+    trainer, label = "SupervisedTrainer", ALL_LABELED if args.all_labeled else "Supervised"
     jobs = [(budget, seed) for seed in args.seeds for budget in args.budgets]
     folders = {job: work / "runs" / label / f"{job[0]:g}min_seed{job[1]}" for job in jobs}
     results: dict[float, dict[int, dict]] = {budget: {} for budget in args.budgets}
     for number, (budget, seed) in enumerate(jobs, 1):
         folder = folders[(budget, seed)]
-        process = budget_runs.start_training(train_command(args, trainer, budget, seed), folder, EXPERIMENT, trainer,
+        process = budget_runs.start_training(train_command(args, trainer, budget, seed, spec=spec), folder,
+                                             EXPERIMENT if spec is None else spec.experiment, trainer,
                                              work / "versemi_plans", args.threads)
         name = f"[{number}/{len(jobs)}] {label} {budget:g} min seed {seed}"
         if process is None:
@@ -285,18 +352,18 @@ def curve(args) -> None:
               f"{result['seconds_per_iteration']:.2f} s/it, {result['precision']['used']}, load "
               f"{result['load'][0]:.2f} -> {result['load'][1]:.2f}", flush=True)
         write_outputs(args, work, results, host)
-    print(f"wrote {work / 'hippocampus_curve.md'}, .json and .png")
+    print(f"wrote {work / curve_name(args)}.md, .json and .png")
 
 
 def trainer_label(trainer: str) -> str:
     return trainer.removesuffix("Trainer")
 
 
-def run_and_score(args, work: Path, raw: Path, trainer: str, budget: float, seed: int, folder: Path, name: str,
+def run_and_score(args, work: Path, raw: Path, spec: RunSpec, budget: float, seed: int, folder: Path, name: str,
                   init_from: Path | None = None) -> dict:
     """Train (or reuse) one run and score it on the test cases."""
-    process = budget_runs.start_training(train_command(args, trainer, budget, seed, init_from), folder, EXPERIMENT,
-                                         trainer, work / "versemi_plans", args.threads)
+    process = budget_runs.start_training(train_command(args, spec.trainer, budget, seed, init_from, spec), folder,
+                                         spec.experiment, spec.trainer, work / "versemi_plans", args.threads)
     if process is None:
         print(f"{time.strftime('%H:%M:%S')} {name}: finished earlier, reused", flush=True)
     else:
@@ -314,21 +381,26 @@ def run_and_score(args, work: Path, raw: Path, trainer: str, budget: float, seed
     return result
 
 
-def supervised_checkpoint(work: Path, budget: float, seed: int) -> Path:
-    """The final checkpoint of the curve's SupervisedTrainer run of ``budget`` minutes."""
-    marker = work / "runs" / "Supervised" / f"{budget:g}min_seed{seed}" / "checkpoint.txt"
+def supervised_checkpoint(work: Path, budget: float, seed: int, label: str = "Supervised") -> Path:
+    """The final checkpoint of the curve's SupervisedTrainer run of ``budget`` minutes (``label``
+    AllLabeled: the all-labeled curve's)."""
+    marker = work / "runs" / label / f"{budget:g}min_seed{seed}" / "checkpoint.txt"
     if not marker.is_file():
-        sys.exit(f"no finished SupervisedTrainer run of {budget:g} min, seed {seed} in {work / 'runs'}: "
-                 f"run `curve --budgets {budget:g} --seeds {seed}` first")
+        sys.exit(f"no finished {label} run of {budget:g} min, seed {seed} in {work / 'runs'}: "
+                 f"run `curve {'--all-labeled ' if label == ALL_LABELED else ''}--budgets {budget:g} --seeds {seed}` "
+                 "first")
     return Path(marker.read_text(encoding="utf-8"))
 
 
 def compare_rows(results: dict[str, dict[int, dict]]) -> list[str]:
-    rows = ["| trainer | seeds | Dice % (mean of 2 labels) | vs Supervised | Dice anterior % | Dice posterior % "
-            "| HD95 mm | ASD mm | iterations | s/it | wall / budget | load start -> end | precision |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    reference = results.get("SupervisedTrainer")
+    """One row per ``--trainers`` entry; with an AllLabeled row, each row's share of the gap from
+    SupervisedTrainer to that ceiling."""
+    rows = ["| trainer | seeds | Dice % (mean of 2 labels) | vs Supervised | gap closed | Dice anterior % "
+            "| Dice posterior % | HD95 mm | ASD mm | iterations | s/it | wall / budget | load start -> end | precision |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    reference, ceiling = results.get("SupervisedTrainer"), results.get(ALL_LABELED)
     base = 100 * np.mean([r["mean"]["dice"] for r in reference.values()]) if reference else None
+    top = 100 * np.mean([r["mean"]["dice"] for r in ceiling.values()]) if ceiling else None
 
     def stat(values, scale=1.0, digits=2):
         values = np.array([v for v in values if v is not None], float) * scale
@@ -340,8 +412,10 @@ def compare_rows(results: dict[str, dict[int, dict]]) -> list[str]:
             continue
         seeds = sorted(runs)
         dice = 100 * np.mean([runs[s]["mean"]["dice"] for s in seeds])
+        gap = "n/a" if base is None or top is None or top <= base else f"{(dice - base) / (top - base):+.2f}"
         cells = [stat([runs[s]["mean"]["dice"] for s in seeds], 100),
-                 "reference" if trainer == "SupervisedTrainer" else ("n/a" if base is None else f"{dice - base:+.2f}")]
+                 "reference" if trainer == "SupervisedTrainer" else ("n/a" if base is None else f"{dice - base:+.2f}"),
+                 "ceiling" if trainer == ALL_LABELED else gap]
         cells += [stat([runs[s]["per_label"][str(label)]["dice"] for s in seeds], 100) for label in LABELS]
         cells += [stat([runs[s]["mean"][m] for s in seeds]) for m in ("hd95", "asd")]
         cells += [stat([runs[s]["iterations"] for s in seeds], digits=0),
@@ -363,9 +437,11 @@ def compare_figure(results: dict[str, dict[int, dict]], title: str, path: Path) 
     fig, ax = plt.subplots(figsize=(1.2 * len(trainers) + 2.5, 4.5))
     for x, trainer in enumerate(trainers):
         seeds = [100 * r["mean"]["dice"] for r in results[trainer].values()]
-        ax.bar(x, np.mean(seeds), color="C0" if trainer == "SupervisedTrainer" else "C1", alpha=0.7)
+        color = {"SupervisedTrainer": "C0", ALL_LABELED: "C2"}.get(trainer, "C1")
+        ax.bar(x, np.mean(seeds), color=color, alpha=0.7)
         ax.plot([x] * len(seeds), seeds, "k.", ms=6)
-    ax.set_xticks(range(len(trainers)), [trainer_label(t) for t in trainers], rotation=30, ha="right")
+    ax.set_xticks(range(len(trainers)), [trainer_label(t).replace(":", "\n").replace(",", "\n") for t in trainers],
+                  rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test Dice % (40 cases; bar: mean, dots: seeds)")
     low = min(100 * r["mean"]["dice"] for t in trainers for r in results[t].values())
     ax.set_ylim(max(0.0, low - 10), 100)
@@ -378,17 +454,24 @@ def compare_figure(results: dict[str, dict[int, dict]], title: str, path: Path) 
 
 def compare(args) -> None:
     work = args.work.absolute()
-    raw = prepare_data(work, args.data.absolute())
+    specs = {text: parse_spec(text) for text in args.trainers}
+    raw = prepare_data(work, args.data.absolute(), ALL_LABELED in specs)
     host = machine()
     source = None if args.from_budget is None else supervised_checkpoint(work, args.from_budget, args.from_seed)
     tag = f"{'scratch' if source is None else f'from{args.from_budget:g}min'}_{args.budget:g}min"
-    results: dict[str, dict[int, dict]] = {trainer: {} for trainer in args.trainers}
-    jobs = [(trainer, seed) for seed in args.seeds for trainer in args.trainers]
-    for number, (trainer, seed) in enumerate(jobs, 1):
-        label = trainer_label(trainer) + ("" if source is None else f"_from{args.from_budget:g}min")
+    results: dict[str, dict[int, dict]] = {text: {} for text in args.trainers}
+    jobs = [(text, seed) for seed in args.seeds for text in args.trainers]
+    for number, (text, seed) in enumerate(jobs, 1):
+        spec = specs[text]
+        label = spec.label + ("" if source is None else f"_from{args.from_budget:g}min")
+        if source is not None and spec.label == ALL_LABELED:
+            # the ceiling continues from its own checkpoint of the same budget: the same protocol
+            init_from = supervised_checkpoint(work, args.from_budget, args.from_seed, ALL_LABELED)
+        else:
+            init_from = source
         folder = work / "runs" / label / f"{args.budget:g}min_seed{seed}"
         name = f"[{number}/{len(jobs)}] {label} {args.budget:g} min seed {seed}"
-        results[trainer][seed] = run_and_score(args, work, raw, trainer, args.budget, seed, folder, name, source)
+        results[text][seed] = run_and_score(args, work, raw, spec, args.budget, seed, folder, name, init_from)
         start = ("from scratch (semi-supervised trainers: shared supervised warm-up, auto)" if source is None else
                  f"continuing from SupervisedTrainer's {args.from_budget:g}-minute checkpoint of seed {args.from_seed} "
                  f"({source}) with --init-from")
@@ -433,11 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
     curve_parser = modes.add_parser("curve", parents=[common], help="SupervisedTrainer's Dice against the time budget")
     curve_parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 10.0, 20.0, 40.0],
                               help="--time-budget of each run, minutes")
+    curve_parser.add_argument("--all-labeled", action="store_true", help=f"the ceiling: all {LABELED + UNLABELED} "
+                              f"training cases labeled (runs/{ALL_LABELED})")
     curve_parser.set_defaults(run=curve)
     compare_parser = modes.add_parser("compare", parents=[common], help="trainers at one budget, from scratch or "
                                                                        "continuing a supervised checkpoint")
     compare_parser.add_argument("--trainers", nargs="+", default=["SupervisedTrainer", "MeanTeacherTrainer",
-                                                                  "VerSemiTrainer"])
+                                                                  "VerSemiTrainer"],
+                                help="trainer classes, each optionally with settings (Trainer:key=value,...: "
+                                     "--method settings, or versemi_train flags as --flag=value), and "
+                                     f"{ALL_LABELED}, the all-labeled ceiling")
     compare_parser.add_argument("--budget", type=float, required=True, help="--time-budget of each run, minutes")
     compare_parser.add_argument("--from-budget", type=float, help="continue from the curve's SupervisedTrainer run "
                                                                   "of this many minutes (--init-from)")
