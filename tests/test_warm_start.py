@@ -44,7 +44,7 @@ def source_weights(path: Path, member: str | None = None) -> dict:
     return state["network"] if member is None else state["networks"][member]["network"]
 
 
-@pytest.mark.parametrize("name", ["VerSemiTrainer", "BCPTrainer", "MeanTeacherTrainer"])
+@pytest.mark.parametrize("name", ["VerSemiTrainer", "BCPTrainer", "MeanTeacherTrainer", "SelfTrainingTrainer"])
 def test_main_network_and_teacher_start_from_the_checkpoint(planned, tmp_path, supervised_source, name):
     fresh = make_trainer(name, planned, tmp_path / "fresh")  # initialised otherwise: the test can fail
     assert any(not torch.equal(mine, theirs) for mine, theirs in
