@@ -458,7 +458,6 @@ def compare(args) -> None:
     raw = prepare_data(work, args.data.absolute(), ALL_LABELED in specs)
     host = machine()
     source = None if args.from_budget is None else supervised_checkpoint(work, args.from_budget, args.from_seed)
-    tag = f"{'scratch' if source is None else f'from{args.from_budget:g}min'}_{args.budget:g}min"
     results: dict[str, dict[int, dict]] = {text: {} for text in args.trainers}
     jobs = [(text, seed) for seed in args.seeds for text in args.trainers]
     for number, (text, seed) in enumerate(jobs, 1):
@@ -471,27 +470,40 @@ def compare(args) -> None:
             init_from = source
         folder = work / "runs" / label / f"{args.budget:g}min_seed{seed}"
         name = f"[{number}/{len(jobs)}] {label} {args.budget:g} min seed {seed}"
+        if args.report and not (folder / "checkpoint.txt").is_file():
+            print(f"{time.strftime('%H:%M:%S')} {name}: not run yet, left out (--report)", flush=True)
+            continue
         results[text][seed] = run_and_score(args, work, raw, spec, args.budget, seed, folder, name, init_from)
-        start = ("from scratch (semi-supervised trainers: shared supervised warm-up, auto)" if source is None else
-                 f"continuing from SupervisedTrainer's {args.from_budget:g}-minute checkpoint of seed {args.from_seed} "
-                 f"({source}) with --init-from")
-        title = (f"{args.budget:g} min per run, {start.split(' (')[0]}, {LABELED} labeled + {UNLABELED} unlabeled")
-        settings = (f"Hippocampus development split ({LABELED} labeled / {UNLABELED} unlabeled / {TEST} test, "
-                    f"{work / 'split.json'}); fold all, final checkpoint, --time-budget {args.budget:g} min per run, "
-                    f"{start}; network, patch and batch: "
-                    f"{'the plan' if args.patch is None and args.batch_size is None and args.features is None else 'overridden'}"
-                    f" (features {args.features}, batch {args.batch_size}); {args.threads} thread(s), precision "
-                    f"{args.precision}; test mirroring {'on' if args.mirroring else 'off'}; CPU {host['cpu']} "
-                    f"({host['cores']} cores), bf16 units: {'yes' if host['bf16_units'] else 'no'}")
-        rows = compare_rows(results)
-        (work / f"hippocampus_compare_{tag}.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n",
-                                                           encoding="utf-8")
-        (work / f"hippocampus_compare_{tag}.json").write_text(json.dumps(
-            {"settings": vars(args) | {"work": str(work)}, "machine": host, "init_from": str(source) if source else None,
-             "results": results}, indent=2, default=str), encoding="utf-8")
+        write_comparison(args, work, host, source, results, quiet=True)
+    write_comparison(args, work, host, source, results)
+
+
+def write_comparison(args, work: Path, host: dict, source: Path | None, results: dict[str, dict[int, dict]],
+                     quiet: bool = False) -> None:
+    """The table (.md), the records (.json) and the figure (.png) of the runs in ``results``. Two
+    invocations side by side write the same files: ``--report`` rewrites them from every finished run."""
+    tag = f"{'scratch' if source is None else f'from{args.from_budget:g}min'}_{args.budget:g}min"
+    start = ("from scratch (semi-supervised trainers: shared supervised warm-up, auto)" if source is None else
+             f"continuing from SupervisedTrainer's {args.from_budget:g}-minute checkpoint of seed {args.from_seed} "
+             f"({source}) with --init-from (AllLabeled: from its own checkpoint of that budget and seed)")
+    title = f"{args.budget:g} min per run, {start.split(' (')[0]}, {LABELED} labeled + {UNLABELED} unlabeled"
+    settings = (f"Hippocampus development split ({LABELED} labeled / {UNLABELED} unlabeled / {TEST} test, "
+                f"{work / 'split.json'}); fold all, final checkpoint, --time-budget {args.budget:g} min per run, "
+                f"{start}; network, patch and batch: "
+                f"{'the plan' if args.patch is None and args.batch_size is None and args.features is None else 'overridden'}"
+                f" (features {args.features}, batch {args.batch_size}); {args.threads} thread(s), precision "
+                f"{args.precision}; test mirroring {'on' if args.mirroring else 'off'}; CPU {host['cpu']} "
+                f"({host['cores']} cores), bf16 units: {'yes' if host['bf16_units'] else 'no'}")
+    rows = compare_rows(results)
+    (work / f"hippocampus_compare_{tag}.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    (work / f"hippocampus_compare_{tag}.json").write_text(json.dumps(
+        {"settings": vars(args) | {"work": str(work)}, "machine": host, "init_from": str(source) if source else None,
+         "results": results}, indent=2, default=str), encoding="utf-8")
+    if any(results.values()):
         compare_figure(results, title, work / f"hippocampus_compare_{tag}.png")
-    print(settings)
-    print("\n".join(rows), flush=True)
+    if not quiet:
+        print(settings)
+        print("\n".join(rows), flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -530,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--from-budget", type=float, help="continue from the curve's SupervisedTrainer run "
                                                                   "of this many minutes (--init-from)")
     compare_parser.add_argument("--from-seed", type=int, default=0, help="the seed of that run")
+    compare_parser.add_argument("--report", action="store_true", help="train nothing: the table of the runs "
+                                                                      "that have finished")
     compare_parser.set_defaults(run=compare)
     return parser
 
