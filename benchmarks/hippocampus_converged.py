@@ -29,7 +29,9 @@ curve's SupervisedTrainer checkpoint of ``F`` minutes and seed ``--from-seed`` (
         --trainers SupervisedTrainer MeanTeacherTrainer VerSemiTrainer --seeds 0 1
 
 Writes ``<work>/hippocampus_compare_<scratch|fromFmin>_<budget>min.md``, ``.json`` and ``.png``:
-mean ± std over seeds per trainer and its difference to SupervisedTrainer's mean.
+mean ± std over seeds per trainer, its difference to SupervisedTrainer's mean, and how many test
+cases it improves. Two commands side by side (one seed each) write the same files; ``--report``
+trains nothing and rewrites them from every finished run of the listed trainers and seeds.
 
 Ablations: a ``--trainers`` entry may carry settings, ``MeanTeacherTrainer:weight_consistency=1`` (a
 ``--method`` setting, JSON value) or ``BCPTrainer:--unlabeled-batch-size=2`` (a versemi_train flag);
@@ -392,12 +394,26 @@ def supervised_checkpoint(work: Path, budget: float, seed: int, label: str = "Su
     return Path(marker.read_text(encoding="utf-8"))
 
 
+def case_dice(runs: dict[int, dict]) -> dict[str, float]:
+    """Per test case, the Dice of both labels averaged, then over the seeds."""
+    cases = next(iter(runs.values()))["cases"]
+    return {case: float(np.mean([np.mean(list(run["cases"][case].values())) for run in runs.values()]))
+            for case in cases}
+
+
+def cases_up(runs: dict[int, dict], reference: dict[int, dict]) -> str:
+    """How many of the test cases score higher than with SupervisedTrainer (each side's seeds
+    averaged per case): a mean gain that a few cases carry shows here."""
+    mine, theirs = case_dice(runs), case_dice(reference)
+    return f"{sum(mine[c] > theirs[c] for c in mine)} of {len(mine)}"
+
+
 def compare_rows(results: dict[str, dict[int, dict]]) -> list[str]:
     """One row per ``--trainers`` entry; with an AllLabeled row, each row's share of the gap from
     SupervisedTrainer to that ceiling."""
-    rows = ["| trainer | seeds | Dice % (mean of 2 labels) | vs Supervised | gap closed | Dice anterior % "
+    rows = ["| trainer | seeds | Dice % (mean of 2 labels) | vs Supervised | gap closed | test cases up | Dice anterior % "
             "| Dice posterior % | HD95 mm | ASD mm | iterations | s/it | wall / budget | load start -> end | precision |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     reference, ceiling = results.get("SupervisedTrainer"), results.get(ALL_LABELED)
     base = 100 * np.mean([r["mean"]["dice"] for r in reference.values()]) if reference else None
     top = 100 * np.mean([r["mean"]["dice"] for r in ceiling.values()]) if ceiling else None
@@ -415,7 +431,8 @@ def compare_rows(results: dict[str, dict[int, dict]]) -> list[str]:
         gap = "n/a" if base is None or top is None or top <= base else f"{(dice - base) / (top - base):+.2f}"
         cells = [stat([runs[s]["mean"]["dice"] for s in seeds], 100),
                  "reference" if trainer == "SupervisedTrainer" else ("n/a" if base is None else f"{dice - base:+.2f}"),
-                 "ceiling" if trainer == ALL_LABELED else gap]
+                 {"SupervisedTrainer": "reference", ALL_LABELED: "ceiling"}.get(trainer, gap),
+                 "reference" if trainer == "SupervisedTrainer" or not reference else cases_up(runs, reference)]
         cells += [stat([runs[s]["per_label"][str(label)]["dice"] for s in seeds], 100) for label in LABELS]
         cells += [stat([runs[s]["mean"][m] for s in seeds]) for m in ("hd95", "asd")]
         cells += [stat([runs[s]["iterations"] for s in seeds], digits=0),
@@ -440,6 +457,12 @@ def compare_figure(results: dict[str, dict[int, dict]], title: str, path: Path) 
         color = {"SupervisedTrainer": "C0", ALL_LABELED: "C2"}.get(trainer, "C1")
         ax.bar(x, np.mean(seeds), color=color, alpha=0.7)
         ax.plot([x] * len(seeds), seeds, "k.", ms=6)
+        ax.annotate(f"{np.mean(seeds):.2f}", (x, max(seeds)), textcoords="offset points", xytext=(0, 4),
+                    ha="center", fontsize=8)
+    for reference, color in (("SupervisedTrainer", "C0"), (ALL_LABELED, "C2")):
+        if results.get(reference):  # dashed: the reference's mean, so small differences read
+            ax.axhline(100 * np.mean([r["mean"]["dice"] for r in results[reference].values()]), color=color,
+                       ls="--", lw=0.8)
     ax.set_xticks(range(len(trainers)), [trainer_label(t).replace(":", "\n").replace(",", "\n") for t in trainers],
                   rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test Dice % (40 cases; bar: mean, dots: seeds)")

@@ -9,8 +9,9 @@ Per step, beside the supervised loss on the clean labeled batch (the same as Sup
   random contrast and brightness change of up to ``student_contrast``) with a box of another
   unlabeled sample pasted in (``unlabeled_cutmix``; the pseudo-labels are pasted alike). Without
   the paste the student matches its teacher almost at once (pseudo-label loss 0.01) and learns
-  little: continuing a converged hippocampus model for 20 minutes, the paste raised test Dice
-  from 83.09 to 83.49 (seed 0; benchmarks/RESULTS.md), so it is on by default;
+  little: continuing a converged hippocampus model for 20 minutes, test Dice was 83.13 without
+  the paste (2 seeds) and 83.55 with it (3 seeds), SupervisedTrainer 83.11 (benchmarks/RESULTS.md),
+  so it is on by default;
 - masked Dice + CE of the student against the pseudo-labels, over the voxels where the teacher is
   at least ``confidence_threshold`` sure (0: every voxel), weighted ``weight_unlabeled`` with a
   sigmoid ramp-up over ``rampup_fraction`` of the method's epochs.
