@@ -37,9 +37,13 @@ class MeanTeacherTrainer(Trainer):
         # only the prompts of the sample's own dataset: the others' structures are not in its images
         own_prompts = self.dataset_prompts.own(unlabeled["dataset"])  # (B_u, real)
         squared = ((student - teacher) ** 2).flatten(2).mean(2)  # (B_u, real)
-        weight = s["weight_consistency"] * sigmoid_rampup(self.method_epoch / max(1.0, s["rampup_fraction"] * self.method_epochs))
+        weight = s["weight_consistency"] * self.rampup()
         terms["consistency"] = weight * (squared * own_prompts).sum() / own_prompts.sum()
         return self._with_total(terms)
+
+    def rampup(self) -> float:
+        """The unlabeled term's sigmoid ramp-up factor, over ``rampup_fraction`` of the method's epochs."""
+        return sigmoid_rampup(self.method_epoch / max(1.0, self.settings["rampup_fraction"] * self.method_epochs))
 
     def every_real_prompt(self, rows: int) -> torch.Tensor:
         """(rows, real) the real prompt indices, one row per image."""

@@ -33,7 +33,6 @@ from ..losses import foreground_probability, masked_dice_ce
 from ..mixing import box_mask, mix
 from ..prompts import DatasetPrompts
 from ..pseudo_labels import confidence, hard_labels
-from ..schedules import sigmoid_rampup
 from .mean_teacher import MeanTeacherTrainer
 
 DEFAULTS = {
@@ -99,5 +98,5 @@ class SelfTrainingTrainer(MeanTeacherTrainer):
         rows = logits.shape[0] * logits.shape[1]
         unlabeled_loss = masked_dice_ce(logits.reshape(rows, *logits.shape[2:]), labels.reshape(rows, 1, *labels.shape[2:]),
                                         weights.reshape(rows, 1, *weights.shape[2:]))
-        ramp = sigmoid_rampup(self.method_epoch / max(1.0, s["rampup_fraction"] * self.method_epochs))
-        return self._with_total({"supervised": supervised, "pseudo_label": s["weight_unlabeled"] * ramp * unlabeled_loss})
+        return self._with_total({"supervised": supervised,
+                                 "pseudo_label": s["weight_unlabeled"] * self.rampup() * unlabeled_loss})
