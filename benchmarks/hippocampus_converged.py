@@ -135,11 +135,12 @@ def parse_spec(text: str) -> RunSpec:
     if text == ALL_LABELED:
         return RunSpec("SupervisedTrainer", ALL_LABELED, {}, (), EXPERIMENT_ALL_LABELED)
     trainer, _, options = text.partition(":")
-    method, flags = {}, []
+    method, flags, label = {}, [], trainer.removesuffix("Trainer")
     for item in filter(None, options.split(",")):
         key, equals, value = item.partition("=")
         if not equals or not key:
             sys.exit(f"--trainers {text!r}: write each setting as key=value")
+        label += f"_{key.lstrip('-')}={value}"
         if key.startswith("--"):
             flags += [key, value]
             continue
@@ -147,8 +148,6 @@ def parse_spec(text: str) -> RunSpec:
             method[key] = json.loads(value)
         except json.JSONDecodeError:
             method[key] = value
-    label = trainer.removesuffix("Trainer") + "".join(f"_{k.lstrip('-')}={v}" for k, v in
-                                                       (item.partition("=")[::2] for item in filter(None, options.split(","))))
     return RunSpec(trainer, label, method, tuple(flags))
 
 
