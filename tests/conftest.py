@@ -1,6 +1,7 @@
 """Shared fixtures: toy synthetic datasets and small hand-made raw datasets."""
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 from versemi.datasets.io import Geometry, write_image
 from versemi.datasets.layout import write_dataset_json
 from versemi.datasets.synthetic import SyntheticConfig, make_synthetic
+
+# prediction in tests runs in PyTorch (subprocesses inherit this); tests/test_cpu_runtime.py asks for
+# OpenVINO with --backend, so that not every trained toy model is converted
+os.environ["VERSEMI_PREDICT_BACKEND"] = "torch"
 
 SHARED_LA = Path(__file__).resolve().parents[2] / "shared" / "data" / "la2018_h5"
 TOY = SyntheticConfig(num_labeled=5, num_unlabeled=2, num_test=1, shape_la=(32, 32, 24),

@@ -228,6 +228,7 @@ ENSEMBLE_FOLDS = "folds to ensemble: 0 .. 4 or all (default: every fold folder p
 def predict_main(argv: list[str] | None = None) -> int:
     import torch
 
+    from .inference.cpu_runtime import BACKENDS, default_backend, use_backend
     from .inference.predictor import load_models, predict_cases, resolve_prompts
     from .inference.sliding_window import inference_dtype
     from .model.layout import find_experiment_dir
@@ -258,6 +259,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the network's arithmetic (default auto: bf16 on CUDA and on CPUs with bf16 units, "
                              "AMX or AVX512-BF16; fp32 on other CPUs, which only emulate bf16)")
+    parser.add_argument("--backend", choices=BACKENDS, default=default_backend(),
+                        help="what runs the network (default $VERSEMI_PREDICT_BACKEND, else auto: OpenVINO on a CPU "
+                             "where it is installed, pip install 'versemi[openvino]', and the converted model agrees "
+                             "with torch; torch otherwise). Converted models are cached beside each checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_quiet_option(parser)
     args = parser.parse_args(argv)
@@ -270,6 +275,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     ensemble = load_models(experiment_dir, args.folds, args.trainer, args.configuration, args.checkpoint, args.device,
                            member=args.member)
     ensemble.precision = args.precision
+    backend = use_backend(ensemble, args.backend)
     prompts = resolve_prompts(ensemble.plans, args.prompt)
     lcc = {p["index"] for p in prompts} if args.lcc else set()
     if args.postprocessing == "auto":
@@ -292,7 +298,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     folds = ", ".join(dict.fromkeys(ensemble.folds)) + (f" (members {', '.join(members)})" if members else "")
     print(f"{experiment_dir.name}: {args.trainer}__{ensemble.configuration} fold(s) {folds}, "
           f"prompt{'s' if len(prompts) > 1 else ''} {names}, on {ensemble.device} "
-          f"({'fp32' if dtype is None else str(dtype).replace('torch.', '')})")
+          f"({'fp32' if dtype is None else str(dtype).replace('torch.', '')}); {backend}")
     written = predict_cases(args.input, args.output, prompts, ensemble, step=args.step, mirroring=not args.no_mirroring,
                             lcc=bool(lcc) if len(prompts) == 1 else lcc, save_probabilities=args.save_probabilities,
                             overwrite=args.overwrite)

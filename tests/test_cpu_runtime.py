@@ -1,0 +1,164 @@
+"""OpenVINO prediction (``versemi_predict --backend``): every case of the demo pair agrees with
+fp32 torch, the converted model is cached by checkpoint digest and rebuilt when stale, a model that
+disagrees is refused (or auto falls back to torch), and nothing half-converted is left behind."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from versemi.cli import predict_main
+from versemi.datasets.io import read_image
+from versemi.errors import InputError
+from versemi.inference import load_models
+from versemi.inference import cpu_runtime
+from versemi.inference.cpu_runtime import ConvertedNetwork, cache_entry, use_backend
+
+from conftest import TOY_EXPERIMENT, toy_experiment
+
+openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'versemi[openvino]')")
+
+# trained long enough (Adam) to draw real boundaries, so that agreement is a real test
+TRAINING = ["-tr", "SupervisedTrainer", "--optimizer", "adam", "--lr", "0.01", "--iterations-per-epoch", "60"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread, toy_raw_master, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpu_runtime")
+    with toy_experiment(toy_raw_master, root, {"0": TRAINING}) as experiment:
+        yield SimpleNamespace(raw=toy_raw_master, experiment=experiment,
+                              checkpoint=experiment / "SupervisedTrainer__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+
+
+def _predict(folder: Path, out: Path, backend: str, prompt: str, *extra: str) -> list[Path]:
+    assert predict_main(["-e", TOY_EXPERIMENT, "-tr", "SupervisedTrainer", "-f", "0", "-i", str(folder), "-o", str(out),
+                         "-p", prompt, "--device", "cpu", "--precision", "fp32", "--backend", backend, "--quiet",
+                         *extra]) == 0
+    return sorted(out.glob("*.nii.gz"))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_every_demo_case_agrees_with_fp32_torch(trained, tmp_path):
+    """Dice >= 0.999 per case and structure, for each dataset's prompt and for the label map of all
+    (a structure of under 100 voxels, where one voxel is more than 0.1 %, may differ by one voxel)."""
+    largest = 0
+    for dataset in ("DemoLA", "DemoPancreas"):
+        folder = trained.raw / dataset / "imagesTs"
+        for prompt in (dataset, "all"):
+            torch_files = _predict(folder, tmp_path / f"torch_{dataset}_{prompt}", "torch", prompt)
+            openvino_files = _predict(folder, tmp_path / f"openvino_{dataset}_{prompt}", "openvino", prompt)
+            assert torch_files and [p.name for p in torch_files] == [p.name for p in openvino_files]
+            for reference, candidate in zip(torch_files, openvino_files):
+                expected, got = read_image([reference])[0][0], read_image([candidate])[0][0]
+                values = [v for v in np.unique(expected) if v != 0]
+                assert values, f"{reference.name}: torch finds no structure, agreement would mean nothing"
+                for value in values:
+                    size = int((expected == value).sum())
+                    largest = max(largest, size)
+                    if size >= 100:
+                        assert _dice(expected == value, got == value) >= 0.999, (dataset, prompt, reference.name, value)
+                    else:
+                        assert int(((expected == value) != (got == value)).sum()) <= 1, (dataset, prompt, reference.name)
+    assert largest > 1000, "no structure large enough for the Dice to test agreement"
+
+
+def test_the_converted_model_is_cached_by_digest_and_rebuilt_when_stale(trained, tmp_path, monkeypatch):
+    ensemble = load_models(trained.checkpoint)
+    ensemble.precision = "fp32"
+    line = use_backend(ensemble, "openvino")
+    assert line.startswith("backend openvino") and isinstance(ensemble.models[0].network, ConvertedNetwork)
+    entry = cache_entry(load_models(trained.checkpoint).models[0], "f32")
+    assert entry.model_file.is_file() and entry.record_file.is_file()
+    assert entry.digest in entry.folder.name and str(ensemble.models[0].network.folder) == str(entry.folder)
+
+    # a second use reads the cache: converting again would fail here
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the cache is valid")
+
+    monkeypatch.setattr(openvino, "convert_model", no_conversion)
+    again = load_models(trained.checkpoint)
+    again.precision = "fp32"
+    use_backend(again, "openvino")
+    monkeypatch.undo()
+
+    # the same checkpoint changed (trained further): a new digest, the old entry removed, never used
+    changed = tmp_path / "fold_0" / "checkpoint_final.pth"
+    changed.parent.mkdir()
+    state = torch.load(trained.checkpoint, map_location="cpu", weights_only=False)
+    torch.save(state, changed)
+    stale = cache_entry(load_models(changed).models[0], "f32", digest="0" * 16)
+    stale.folder.mkdir(parents=True)
+    (stale.folder / "model.xml").write_text("not a model")
+    (stale.folder / "agreement.json").write_text("{}")
+    for key, value in state["network"].items():
+        if value.is_floating_point():
+            value.add_(0.01)
+            break
+    torch.save(state, changed)
+    fresh = load_models(changed)
+    fresh.precision = "fp32"
+    use_backend(fresh, "openvino")
+    assert not stale.folder.exists()
+    assert [p.name for p in (changed.parent / "checkpoint_final.pth.openvino").iterdir()] == \
+        [fresh.models[0].network.folder.name]
+
+
+def test_a_model_that_disagrees_is_refused_and_auto_falls_back_to_torch(trained, monkeypatch):
+    monkeypatch.setattr(cpu_runtime, "MAX_DISAGREEMENT", -1.0)  # no model can pass
+    monkeypatch.setattr(cpu_runtime, "cache_entry", _private_cache(cpu_runtime.cache_entry))
+    ensemble = load_models(trained.checkpoint)
+    ensemble.precision = "fp32"
+    with pytest.raises(InputError) as caught:
+        use_backend(ensemble, "openvino")
+    assert "disagrees with the torch network" in str(caught.value) and "--backend torch" in str(caught.value)
+    line = use_backend(ensemble, "auto")
+    assert line.startswith("backend torch (auto: the OpenVINO model") and isinstance(ensemble.models[0].network,
+                                                                                   torch.nn.Module)
+
+
+def _private_cache(original):
+    """cache_entry under a precision name of its own, so this test's failed record stays apart."""
+    return lambda model, precision, digest=None: original(model, precision + "-test", digest)
+
+
+def test_auto_uses_openvino_on_a_cpu_and_torch_without_it(trained, monkeypatch):
+    ensemble = load_models(trained.checkpoint)
+    ensemble.precision = "fp32"
+    assert use_backend(ensemble, "auto").startswith("backend openvino")
+    monkeypatch.setattr(cpu_runtime, "openvino_version", lambda: None)
+    plain = load_models(trained.checkpoint)
+    assert "OpenVINO is not installed" in use_backend(plain, "auto")
+    with pytest.raises(InputError, match="pip install"):
+        use_backend(plain, "openvino")
+
+
+def test_an_interrupted_conversion_leaves_nothing(trained, monkeypatch, tmp_path):
+    copy = tmp_path / "checkpoint_final.pth"
+    copy.write_bytes(trained.checkpoint.read_bytes())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(openvino, "save_model", full_disk)
+    ensemble = load_models(copy)
+    ensemble.precision = "fp32"
+    with pytest.raises(OSError):
+        use_backend(ensemble, "openvino")
+    cache = tmp_path / "checkpoint_final.pth.openvino"
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_the_backend_default_comes_from_the_environment(monkeypatch, trained, tmp_path, capsys):
+    monkeypatch.setenv("VERSEMI_PREDICT_BACKEND", "tensorrt")
+    code = predict_main(["-e", TOY_EXPERIMENT, "-tr", "SupervisedTrainer", "-f", "0", "-i",
+                         str(trained.raw / "DemoLA" / "imagesTs"), "-o", str(tmp_path / "out"), "-p", "DemoLA"])
+    assert code != 0 and "VERSEMI_PREDICT_BACKEND" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
