@@ -608,6 +608,9 @@ anatomy or pathology. {scope}
   window with patch {patch_xyz} (x, y, z) and overlap 0.5; mirroring over 3 axes and the mean over
   the folds inside `models/model.ts`; {output}
 - Precision: {_precision_text(v['precision'])}
+- Runtime: PyTorch (`models/model.ts`). No OpenVINO model is included: `monai.bundle run` loads
+  TorchScript only. On a CPU, `versemi_predict --backend openvino` with the training checkpoints is the
+  faster path.
 {labels}
 ## Run
 ```bash
