@@ -172,15 +172,24 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                         help="folder of the images (CASE_0000.ext) for the overlay pictures (default: imagesTs "
                              "beside a labelsTs reference folder)")
     parser.add_argument("--no-overlays", action="store_true", help="no overlay pictures")
+    parser.add_argument("--dataset", help="for label maps of several datasets' structures (labels.json beside the "
+                                          "predictions): the dataset the cases come from (default: the reference "
+                                          "folder's, RAW/DATASET/labelsTs)")
     args = parser.parse_args(argv)
     summary = evaluate_folders(args.reference, args.predictions, voxel_units=args.voxel_units, labels=args.labels,
-                               empty_convention=args.empty, output_dir=args.output)
+                               empty_convention=args.empty, output_dir=args.output, dataset=args.dataset)
     print(f"{summary['num_cases']} case(s), distances in {summary['units']}, empty convention '{args.empty}'")
     for label in summary["labels"]:
         counts = summary["counts"][str(label)]
         notes = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("missed", "false_positive_only",
                                                                           "both_empty") if counts[k])
         print(f"label {label}: {format_table_row(summary, label)}" + (f"   ({notes})" if notes else ""))
+    claims = summary["foreign_claims"]
+    if claims is not None:
+        for name, figures in claims["structures"].items():
+            print(f"{name} claimed in {claims['dataset']} scans: {100 * figures['mean']:.3f} % of the voxels on "
+                  f"average, at most {100 * figures['max']:.3f} %, in {figures['cases_claimed']} of "
+                  f"{summary['num_cases']} case(s)")
     if summary["ignored_predictions"]:
         print(f"note: {len(summary['ignored_predictions'])} prediction(s) without a reference ignored: "
               f"{', '.join(summary['ignored_predictions'])}")

@@ -134,13 +134,25 @@ def images_beside(reference_dir: Path) -> Path | None:
 
 
 def write_evaluation_overlays(summary: dict, images_dir: Path, output_dir: Path) -> Path:
-    """Overlays of the best, median and worst case by mean Dice over the labels, and their index."""
+    """Overlays of the best, median and worst case by mean Dice over the labels, and their index.
+    For a label map of several datasets (``summary["foreign_claims"]``), the case with the most
+    voxels given to another dataset's structure is drawn too, and each such structure present in a
+    drawn case gets its own row (prediction only: it has no reference in these scans)."""
     from ..datasets.io import read_image, read_label
+    from .foreign_claims import read_label_map_table
 
+    claims = summary.get("foreign_claims")
+    label_map = (read_label_map_table(Path(summary["prediction_dir"]), Path(summary["reference_dir"]),
+                                      claims["dataset"]) if claims else None)
     scores = {entry["case"]: float(np.mean([m["dice"] for m in entry["metrics"].values()]))
               for entry in summary["cases"]}
+    picks = pick_best_median_worst(scores)
+    if claims:
+        most = max(claims["cases"], key=lambda case: (claims["cases"][case]["total"], case))
+        if claims["cases"][most]["total"] > 0 and most not in {case for _, case in picks}:
+            picks.append(("most claimed by other datasets", most))
     entries = []
-    for role, case in pick_best_median_worst(scores):
+    for role, case in picks:
         entry = next(e for e in summary["cases"] if e["case"] == case)
         source = image_file(images_dir, case)
         if source is None:
@@ -151,7 +163,18 @@ def write_evaluation_overlays(summary: dict, images_dir: Path, output_dir: Path)
         labels = {int(label): structure_title(summary["label_names"], label) for label in entry["metrics"]}
         dice = ", ".join(f"{labels[int(label)]} {100 * m['dice']:.1f}" for label, m in entry["metrics"].items())
         title = f"{case} ({role} of {len(scores)} by Dice): Dice {dice}"
-        path = draw_overlay(image[0], geometry, labels, prediction, reference, title, output_dir / f"{role}_{case}.png")
+        if label_map is not None:
+            shown = label_map.own_labels(prediction).astype(np.int64)
+            offset = int(max(label_map.own.values(), default=0)) + int(max(label_map.foreign)) + 1
+            for value, name in label_map.foreign.items():
+                share = claims["cases"][case][name]
+                if share > 0:  # a value no reference holds, so the row shows the prediction alone
+                    shown[prediction == value] = offset + value
+                    labels[offset + value] = f"{name} (another dataset's structure)"
+                    title += f"; {name} claims {100 * share:.2f} % of the voxels"
+            prediction = shown
+        path = draw_overlay(image[0], geometry, labels, prediction, reference, title,
+                            output_dir / f"{role.replace(' ', '_')}_{case}.png")
         entries.append((title, path))
     write_index(entries, output_dir, f"{summary['prediction_dir']} against {summary['reference_dir']}")
     return output_dir

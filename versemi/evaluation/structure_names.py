@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 
-def structure_names(reference_dir: Path, prediction_dir: Path) -> dict[int, str]:
-    """Label value -> name, for every value that ``dataset.json`` or ``labels.json`` names."""
-    return {**_label_map_names(prediction_dir), **_dataset_names(reference_dir)}
+def structure_names(reference_dir: Path, prediction_dir: Path | None) -> dict[int, str]:
+    """Label value -> name, for every value that ``dataset.json`` or ``labels.json`` names
+    (``prediction_dir`` None: the predictions' values are the reference's own)."""
+    return {**(_label_map_names(prediction_dir) if prediction_dir is not None else {}), **_dataset_names(reference_dir)}
 
 
 def structure_title(names: dict[str, str], label: int | str) -> str:

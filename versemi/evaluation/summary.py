@@ -28,6 +28,7 @@ from ..atomic import atomic_path, write_json
 from ..datasets.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_label
 from ..errors import InputError, Problem, input_error
 from .metrics import EMPTY_CONVENTIONS, METRIC_NAMES, STATUSES, CaseMetrics, binary_metrics
+from .foreign_claims import read_label_map_table, summarize_claims
 from .structure_names import structure_names, structure_title
 
 SUMMARY_FILES = ("summary.json", "summary.csv", "summary.png")
@@ -56,7 +57,7 @@ def find_cases(folder: str | Path) -> dict[str, Path]:
 
 def evaluate_folders(reference_dir: str | Path, prediction_dir: str | Path, voxel_units: bool = False,
                      labels: Iterable[int] | None = None, empty_convention: str = "nan",
-                     output_dir: str | Path | None = None, write: bool = True) -> dict:
+                     output_dir: str | Path | None = None, write: bool = True, dataset: str | None = None) -> dict:
     """Score every reference case against its prediction; write and return the summary.
 
     ``labels``: label values to evaluate (default: every nonzero value found in the references).
@@ -82,6 +83,8 @@ def evaluate_folders(reference_dir: str | Path, prediction_dir: str | Path, voxe
     predictions = find_cases(prediction_dir)
     _check_pairs(references, predictions, prediction_dir)
     ignored = sorted(set(predictions) - set(references))
+    label_map = read_label_map_table(prediction_dir, reference_dir, dataset)
+    claims: dict[str, dict[str, float]] = {}
 
     per_case: list[dict] = []
     found_labels: set[int] = set()
@@ -94,6 +97,9 @@ def evaluate_folders(reference_dir: str | Path, prediction_dir: str | Path, voxe
                                     reference.shape, ref_geometry)
         if problem:
             raise InputError(problem)
+        if label_map is not None:
+            claims[case] = label_map.claims(prediction)
+            prediction = label_map.own_labels(prediction)
         present = set(np.unique(reference).tolist()) - {0}
         found_labels |= present
         case_labels = requested if requested is not None else present | (set(np.unique(prediction).tolist()) - {0})
@@ -123,13 +129,15 @@ def evaluate_folders(reference_dir: str | Path, prediction_dir: str | Path, voxe
                         "reference (medpy asd); Dice/Jaccard means over all cases, HD95/ASD means over the cases "
                         "where they are defined (NaN/null when a mask is empty under the 'nan' convention)"),
         "labels": label_set,
-        "label_names": {str(v): name for v, name in structure_names(reference_dir, prediction_dir).items()
+        "label_names": {str(v): name for v, name in structure_names(reference_dir,
+                                                                     None if label_map else prediction_dir).items()
                         if v in label_set},
         "num_cases": len(per_case),
         "mean": {},
         "std": {},
         "counts": {},
         "ignored_predictions": ignored,
+        "foreign_claims": summarize_claims(claims, label_map) if label_map is not None else None,
         "labels_not_evaluated": sorted((found_labels | predicted_labels) - set(label_set)),
         "files": {name.split(".")[1]: str(output_dir / name) for name in SUMMARY_FILES} if write else {},
         "cases": per_case,
