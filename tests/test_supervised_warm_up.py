@@ -87,6 +87,37 @@ def test_a_short_schedule_trains_exactly_as_supervised_trainer(planned, tmp_path
     assert saved["supervised_warm_up"] == "auto" and saved["warm_up_epochs"] == 3
 
 
+def test_a_two_network_trainer_that_stays_supervised_trains_and_keeps_its_main_network_only(planned, tmp_path):
+    """auto, 6 iterations: MutualLearning's peer never trains (its optimizer never steps), the main
+    network ends with SupervisedTrainer's weights, and the checkpoint predicts with it alone."""
+    from versemi.inference import load_models
+    from versemi.model.checkpoint import member_names
+
+    runs = {}
+    for name in ("SupervisedTrainer", "MutualLearningTrainer"):
+        runs[name] = new_trainer(name, planned, tmp_path / name, epochs=3, iterations_per_epoch=2)
+        runs[name].run()
+    mutual = runs["MutualLearningTrainer"]
+    assert mutual.supervised_throughout and list(mutual.members()) == [mutual.network_name]
+    (peer,) = mutual.extra_networks.values()
+    assert peer.network_plan is not None and not peer.optimizer.state  # a member of the method, never stepped
+    for (key, theirs), mine in zip(runs["SupervisedTrainer"].model.state_dict().items(),
+                                   mutual.model.state_dict().values()):
+        assert torch.equal(theirs, mine), key
+    checkpoint = tmp_path / "MutualLearningTrainer" / "checkpoint_final.pth"
+    state = torch.load(checkpoint, weights_only=False)
+    assert member_names(state) == [mutual.network_name] and len(load_models(checkpoint).models) == 1
+    log = (tmp_path / "MutualLearningTrainer" / "training_log.txt").read_text(encoding="utf-8")
+    assert "only the main network trains and predicts" in log
+
+
+def test_a_budget_that_stays_supervised_is_priced_at_the_main_network_alone():
+    # a warm-up epoch of both networks costs 20 s, of the main one alone 10 s, a method epoch 30 s
+    assert split_epochs("auto", 400.0, 100, 20.0, 30.0, warm_started=False, alone_epoch=10.0) == (40, 0)
+    assert split_epochs("1", 500.0, 100, 20.0, 30.0, warm_started=False, alone_epoch=10.0) == (50, 0)
+    assert split_epochs("0.5", 1000.0, 100, 20.0, 30.0, warm_started=False, alone_epoch=10.0) == (25, 16)
+
+
 def test_the_method_starts_after_the_warm_up_with_its_teacher_copied(planned, tmp_path):
     trainer = new_trainer("MeanTeacherTrainer", planned, tmp_path / "run", epochs=4, iterations_per_epoch=2,
                           supervised_warm_up="0.5")
@@ -144,7 +175,7 @@ def test_the_time_budget_times_the_warm_up_step_and_splits_the_seconds(planned, 
     trainer = new_trainer("MeanTeacherTrainer", planned, tmp_path / "run", time_budget=1.0)
     trainer.setup()
     monkeypatch.setattr(budget, "time_phase", lambda t, epoch: 0.01)
-    monkeypatch.setattr(budget, "time_warm_up_step", lambda t: 0.004)
+    monkeypatch.setattr(budget, "time_warm_up_step", lambda t, alone=False: 0.004)
     monkeypatch.setattr(budget, "time_epoch_overhead", lambda t: 0.0)
     trainer.started = time.time()
     record = budget.fit_schedule(trainer)

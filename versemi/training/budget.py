@@ -47,13 +47,16 @@ def time_phase(trainer, epoch: int) -> float:
     return statistics.median(marks[WARMUP_STEPS:])
 
 
-def time_warm_up_step(trainer) -> float:
-    """Median seconds per iteration of the shared supervised warm-up's steps."""
-    trainer.config.warm_up_epochs = 1
+def time_warm_up_step(trainer, alone: bool = False) -> float:
+    """Median seconds per iteration of the shared supervised warm-up's steps (``alone``: those of
+    a schedule that stays supervised throughout, where only the main network trains)."""
+    epochs = trainer.config.epochs
+    trainer.config.epochs = max(2, epochs or 2)
+    trainer.config.warm_up_epochs = trainer.config.epochs if alone else 1
     try:
         return time_phase(trainer, 0)
     finally:
-        trainer.config.warm_up_epochs = 0
+        trainer.config.epochs, trainer.config.warm_up_epochs = epochs, 0
 
 
 def time_epoch_overhead(trainer) -> float:
@@ -90,17 +93,20 @@ def fit_schedule(trainer) -> dict:
     phases = trainer.budget_phases()
     phase_seconds = [time_phase(trainer, epoch) for epoch, _ in phases]
     warm_up_step = time_warm_up_step(trainer) if request != "0" else None
+    several = any(e.network_plan is not None for e in trainer.extra_networks.values())
+    alone_step = time_warm_up_step(trainer, alone=True) if request != "0" and several else warm_up_step
     trainer.restore(state)
     overhead = time_epoch_overhead(trainer)
     per_iteration = sum(share * seconds for (_, share), seconds in zip(phases, phase_seconds))
     elapsed = time.time() - trainer.started
-    per_iteration, supervised, overhead, elapsed = _agree([per_iteration, warm_up_step or per_iteration, overhead,
-                                                           elapsed])
+    per_iteration, supervised, alone, overhead, elapsed = _agree([per_iteration, warm_up_step or per_iteration,
+                                                                  alone_step or per_iteration, overhead, elapsed])
     available = config.time_budget * 60 * SAFETY - elapsed
     wanted = available / per_iteration
     per_epoch = min(config.iterations_per_epoch, max(MIN_ITERATIONS_PER_EPOCH, math.ceil(wanted / TARGET_EPOCHS)))
     warm_epochs, method_epochs = split_epochs(request, available, per_epoch, per_epoch * supervised + overhead,
-                                              per_epoch * per_iteration + overhead, trainer.warm_start is not None)
+                                              per_epoch * per_iteration + overhead, trainer.warm_start is not None,
+                                              per_epoch * alone + overhead)
     epochs = warm_epochs + method_epochs
     if epochs < 1:
         raise input_error(f"--time-budget {config.time_budget:g}",
@@ -111,6 +117,8 @@ def fit_schedule(trainer) -> dict:
     phases_text = ", ".join(f"{s:.2f} s/it from method epoch {e}" for (e, _), s in zip(phases, phase_seconds))
     if warm_up_step is not None:
         phases_text = f"{supervised:.2f} s/it supervised, {phases_text}"
+        if several:
+            phases_text = f"{alone:.2f} s/it the main network alone, {phases_text}"
     message = (f"time budget {config.time_budget:g} min: warm-up {elapsed:.0f} s measured {phases_text} "
                f"(method mean {per_iteration:.2f} s/it, {overhead:.1f} s per epoch besides); training {epochs} epochs x "
                f"{per_epoch} iterations = {epochs * per_epoch} iterations"

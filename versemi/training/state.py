@@ -35,7 +35,10 @@ class TrainerState:
         return cls(epoch=trainer.epoch, best_ema=trainer.best_ema, history=trainer.log.history,
                    network=trainer.model.state_dict(), optimizer=trainer.optimizer.state_dict(),
                    scheduler=trainer.scheduler.state_dict(), scaler=trainer.scaler.state_dict(),
-                   networks={name: {"network": e.model.state_dict(), "network_plan": e.network_plan,
+                   # a member the method never trained (supervised_throughout) is stored without its plan,
+                   # so prediction and warm starts leave it out; --continue still restores it by name
+                   networks={name: {"network": e.model.state_dict(),
+                                    "network_plan": None if trainer.supervised_throughout else e.network_plan,
                                     "optimizer": e.optimizer.state_dict(), "scheduler": e.scheduler.state_dict()}
                              for name, e in trainer.extra_networks.items()},
                    extra=trainer.method_state(), warm_start=trainer.warm_start)

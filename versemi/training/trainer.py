@@ -183,6 +183,14 @@ class Trainer:
         return self.epoch < self.warm_up_epochs
 
     @property
+    def supervised_throughout(self) -> bool:
+        """The method never starts (the warm-up is the whole schedule): the trainer is then
+        SupervisedTrainer, so only its main network trains and predicts. Training further members
+        as well would halve a two-network trainer's iterations for a model averaged with copies
+        that the method never used."""
+        return self.uses_unlabeled and self.config.epochs is not None and self.warm_up_epochs >= self.config.epochs
+
+    @property
     def method_epoch(self) -> int:
         """The epoch counted from the method's start (0 during the warm-up)."""
         return max(0, self.epoch - self.warm_up_epochs)
@@ -215,8 +223,11 @@ class Trainer:
 
     def warm_up_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
         """A step of the warm-up: each segmenter the trainer trains learns the labeled batch on its
-        own, so a one-network trainer takes SupervisedTrainer's step exactly."""
-        networks = [self.network] + [e.network for e in self.extra_networks.values() if e.network_plan is not None]
+        own, so a one-network trainer takes SupervisedTrainer's step exactly (and so does every
+        trainer whose method never starts: ``supervised_throughout``)."""
+        networks = [self.network]
+        if not self.supervised_throughout:
+            networks += [e.network for e in self.extra_networks.values() if e.network_plan is not None]
         losses = [multiscale(self.loss, network(labeled["data"], labeled["prompt"]), labeled["target"])
                   for network in networks]
         if len(losses) == 1:
@@ -268,7 +279,10 @@ class Trainer:
         return network
 
     def members(self) -> dict[str, torch.nn.Module]:
-        """The networks that predict, by name: the main one, then every extra network with a plan."""
+        """The networks that predict, by name: the main one, then every extra network with a plan
+        (only the main one where the method never starts: ``supervised_throughout``)."""
+        if self.supervised_throughout:
+            return {self.network_name: self.model}
         return {self.network_name: self.model,
                 **{name: e.model for name, e in self.extra_networks.items() if e.network_plan is not None}}
 

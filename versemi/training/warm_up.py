@@ -52,9 +52,12 @@ def split_iterations(request: str, total: int, warm_started: bool) -> int:
 
 
 def split_epochs(request: str, seconds: float, iterations_per_epoch: int, supervised_epoch: float,
-                 method_epoch: float, warm_started: bool) -> tuple[int, int]:
+                 method_epoch: float, warm_started: bool, alone_epoch: float | None = None) -> tuple[int, int]:
     """(warm-up epochs, method epochs) that fit in ``seconds``, given the seconds an epoch of each
-    costs (its steps and the per-epoch overhead)."""
+    costs (its steps and the per-epoch overhead). ``alone_epoch``: an epoch of the main network
+    alone, what a schedule that stays supervised throughout costs (default ``supervised_epoch``;
+    cheaper for trainers of several networks, whose warm-up trains each)."""
+    alone_epoch = alone_epoch or supervised_epoch
     if request == AUTO and warm_started:
         request = "0"
     if request == AUTO:
@@ -62,8 +65,10 @@ def split_epochs(request: str, seconds: float, iterations_per_epoch: int, superv
         method = int(max(0.0, seconds - warm * supervised_epoch) // method_epoch)
         if method * iterations_per_epoch >= MIN_METHOD_ITERATIONS:
             return warm, method
-        return int(seconds // supervised_epoch), 0
+        return int(seconds // alone_epoch), 0
     share = float(request)
+    if share >= 1:
+        return int(seconds // alone_epoch), 0
     return int(share * seconds // supervised_epoch), int((1 - share) * seconds // method_epoch)
 
 
@@ -74,7 +79,7 @@ def describe(request: str, warm_up_epochs: int, epochs: int, iterations_per_epoc
         why = (f"fewer than {WARM_UP_ITERATIONS} + {MIN_METHOD_ITERATIONS} iterations" if request == AUTO
                else f"--supervised-warm-up {request}")
         return (f"supervised warm-up: the whole schedule ({total} iterations) trains supervised ({why}); "
-                f"the method's unlabeled terms never start")
+                f"the method's unlabeled terms never start, and only the main network trains and predicts")
     if warm_up_epochs == 0:
         why = "a warm start" if request == AUTO and warm_started else f"--supervised-warm-up {request}"
         return f"supervised warm-up: none ({why}); the method trains from the first iteration"
