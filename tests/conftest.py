@@ -5,6 +5,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -99,6 +100,20 @@ def toy_experiment(raw: Path, root: Path, folds: dict[str, list[str]], **env_var
         yield root / "results" / TOY_EXPERIMENT
     finally:
         env.undo()
+
+
+# SupervisedTrainer trained long enough (Adam) to draw real boundaries, so that agreement between two
+# prediction paths is a real test
+BOUNDARY_TRAINING = ["-tr", "SupervisedTrainer", "--optimizer", "adam", "--lr", "0.01", "--iterations-per-epoch", "60"]
+
+
+@contextmanager
+def supervised_toy_model(raw: Path, root: Path):
+    """The toy experiment with fold 0 of ``BOUNDARY_TRAINING``: its raw root, results, preprocessing
+    cache and checkpoint (inside ``toy_experiment``'s block)."""
+    with toy_experiment(raw, root, {"0": BOUNDARY_TRAINING}) as experiment:
+        yield SimpleNamespace(raw=raw, experiment=experiment, cache=root / "plans" / TOY_EXPERIMENT / "3d_fullres",
+                              checkpoint=experiment / "SupervisedTrainer__3d_fullres" / "fold_0" / "checkpoint_final.pth")
 
 
 @pytest.fixture(scope="module")

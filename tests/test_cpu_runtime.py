@@ -4,7 +4,6 @@ disagrees is refused (or auto falls back to torch), and nothing half-converted i
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,22 +16,17 @@ from versemi.inference import load_models
 from versemi.inference import cpu_runtime
 from versemi.inference.cpu_runtime import ConvertedNetwork, cache_entry, use_backend
 
-from conftest import TOY_EXPERIMENT, toy_experiment
+from conftest import TOY_EXPERIMENT, supervised_toy_model
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'versemi[openvino]')")
-
-# trained long enough (Adam) to draw real boundaries, so that agreement is a real test
-TRAINING = ["-tr", "SupervisedTrainer", "--optimizer", "adam", "--lr", "0.01", "--iterations-per-epoch", "60"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(one_thread, toy_raw_master, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cpu_runtime")
-    with toy_experiment(toy_raw_master, root, {"0": TRAINING}) as experiment:
-        yield SimpleNamespace(raw=toy_raw_master, experiment=experiment,
-                              checkpoint=experiment / "SupervisedTrainer__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+    with supervised_toy_model(toy_raw_master, tmp_path_factory.mktemp("cpu_runtime")) as model:
+        yield model
 
 
 def _predict(folder: Path, out: Path, backend: str, prompt: str, *extra: str) -> list[Path]:

@@ -18,20 +18,15 @@ from versemi.inference.predictor import _run_cases, prepare_case
 from versemi.inference.sliding_window import autocast_dtype
 from versemi.preprocessing.cache import read_array
 
-from conftest import TOY_EXPERIMENT, toy_experiment
-
-# trained long enough (Adam) to draw real boundaries, so that agreement is a real test
-TRAINING = ["-tr", "SupervisedTrainer", "--optimizer", "adam", "--lr", "0.01", "--iterations-per-epoch", "60"]
+from conftest import TOY_EXPERIMENT, supervised_toy_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(one_thread, toy_raw_master, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fast_inference")
-    with toy_experiment(toy_raw_master, root, {"0": TRAINING}) as experiment:
-        yield SimpleNamespace(raw=toy_raw_master, experiment=experiment,
-                              cache=root / "plans" / TOY_EXPERIMENT / "3d_fullres")
+    with supervised_toy_model(toy_raw_master, tmp_path_factory.mktemp("fast_inference")) as model:
+        yield model
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
