@@ -39,12 +39,16 @@ demo: venv
 	  --dataset_dir "$(VERSEMI_ROOT)/raw/DemoLA/imagesTs" --output_dir "$(VERSEMI_ROOT)/bundle_predictions/DemoLA"
 	@echo "bundle output: $(VERSEMI_ROOT)/bundle_predictions/DemoLA"
 
-# the fast suite (minutes); test-all adds the slow tests (training runs, subprocesses, end to end)
+# the fast suite (minutes); test-all adds the slow tests (training runs, subprocesses, end to end).
+# OpenVINO's tests run in a process of their own, so that its runtime's thread pools never share a
+# process with the other tests' training, forks and subprocesses.
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -m "not slow and not openvino" --durations=15
+	$(BIN)/python -m pytest -q -m "openvino and not slow"
 
 test-all: venv
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -m "not openvino" --durations=30
+	$(BIN)/python -m pytest -q -m openvino
 
 clean:
 	rm -rf "$(VERSEMI_ROOT)"

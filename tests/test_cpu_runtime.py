@@ -20,7 +20,7 @@ from conftest import TOY_EXPERIMENT, supervised_toy_model
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'versemi[openvino]')")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.openvino]
 
 
 @pytest.fixture(scope="module")
