@@ -206,7 +206,7 @@ def convert(model: FoldModel, in_channels: int, num_prompts: int, precision: str
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
-    return ConvertedNetwork(_compile(entry.model_file, precision), num_prompts, entry.folder, precision), record
+    return converted, record  # compiled in memory: it stays valid after its folder is renamed
 
 
 def use_backend(ensemble: Ensemble, backend: str) -> str:
