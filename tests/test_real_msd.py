@@ -170,3 +170,36 @@ def test_a_non_integral_label_is_refused_with_the_file_named(source, raw, tmp_pa
     assert verify(damaged_raw, tmp_path / "plans") == 2
     assert_one_problem_naming(capsys.readouterr().err, bad_label, value)
     assert not (tmp_path / "plans").exists()
+
+
+def test_a_joint_plan_of_real_hippocampus_and_la_cases(raw, tmp_path):
+    """Two real datasets planned together: each keeps its spacing and normalization, one patch and
+    network serve both, and the declaration that neither shows the other's structures is stored."""
+    from versemi.datasets.converters import convert_la_h5
+    from versemi.datasets.converters.la_h5 import read_id_list
+
+    la_source = DATA / "la2018_h5"
+    if not (la_source / "train.list").is_file():
+        pytest.skip(f"real LA h5 data not found at {la_source}")
+    joint = tmp_path / "raw"
+    shutil.copytree(raw / "Hippocampus", joint / "Hippocampus")
+    convert_la_h5(la_source, joint / "LA", ids=read_id_list(la_source / "train.list")[:2], show_progress=False)
+    assert plan_and_preprocess_main(["--raw", str(joint), "--plans-root", str(tmp_path / "plans"), "-d", "LA",
+                                     "Hippocampus", "--labeled", "LA=1", "Hippocampus=2", "--spacing-scale", "2",
+                                     "--known-absent", "all", "--no-preprocess", "--quiet", "-np", "1"]) == 0
+    plans = json.loads((tmp_path / "plans" / "LA-1labeled_Hippocampus-2labeled" / "plans.json").read_text("utf-8"))
+    assert [(p["dataset"], p["label"]) for p in plans["prompts"]] == [
+        ("LA", "left_atrium"), ("Hippocampus", "Anterior"), ("Hippocampus", "Posterior"), (None, "synthetic")]
+    la, hippocampus = plans["datasets"]["LA"], plans["datasets"]["Hippocampus"]
+    assert la["target_spacing"] == pytest.approx([1.25] * 3) and hippocampus["target_spacing"] == [2.0] * 3
+    assert [n["scheme"] for n in la["normalization"] + hippocampus["normalization"]] == ["zscore", "zscore"]
+    assert (la["labeled_cases"], len(la["unlabeled_cases"])) == (read_id_list(la_source / "train.list")[:1], 1)
+    assert (len(hippocampus["labeled_cases"]), len(hippocampus["unlabeled_cases"])) == (2, 1)
+    assert la["known_absent"] == ["Hippocampus/Anterior", "Hippocampus/Posterior"]
+    assert hippocampus["known_absent"] == ["LA/left_atrium"]
+    # one patch for both: the larger LA volumes' median shape, rounded up to what the network's
+    # poolings divide (nnU-Net's rule); a hippocampus crop is smaller on every axis and is sampled
+    # whole, zero-padded (training/data.py)
+    patch = plans["configurations"]["3d_fullres"]["patch_size"]
+    assert all(0 <= p - s < 16 for p, s in zip(patch, la["median_shape_after_resampling"]))
+    assert all(s < p for p, s in zip(patch, hippocampus["median_shape_after_resampling"]))

@@ -99,6 +99,7 @@ def _parse_limits(values: list[str]) -> dict[str, int]:
 
 @_entry_point
 def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
+    from .plans import known_absent
     from .plans.experiment import ExperimentRequest, plan_and_preprocess, verify
     from .plans.planner import PlanSettings
 
@@ -112,6 +113,11 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labeled", nargs="+", default=[], metavar="NAME=N",
                         help="use only the first N labeled cases of a dataset (case order of its dataset.json); "
                              "the rest are used as unlabeled, e.g. --labeled LA=8")
+    parser.add_argument("--known-absent", nargs="+", metavar="NAME=OTHER[,OTHER/LABEL]",
+                        help="other datasets' structures that never occur in a dataset's images, e.g. "
+                             "--known-absent LA=Hippocampus Hippocampus=LA, or 'all' (no dataset shows another's "
+                             "structures); replaces the known_absent entry of the named datasets' dataset.json. "
+                             "Training learns them absent there; without a declaration they stay unknown")
     parser.add_argument("--memory-gb", type=float, default=8.0, help="GPU memory budget for patch and batch size")
     parser.add_argument("--architecture", choices=("unet", "vnet"), default="unet")
     parser.add_argument("--spacing-scale", type=float, default=1.0,
@@ -127,7 +133,8 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
         experiment=args.experiment, labeled_limits=_parse_limits(args.labeled), num_processes=args.num_processes,
         settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture,
                               spacing_scale=args.spacing_scale),
-        overwrite_plans=args.overwrite_plans)
+        overwrite_plans=args.overwrite_plans,
+        known_absent=known_absent.parse_cli(args.known_absent) if args.known_absent else None)
     if args.verify_only:
         verify(request)
         print(f"verified {', '.join(args.datasets)}: no problems found")
@@ -253,6 +260,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--prompt", nargs="+",
                         help="the task(s): a dataset (its single label), DATASET:LABEL / DATASET/LABEL, several of "
                              "them, or all (the default: every structure of the experiment in one label map)")
+    parser.add_argument("--from-dataset", metavar="DATASET",
+                        help="the images come from this dataset of the experiment: structures it declares absent "
+                             "from its images (known_absent, versemi_plan_and_preprocess) are not predicted, and "
+                             "labels.json says so")
     add_model_selection(parser, ENSEMBLE_FOLDS, members=True)
     parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring (8x faster)")
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch "
@@ -286,6 +297,15 @@ def predict_main(argv: list[str] | None = None) -> int:
     ensemble.precision = args.precision
     backend = use_backend(ensemble, args.backend)
     prompts = resolve_prompts(ensemble.plans, args.prompt)
+    left_out = []
+    if args.from_dataset:
+        from .inference.prompt_names import prompts_for_dataset
+
+        explicit = bool(args.prompt) and not any(t.strip().lower() == "all" for t in args.prompt)
+        prompts, absent = prompts_for_dataset(ensemble.plans, prompts, args.from_dataset, explicit)
+        left_out = [(p, f"{args.from_dataset} declares it absent from its images (known_absent)") for p in absent]
+        for prompt, why in left_out:
+            print(f"not predicted: {prompt['dataset']}/{prompt['label']}: {why}")
     lcc = {p["index"] for p in prompts} if args.lcc else set()
     if args.postprocessing == "auto":
         from .inference.find_postprocessing import load_lcc_decision
@@ -310,7 +330,7 @@ def predict_main(argv: list[str] | None = None) -> int:
           f"({'fp32' if dtype is None else str(dtype).replace('torch.', '')}); {backend}")
     written = predict_cases(args.input, args.output, prompts, ensemble, step=args.step, mirroring=not args.no_mirroring,
                             lcc=bool(lcc) if len(prompts) == 1 else lcc, save_probabilities=args.save_probabilities,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, left_out=left_out)
     table = f" and {Path(args.output) / 'labels.json'} (the label values)" if len(prompts) > 1 else ""
     print(f"wrote {len(written)} segmentation(s) to {args.output}{table}")
     if args.overlays:

@@ -28,6 +28,8 @@ class LabelTable:
 
     prompts: tuple[dict, ...]
     values: tuple[int, ...]
+    # (prompt, why) of structures not predicted because the images' dataset declares them absent
+    left_out: tuple[tuple[dict, str], ...] = ()
 
     @property
     def own_values(self) -> bool:
@@ -39,13 +41,15 @@ class LabelTable:
                             "prompt": p["index"]} for p, v in zip(self.prompts, self.values)],
                 "values": "each dataset's own label values" if self.own_values else
                           "1..K in prompt order (the datasets' own values collide)",
-                "overlaps": OVERLAP_RULE}
+                "overlaps": OVERLAP_RULE,
+                **({"not_predicted": [{"dataset": p["dataset"], "label": p["label"], "prompt": p["index"], "why": why}
+                                      for p, why in self.left_out]} if self.left_out else {})}
 
 
-def label_table(prompts: list[dict]) -> LabelTable:
+def label_table(prompts: list[dict], left_out: list[tuple[dict, str]] = ()) -> LabelTable:
     own = [int(p["label_value"]) for p in prompts]
     values = own if len(set(own)) == len(own) and 0 not in own else list(range(1, len(prompts) + 1))
-    return LabelTable(tuple(prompts), tuple(values))
+    return LabelTable(tuple(prompts), tuple(values), tuple(left_out))
 
 
 def compose(probabilities: np.ndarray, table: LabelTable, lcc: set[int] = frozenset()) -> np.ndarray:

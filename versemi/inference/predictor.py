@@ -169,7 +169,7 @@ def write_probabilities(probabilities: np.ndarray, path: Path, prompts: Sequence
 def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, prompt: str | dict | Sequence[dict],
                   ensemble: Ensemble, step: float = 0.5, mirroring: bool = True, lcc: bool | Iterable[int] = False,
                   save_probabilities: bool = False, overwrite: bool = False, show_progress: bool = True,
-                  background_io: bool = True) -> list[Path]:
+                  background_io: bool = True, left_out: Sequence[tuple[dict, str]] = ()) -> list[Path]:
     """Predict every case of ``inputs`` (folders of ``CASE_XXXX.ext`` files, or files) into
     ``output_folder/CASE.ext`` (same format and geometry as the input; ``CASE_prob.npz`` too with
     ``save_probabilities``). One prompt: a 0/1 mask. Several prompts (a list): one label map per
@@ -177,7 +177,8 @@ def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, promp
     problem is reported before anything is written; existing outputs are replaced only with
     ``overwrite``. ``lcc``: True/False for every prompt, or the prompt indices that keep only their
     largest connected component. ``background_io``: read the next case and write the previous one
-    while the network runs (see ``_run_cases``). Returns the segmentations written."""
+    while the network runs (see ``_run_cases``). ``left_out``: (prompt, why) of structures not
+    asked, recorded in ``labels.json`` (``--from-dataset``). Returns the segmentations written."""
     prompts = [resolve_prompt(ensemble.plans, prompt) if isinstance(prompt, str) else prompt] \
         if isinstance(prompt, (str, dict)) else list(prompt)
     if not prompts:
@@ -192,7 +193,7 @@ def predict_cases(inputs: Sequence[str | Path], output_folder: str | Path, promp
     for case in cases:
         problems += _header_problems(case)
     problems += _output_problems(cases, inputs, output_folder, save_probabilities, overwrite)
-    table = label_table(prompts)
+    table = label_table(prompts, list(left_out))
     if several:
         problems += _label_table_problems(table, output_folder, overwrite)
     if problems:

@@ -69,3 +69,28 @@ def resolve_prompts(plans: dict, texts: Sequence[str] | None) -> list[dict]:
         return real
     chosen = {resolve_prompt(plans, t)["index"] for t in texts}
     return [p for p in real if p["index"] in chosen]
+
+
+def prompts_for_dataset(plans: dict, prompts: list[dict], dataset: str, explicit: bool) -> tuple[list[dict], list[dict]]:
+    """The prompts worth asking of images known to come from ``dataset``: those whose structure the
+    plan declares absent from its images (``known_absent``) are left out. Returns (kept, left out).
+
+    InputError when ``dataset`` is not planned, when an ``explicit`` request (not ``all``) names a
+    structure declared absent, or when nothing would be left."""
+    view = PlansView(plans)
+    if dataset not in view.dataset_names:
+        raise input_error(f"--from-dataset {dataset}", f"is not a dataset of experiment {plans.get('experiment')!r} "
+                                                       f"(its datasets: {', '.join(view.dataset_names)})",
+                          "name the dataset the images come from, or leave --from-dataset out")
+    absent = set(view.known_absent_prompts(dataset))
+    left_out = [p for p in prompts if p["index"] in absent]
+    if left_out and explicit:
+        names = ", ".join(f"{p['dataset']}/{p['label']}" for p in left_out)
+        raise input_error(f"-p ... --from-dataset {dataset}", f"{dataset} declares {names} absent from its images "
+                                                             "(known_absent in plans.json)",
+                          "leave those prompts out, or leave --from-dataset out")
+    kept = [p for p in prompts if p["index"] not in absent]
+    if not kept:
+        raise input_error(f"--from-dataset {dataset}", "every prompt asked is declared absent from its images",
+                          f"ask one of {dataset}'s own structures (-p {dataset})")
+    return kept, left_out

@@ -40,6 +40,19 @@ class PlansView:
     def prompts_of(self, dataset: str) -> list[dict]:
         return [p for p in self.plans["prompts"] if p["dataset"] == dataset]
 
+    def known_absent(self, dataset: str) -> list[str]:
+        """``Other/label`` names declared absent from the dataset's images (``plans.known_absent``)."""
+        return list(self.plans["datasets"][dataset].get("known_absent", []))
+
+    def known_absent_prompts(self, dataset: str) -> list[int]:
+        """Indices of the prompts whose structure is declared absent from the dataset's images."""
+        absent = set(self.known_absent(dataset))
+        return [p["index"] for p in self.real_prompts if f"{p['dataset']}/{p['label']}" in absent]
+
+    @property
+    def declares_absence(self) -> bool:
+        return any(self.known_absent(name) for name in self.dataset_names)
+
     def prompt_names(self) -> dict[int, str]:
         """Prompt index -> ``dataset/label`` (``None/None`` for the synthetic prompt)."""
         return {p["index"]: f"{p['dataset']}/{p['label']}" for p in self.plans["prompts"]}

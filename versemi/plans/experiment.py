@@ -10,6 +10,7 @@ from ..datasets.integrity import resolve_datasets
 from ..datasets.layout import RawDataset
 from ..errors import InputError, Problem, input_error
 from ..preprocessing.cache import preprocess_experiment
+from . import known_absent
 from .fingerprint import compute_fingerprint, fingerprint_folder, load_or_compute_fingerprint, save_fingerprint
 from .planner import CONFIGURATION, PlanSettings, plan_experiment
 
@@ -27,6 +28,8 @@ class ExperimentRequest:
     settings: PlanSettings = field(default_factory=PlanSettings)
     overwrite_plans: bool = False
     show_progress: bool = True
+    # --known-absent: per dataset name, other datasets' structures never in its images, or "all"
+    known_absent: dict[str, list[str]] | str | None = None
 
     @property
     def experiment_name(self) -> str:
@@ -65,7 +68,18 @@ def _load(request: ExperimentRequest) -> tuple[list[RawDataset], list[Problem]]:
             available = len(by_request_name[name].labeled_cases())
             problems.append(Problem(f"--labeled {name}={limit}", f"{name} has {available} labeled cases",
                                     f"give a number from 1 to {available}"))
+    if len(datasets) == len(request.dataset_names):
+        try:
+            request_absent(request, datasets)
+        except InputError as exc:
+            problems.extend(exc.problems)
     return datasets, problems
+
+
+def request_absent(request: ExperimentRequest, datasets: list[RawDataset]) -> dict[str, list[str]]:
+    """The structures each dataset declares absent (dataset.json, replaced by --known-absent)."""
+    return known_absent.resolve({d.name: d.labels for d in datasets},
+                                {d.name: d.meta.get(known_absent.KEY) for d in datasets}, request.known_absent)
 
 
 def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> dict:
@@ -88,7 +102,8 @@ def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> 
                             {d.name: results[d.name][0] for d in datasets},
                             {d.name: d.is_ct for d in datasets}, limits,
                             {d.name: d.meta.get("case_order") or [] for d in datasets},
-                            {d.name: results[d.name][1] for d in datasets}, request.settings)
+                            {d.name: results[d.name][1] for d in datasets}, request.settings,
+                            request_absent(request, datasets))
     _write_plans(plans, plans_path(request.plans_root, plans["experiment"]), request.overwrite_plans)
     summary = {"experiment": plans["experiment"], "plans": str(plans_path(request.plans_root, plans["experiment"]))}
     if preprocess:

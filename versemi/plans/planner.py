@@ -134,10 +134,18 @@ def cross_validation_splits(dataset_plans: dict[str, dict], seed: int = SPLIT_SE
 
 def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: dict[str, bool],
                     labeled_limits: dict[str, int | None], case_orders: dict[str, list[str]],
-                    stored_samples: dict[str, dict], settings: PlanSettings = PlanSettings()) -> dict:
-    """The whole plan for the datasets of one experiment (see README: "plans.json, field by field")."""
+                    stored_samples: dict[str, dict], settings: PlanSettings = PlanSettings(),
+                    known_absent: dict[str, list[str]] | None = None) -> dict:
+    """The whole plan for the datasets of one experiment (see README: "plans.json, field by field").
+
+    ``known_absent``: per dataset, the ``Other/label`` structures declared absent from its images
+    (``plans.known_absent``); stored only where something is declared.
+    """
     datasets = {name: plan_dataset(fp, ct_flags[name], labeled_limits.get(name), case_orders[name],
                                    stored_samples[name], settings.spacing_scale) for name, fp in fingerprints.items()}
+    for name, absent in (known_absent or {}).items():
+        if absent:
+            datasets[name]["known_absent"] = list(absent)
     in_channels = len(next(iter(datasets.values()))["channel_names"])
     # one patch for all: take the topology spacing as the median of the datasets' target spacings
     # and cap the patch by the largest median shape, so no dataset is forced into tiny patches

@@ -133,3 +133,29 @@ def region_loss(logits_outside: torch.Tensor, target_outside: torch.Tensor, logi
     """
     return (weight_outside * masked_dice_ce(logits_outside, target_outside, 1 - inside)
             + weight_inside * masked_dice_ce(logits_inside, target_inside, inside))
+
+
+def exclusion_loss(logits: torch.Tensor, absent: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Structures known to be absent, learnt as absent: after the exclusion loss of Shi et al. (MedIA 2021).
+
+    ``logits`` (B, K, 2, *S) of K prompts; ``absent`` (B, K) 0/1: the prompts whose structure cannot
+    occur in sample b (``known_absent``); ``region`` (B, 1, *S) 0/1 or None (the whole image):
+    where sample b's own dataset holds (a pasted image mixes two). With ``e`` the excluded voxels
+    of each (sample, prompt) and ``p`` its foreground probability, the sum of
+    - the exclusion Dice ``2 sum(e p) / (sum(e) + sum(e p))``: the share of the excluded region claimed;
+    - the cross-entropy towards background over ``e``: Shi et al. use ``+ sum(e log p)``, which has
+      no lower bound; ``-log(1 - p)`` has the same gradient direction and stops at 0.
+    0 (graph kept) where nothing is excluded. With independent prompts (one softmax per prompt)
+    their marginal loss has no counterpart: an unknown structure already gets no loss.
+    """
+    weight = absent.float()[(...,) + (None,) * (logits.dim() - 3)]  # (B, K, 1, ...)
+    if region is not None:
+        weight = weight * region.float()  # (B, 1, *S) -> (B, K, *S)
+    weight = weight.expand(*logits.shape[:2], *logits.shape[3:])
+    log_probability = torch.log_softmax(logits.float(), dim=2)
+    probability = log_probability[:, :, 1].exp()
+    excluded = weight.sum()
+    claimed = (weight * probability).sum()
+    dice = 2 * claimed / (excluded + claimed).clamp_min(SMOOTH)
+    cross_entropy = -(weight * log_probability[:, :, 0]).sum() / excluded.clamp_min(1.0)
+    return dice + cross_entropy

@@ -31,3 +31,13 @@ class DatasetPrompts:
         """(B,) one prompt index per sample, uniform over its dataset's prompts (the torch generator)."""
         choice = torch.multinomial(self.own(datasets), 1)[:, 0]
         return self.indices[choice]
+
+
+def known_absent_matrix(plans: dict, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(datasets, prompts) 0/1: the prompts whose structure is declared absent from each dataset's
+    images (``plans.known_absent``); all 0 where nothing is declared."""
+    view = PlansView(plans)
+    matrix = torch.zeros(len(view.dataset_names), plans["num_prompts"], device=device)
+    for row, name in enumerate(view.dataset_names):
+        matrix[row, view.known_absent_prompts(name)] = 1.0
+    return matrix

@@ -40,9 +40,10 @@ from ..model.precision import autocast_dtype
 from ..nets import build_network
 from .budget import fit_schedule
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader
-from .losses import DiceCE, multiscale
+from .losses import DiceCE, exclusion_loss, finest, multiscale
 from .method_settings import resolve_method_settings
 from .progress import TrainingLog
+from .prompts import known_absent_matrix
 from .state import TrainerState, random_state, set_random_state
 from .teacher import EMATeacher
 from .validation import pseudo_dice_counts, sliding_window_validation
@@ -85,6 +86,9 @@ class Trainer:
     # the method setting holding the share of the epochs of a leading stage that only prepares the
     # networks for the next (e.g. BCP's labeled pre-training): a warm start replaces it (``_finish_warm_start``)
     warm_up_setting: str | None = None
+    # whether the method's own step learns the structures the plan declares absent (plans
+    # known_absent); the supervised step (SupervisedTrainer, every warm-up) always does
+    learns_known_absent: bool = False
 
     def __init__(self, plans: dict, plans_root: Path, configuration: str, fold: str, output_folder: Path,
                  config: TrainingConfig, device: str | torch.device = "cpu"):
@@ -113,6 +117,8 @@ class Trainer:
                                         // self.world_size)
         self.split = fold_split(plans, fold)
         self.loss = DiceCE()
+        # (datasets, prompts) 0/1: structures the plan declares absent from each dataset's images
+        self.known_absent = known_absent_matrix(plans, self.device)
         self.epoch, self.best_ema = 0, -1.0
         self.teachers: dict[str, EMATeacher] = {}
         self.extra_networks: dict[str, ExtraNetwork] = {}
@@ -133,9 +139,42 @@ class Trainer:
 
     def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
         """Losses of one iteration; ``loss`` is the one optimized, every entry is logged.
-        Supervised Dice + CE by default (summed over the deep-supervision levels, if any)."""
-        logits = self.network(labeled["data"], labeled["prompt"])
-        return {"loss": multiscale(self.loss, logits, labeled["target"])}
+        Supervised Dice + CE by default (summed over the deep-supervision levels, if any), and the
+        structures declared absent learnt as absent (``supervised_terms``)."""
+        terms = self.supervised_terms(self.network, labeled)
+        return {**terms, "loss": sum(terms.values())} if len(terms) > 1 else {"loss": terms["supervised"]}
+
+    # ----- structures declared absent (plans ``known_absent``) -----
+    @property
+    def declares_absence(self) -> bool:
+        return bool(self.known_absent.any())
+
+    def absent_prompts(self, datasets: torch.Tensor) -> torch.Tensor:
+        """(B, K) 0/1: the prompts whose structure cannot occur in each sample's images."""
+        return self.known_absent[datasets.to(self.known_absent.device)]
+
+    def known_absent_note(self) -> str:
+        view = PlansView(self.plans)
+        declared = "; ".join(f"{name}: {', '.join(view.known_absent(name))}" for name in view.dataset_names
+                             if view.known_absent(name))
+        own_step = self.learns_known_absent or type(self).train_step is Trainer.train_step
+        where = "every step" if own_step else \
+            f"the supervised warm-up only ({type(self).__name__}'s method losses do not use them)"
+        return f"structures declared absent from a dataset's images (known_absent), learnt absent in {where}: {declared}"
+
+    def supervised_terms(self, network: torch.nn.Module, labeled: dict) -> dict[str, torch.Tensor]:
+        """Dice + CE of each labeled sample's own prompt; where the plan declares structures absent
+        from a sample's dataset, also their exclusion loss over the whole image (``known_absent``).
+        Then every prompt is asked in the same backbone pass; without a declaration only the own one."""
+        x, own = labeled["data"], labeled["prompt"]
+        if not self.declares_absence:
+            return {"supervised": multiscale(self.loss, network(x, own), labeled["target"])}
+        prompts = torch.arange(self.num_prompts, device=x.device).expand(x.shape[0], -1)
+        out = network(x, prompts)  # (B, K, 2, *S) per level
+        rows = torch.arange(x.shape[0], device=x.device)
+        own_logits = out[rows, own] if torch.is_tensor(out) else [level[rows, own] for level in out]
+        return {"supervised": multiscale(self.loss, own_logits, labeled["target"]),
+                "known_absent": exclusion_loss(finest(out), self.absent_prompts(labeled["dataset"]))}
 
     def stage_starts(self) -> list[int]:
         """The first method epoch (``method_epoch``) of stage 2, 3, ... (empty: one stage). Stages may
@@ -228,10 +267,9 @@ class Trainer:
         networks = [self.network]
         if not self.supervised_throughout:
             networks += [e.network for e in self.extra_networks.values() if e.network_plan is not None]
-        losses = [multiscale(self.loss, network(labeled["data"], labeled["prompt"]), labeled["target"])
-                  for network in networks]
-        if len(losses) == 1:
-            return {"loss": losses[0]}
+        if len(networks) == 1:
+            return Trainer.train_step(self, labeled, unlabeled)
+        losses = [sum(self.supervised_terms(network, labeled).values()) for network in networks]
         names = self.members()
         return {"loss": sum(losses[1:], losses[0]), **{f"supervised_{name}": loss for name, loss in zip(names, losses)}}
 
@@ -477,6 +515,8 @@ class Trainer:
                            f"method settings {self.settings}")
             if self.network_size_note:
                 self.log.write(self.network_size_note)
+            if self.declares_absence:
+                self.log.write(self.known_absent_note())
             if self.uses_unlabeled:
                 self.log.write(describe_warm_up(self.config.supervised_warm_up, self.warm_up_epochs, self.config.epochs,
                                                 self.config.iterations_per_epoch, self.warm_start is not None))

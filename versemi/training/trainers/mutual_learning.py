@@ -39,6 +39,9 @@ were available, so every formula below is this project's reading, with its weigh
   score alike, and at 4 minutes (60 iterations) both predict nothing, the weighted run with its
   pseudo-labels weighted 0. There the networks have not learned to find a structure yet, with or
   without pseudo-labels (``benchmarks/RESULTS.md``);
+- where the plan declares structures absent from a dataset's images (``known_absent``), they are
+  learnt absent from its whole images, labeled and unlabeled (``exclusion_loss``, weighted by
+  ``exclusion_weight``) and never pseudo-labeled there;
 - ``exclusion`` assumes, as the paper does, that the datasets' structures never overlap; set its
   weight to 0 for datasets whose structures may contain each other (an organ and its tumour);
 - with deep supervision, the supervised terms are nnU-Net's weighted sum; the others use the
@@ -51,7 +54,7 @@ import torch.distributed as dist
 
 from ...errors import input_error
 from ..feature_taps import BackboneTap
-from ..losses import finest, foreground_probability, masked_dice_ce, multiscale
+from ..losses import exclusion_loss, finest, foreground_probability, masked_dice_ce, multiscale
 from ..prompts import DatasetPrompts
 from ..pseudo_labels import confidence, hard_labels
 from ..teacher import EMATeacher
@@ -78,6 +81,7 @@ class MutualLearningTrainer(Trainer):
     uses_unlabeled = True
     method_defaults = DEFAULTS
     method_presets = PRESETS
+    learns_known_absent = True
     # a warm start that loads both networks (a MutualLearningTrainer checkpoint) replaces stage 1: the
     # loaded pair is frozen as the pseudo-labelers; from a checkpoint without the peer, stage 1 stays,
     # since a frozen peer of initial weights would pseudo-label noise
@@ -157,21 +161,27 @@ class MutualLearningTrainer(Trainer):
                       for name, logits in outputs.items()}
         terms["supervised"] = sum(supervised.values())
         probabilities = {name: foreground_probability(finest(logits)) for name, logits in outputs.items()}  # (B, R, ...)
-        # other datasets' structures are absent where the labeled image's own labels hold
-        other = 1 - self.dataset_prompts.own(labeled["dataset"])  # (n, R)
+        # other datasets' structures are absent where the labeled image's own labels hold, and
+        # everywhere in the images of a dataset that declares them absent (plans known_absent)
+        datasets = labeled["dataset"] if unlabeled is None else torch.cat([labeled["dataset"], unlabeled["dataset"]])
+        declared = self.absent_prompts(datasets)[:, real]        # (B, R)
+        other = (1 - self.dataset_prompts.own(labeled["dataset"])) * (1 - declared[:n])  # (n, R)
         where_own = labeled["foreground"][:, :1] > 0.5            # (n, 1, ...)
         terms["exclusion"] = self.settings["exclusion_weight"] * sum(
             self._absent(p[:n], where_own, other) for p in probabilities.values())
+        if self.declares_absence:
+            terms["known_absent"] = self.settings["exclusion_weight"] * sum(
+                exclusion_loss(finest(logits), declared) for logits in outputs.values())
         cosine = torch.nn.functional.cosine_similarity(features["main"].float(), features[PEER].float(), dim=1)
         if self.stage == 1:
             terms["feature_difference"] = self.settings["feature_difference_weight"] * cosine.clamp_min(0).mean()
         else:
-            terms.update(self._mutual_similarity(images, prompts, n, other, probabilities, features,
+            terms.update(self._mutual_similarity(images, prompts, n, other, declared, probabilities, features,
                                                  supervised, outputs, own_column, labeled["target"]))
         terms["loss"] = sum(value for key, value in terms.items() if key != "pseudo_reliability")
         return terms
 
-    def _mutual_similarity(self, images, prompts, n, other, probabilities, features, supervised,
+    def _mutual_similarity(self, images, prompts, n, other, declared, probabilities, features, supervised,
                            outputs, own_column, target) -> dict[str, torch.Tensor]:
         s = self.settings
         with torch.no_grad():
@@ -180,6 +190,7 @@ class MutualLearningTrainer(Trainer):
         # what an image's labels do not give: other datasets' structures (labeled), everything (unlabeled)
         missing = torch.ones(images.shape[0], prompts.shape[1], device=images.device)
         missing[:n] = other
+        missing = missing * (1 - declared)  # a structure declared absent is learnt absent, not pseudo-labeled
         confident = (confidence(frozen) >= s["pseudo_threshold"]).float() * missing[(...,) + (None,) * 3]
         logged = {}
         if s["pseudo_reliability"]:

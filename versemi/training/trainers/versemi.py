@@ -17,7 +17,11 @@ Choices where the public code is silent or defective:
 - the stage-2 box supervision uses masks of the image's shape (fixes the public broadcast);
 - the ramp-up weight is applied to the consistency term (setting ``rampup``; the public code
   computes it without applying it); ``detach_aggregate`` defaults to False as the public code;
-- with deep supervision, every term is nnU-Net's weighted sum over the output resolutions.
+- with deep supervision, every term is nnU-Net's weighted sum over the output resolutions;
+- where the plan declares structures absent from a dataset's images (``known_absent``), their
+  prompts learn the absence (``exclusion_loss``, full resolution) on the plain labeled images
+  and on the pasted unlabeled ones, each region by the dataset its voxels came from
+  (``weight_known_absent``; the paper has no such term).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 
 from ...errors import input_error
 from ..mixing import box_mask, mix, shuffled
-from ..losses import deep_supervision_weights, foreground_probability, resize_to, soft_dice_loss
+from ..losses import deep_supervision_weights, exclusion_loss, foreground_probability, resize_to, soft_dice_loss
 from ..schedules import sigmoid_rampup
 from ..trainer import Trainer
 
@@ -43,6 +47,7 @@ DEFAULTS = {
     "detach_aggregate": False,
     "rampup": True,
     "rampup_fraction": 0.25,       # of stage 2, sigmoid ramp exp(-5 (1 - t)^2)
+    "weight_known_absent": 1.0,    # structures the plan declares absent from a dataset (no effect without)
 }
 # the paper's loss (docs/method.md): stage 2 = supervised + synthetic CutMix + consistency + box, weights 1
 PRESETS = {"paper": {"stage2_task_mix": False, "stage2_labeled_cutmix": True, "task_mix_scoring": "own_region",
@@ -56,6 +61,7 @@ class VerSemiTrainer(Trainer):
     uses_unlabeled = True
     method_defaults = DEFAULTS
     method_presets = PRESETS
+    learns_known_absent = True
     # a warm start replaces stage 1: stage 2 keeps its labeled terms (supervised, synthetic, task-mix
     # CutMix) by default and ramps the consistency up from 0, so the synthetic prompt, which e.g. a
     # supervised checkpoint never trained, learns before the consistency with it weighs
@@ -134,13 +140,15 @@ class VerSemiTrainer(Trainer):
         return terms
 
     def unlabeled_terms(self, logits_pasted: torch.Tensor, pasted_foreground: torch.Tensor,
-                        paste: torch.Tensor) -> dict[str, torch.Tensor]:
+                        paste: torch.Tensor, absent: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Consistency of the synthetic prompt with the max over the task prompts on labeled-into-
-        unlabeled pastes, and the synthetic prompt supervised inside the pasted box."""
+        unlabeled pastes, and the synthetic prompt supervised inside the pasted box. ``absent``
+        (n, K, ...) 0/1: prompts whose structure is declared absent at a voxel, left out of the max."""
         s = self.settings
         probs = foreground_probability(logits_pasted)  # (n, K, ...)
         synthetic = probs[:, self.synthetic_prompt][:, None]
-        aggregate = probs[:, self.real_prompts].amax(1, keepdim=True).clamp(0, 1)
+        present = probs if absent is None else probs * (1 - absent)
+        aggregate = present[:, self.real_prompts].amax(1, keepdim=True).clamp(0, 1)
         if s["detach_aggregate"]:
             aggregate = aggregate.detach()
         return {"consistency": self.consistency_weight() * soft_dice_loss(synthetic, aggregate),
@@ -176,9 +184,21 @@ class VerSemiTrainer(Trainer):
             level_terms = self.labeled_terms(scaled, logits[0], logits[1] if with_cutmix else None,
                                              resize_to(mask, shape), task_mix=self.stage == 1 or s["stage2_task_mix"])
             if with_unlabeled:
-                level_terms.update(self.unlabeled_terms(logits[-1], scaled["foreground"][source],
-                                                        resize_to(paste, shape)))
+                level_paste = resize_to(paste, shape)
+                absent = None
+                if self.declares_absence:  # per voxel: the dataset of the image it came from
+                    absent = (self.absent_prompts(unlabeled["dataset"])[(...,) + (None,) * 3] * (1 - level_paste)
+                              + self.absent_prompts(labeled["dataset"][source])[(...,) + (None,) * 3] * level_paste)
+                level_terms.update(self.unlabeled_terms(logits[-1], scaled["foreground"][source], level_paste, absent))
             for name, value in level_terms.items():
                 terms[name] = terms.get(name, 0.0) + weight * value
+        if self.declares_absence and s["weight_known_absent"]:
+            finest = levels[0]
+            terms["known_absent"] = s["weight_known_absent"] * exclusion_loss(
+                finest[0], self.absent_prompts(labeled["dataset"]))
+            if with_unlabeled:  # outside the box the unlabeled image's dataset, inside the pasted sample's
+                terms["known_absent"] = terms["known_absent"] + s["weight_known_absent"] * (
+                    exclusion_loss(finest[-1], self.absent_prompts(unlabeled["dataset"]), 1 - paste)
+                    + exclusion_loss(finest[-1], self.absent_prompts(labeled["dataset"][source]), paste))
         terms["loss"] = sum(terms.values())
         return terms
