@@ -182,15 +182,25 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", help="for label maps of several datasets' structures (labels.json beside the "
                                           "predictions): the dataset the cases come from (default: the reference "
                                           "folder's, RAW/DATASET/labelsTs)")
+    parser.add_argument("--head-circumference", action="store_true",
+                        help="2D images (HC18): also the circumference of an ellipse fitted to each predicted and "
+                             "reference mask, and their absolute difference")
     args = parser.parse_args(argv)
     summary = evaluate_folders(args.reference, args.predictions, voxel_units=args.voxel_units, labels=args.labels,
-                               empty_convention=args.empty, output_dir=args.output, dataset=args.dataset)
+                               empty_convention=args.empty, output_dir=args.output, dataset=args.dataset,
+                               head_circumference=args.head_circumference)
     print(f"{summary['num_cases']} case(s), distances in {summary['units']}, empty convention '{args.empty}'")
     for label in summary["labels"]:
         counts = summary["counts"][str(label)]
         notes = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("missed", "false_positive_only",
                                                                           "both_empty") if counts[k])
         print(f"label {label}: {format_table_row(summary, label)}" + (f"   ({notes})" if notes else ""))
+    for label, figures in (summary.get("head_circumference") or {}).items():
+        undefined = f" ({figures['undefined']} undefined: an empty mask)" if figures["undefined"] else ""
+        mean = "n/a" if figures["mean_abs_difference"] is None else \
+            f"{figures['mean_abs_difference']:.2f} ± {figures['std_abs_difference']:.2f} {summary['units']}"
+        print(f"label {label}: head circumference |predicted - reference| {mean} over {figures['cases']} "
+              f"case(s){undefined}")
     claims = summary["foreign_claims"]
     if claims is not None:
         for name, figures in claims["structures"].items():

@@ -29,6 +29,8 @@ from ..datasets.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_label
 from ..errors import InputError, Problem, input_error
 from .metrics import EMPTY_CONVENTIONS, METRIC_NAMES, STATUSES, CaseMetrics, binary_metrics
 from .foreign_claims import read_label_map_table, summarize_claims
+from .head_circumference import case_circumferences
+from .head_circumference import summarize as summarize_circumferences
 from .structure_names import structure_names, structure_title
 
 SUMMARY_FILES = ("summary.json", "summary.csv", "summary.png")
@@ -57,12 +59,15 @@ def find_cases(folder: str | Path) -> dict[str, Path]:
 
 def evaluate_folders(reference_dir: str | Path, prediction_dir: str | Path, voxel_units: bool = False,
                      labels: Iterable[int] | None = None, empty_convention: str = "nan",
-                     output_dir: str | Path | None = None, write: bool = True, dataset: str | None = None) -> dict:
+                     output_dir: str | Path | None = None, write: bool = True, dataset: str | None = None,
+                     head_circumference: bool = False) -> dict:
     """Score every reference case against its prediction; write and return the summary.
 
     ``labels``: label values to evaluate (default: every nonzero value found in the references).
     ``voxel_units``: distances in voxels instead of mm. ``empty_convention``: ``"nan"`` or
-    ``"literature"`` (see :mod:`versemi.evaluation.metrics`). ``output_dir``: where the
+    ``"literature"`` (see :mod:`versemi.evaluation.metrics`). ``head_circumference``: also the
+    circumference of an ellipse fitted to each 2D mask and its absolute difference from the
+    reference's (``head_circumference`` module; HC18). ``output_dir``: where the
     ``summary.*`` files go (default ``prediction_dir/summary``); ``write=False`` writes nothing.
 
     Raises InputError for a missing folder, no reference cases, missing predictions (all listed
@@ -109,6 +114,10 @@ def evaluate_folders(reference_dir: str | Path, prediction_dir: str | Path, voxe
         predicted_labels |= set(np.unique(prediction).tolist()) - {0}
         per_case.append({"case": case, "reference": str(ref_path), "prediction": str(pred_path),
                          "metrics": metrics})
+        if head_circumference:
+            spacing = (1.0, 1.0) if voxel_units else ref_geometry.spacing_zyx[1:]
+            per_case[-1]["head_circumference"] = case_circumferences(prediction, reference, spacing,
+                                                                     sorted(case_labels | (requested or set())), ref_path)
     label_set = sorted(requested if requested is not None else found_labels)
     if not label_set:
         raise input_error(reference_dir, "the reference labels hold no foreground (only 0) in any case",
@@ -156,6 +165,11 @@ def evaluate_folders(reference_dir: str | Path, prediction_dir: str | Path, voxe
         counts["hd95_undefined"] = sum(r["hd95"] is None for r in rows)
         counts["asd_undefined"] = sum(r["asd"] is None for r in rows)
         summary["counts"][key] = counts
+    if head_circumference:
+        for entry in per_case:  # a label neither mask holds in a case: no circumference either
+            entry["head_circumference"] = {str(label): entry["head_circumference"].get(
+                str(label), {"predicted": None, "reference": None, "abs_difference": None}) for label in label_set}
+        summary["head_circumference"] = summarize_circumferences(per_case, label_set)
     if write:
         write_summary(summary, output_dir)
     return summary
