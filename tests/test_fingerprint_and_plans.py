@@ -133,3 +133,26 @@ def test_the_typed_plans_view_answers_from_the_plans(planned):
     assert view.has_configuration("3d_fullres") and not view.has_configuration("2d")
     assert view.configuration("3d_fullres") is plans["configurations"]["3d_fullres"]
     assert view.dataset_plan("DemoLA") is plans["datasets"]["DemoLA"]
+
+
+def test_a_spacing_scale_per_dataset(toy_raw, tmp_path, capsys):
+    from versemi.cli import plan_and_preprocess_main
+
+    def plan(root, *scale):
+        assert plan_and_preprocess_main(["--raw", str(toy_raw), "--plans-root", str(tmp_path / root), "-d", "DemoLA",
+                                         "DemoPancreas", "--no-preprocess", "--quiet", "-np", "1",
+                                         *(["--spacing-scale", *scale] if scale else [])]) == 0
+        plans = json.loads((tmp_path / root / "DemoLA_DemoPancreas" / "plans.json").read_text(encoding="utf-8"))
+        return {name: d["target_spacing"] for name, d in plans["datasets"].items()}
+
+    plain, per_dataset, everyone = plan("plain"), plan("one", "DemoLA=2"), plan("all", "2")
+    assert per_dataset["DemoLA"] == pytest.approx([2 * s for s in plain["DemoLA"]])
+    assert per_dataset["DemoPancreas"] == plain["DemoPancreas"]  # not named: its own spacing
+    assert everyone["DemoPancreas"] == pytest.approx([2 * s for s in plain["DemoPancreas"]])
+    for bad, message in ((["LA=2"], "dataset 'LA' is not among"), (["DemoLA=0"], "needs a positive factor"),
+                         (["2", "DemoLA=2"], "mixes one factor")):
+        code = plan_and_preprocess_main(["--raw", str(toy_raw), "--plans-root", str(tmp_path / "bad"), "-d", "DemoLA",
+                                         "DemoPancreas", "--no-preprocess", "--quiet", "-np", "1",
+                                         "--spacing-scale", *bad])
+        assert code != 0 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

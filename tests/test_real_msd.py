@@ -185,13 +185,14 @@ def test_a_joint_plan_of_real_hippocampus_and_la_cases(raw, tmp_path):
     shutil.copytree(raw / "Hippocampus", joint / "Hippocampus")
     convert_la_h5(la_source, joint / "LA", ids=read_id_list(la_source / "train.list")[:2], show_progress=False)
     assert plan_and_preprocess_main(["--raw", str(joint), "--plans-root", str(tmp_path / "plans"), "-d", "LA",
-                                     "Hippocampus", "--labeled", "LA=1", "Hippocampus=2", "--spacing-scale", "2",
+                                     "Hippocampus", "--labeled", "LA=1", "Hippocampus=2", "--spacing-scale", "LA=2",
                                      "--known-absent", "all", "--no-preprocess", "--quiet", "-np", "1"]) == 0
     plans = json.loads((tmp_path / "plans" / "LA-1labeled_Hippocampus-2labeled" / "plans.json").read_text("utf-8"))
     assert [(p["dataset"], p["label"]) for p in plans["prompts"]] == [
         ("LA", "left_atrium"), ("Hippocampus", "Anterior"), ("Hippocampus", "Posterior"), (None, "synthetic")]
     la, hippocampus = plans["datasets"]["LA"], plans["datasets"]["Hippocampus"]
-    assert la["target_spacing"] == pytest.approx([1.25] * 3) and hippocampus["target_spacing"] == [2.0] * 3
+    # LA planned at twice its spacing for a CPU, the hippocampus at its own 1 mm
+    assert la["target_spacing"] == pytest.approx([1.25] * 3) and hippocampus["target_spacing"] == [1.0] * 3
     assert [n["scheme"] for n in la["normalization"] + hippocampus["normalization"]] == ["zscore", "zscore"]
     assert (la["labeled_cases"], len(la["unlabeled_cases"])) == (read_id_list(la_source / "train.list")[:1], 1)
     assert (len(hippocampus["labeled_cases"]), len(hippocampus["unlabeled_cases"])) == (2, 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -97,6 +98,30 @@ def _parse_limits(values: list[str]) -> dict[str, int]:
     return limits
 
 
+def _parse_spacing_scale(values: list[str]) -> float | dict[str, float]:
+    """``F`` for every dataset, or ``NAME=F`` per dataset."""
+    def factor(text: str, entry: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not value > 0:
+            raise input_error(f"--spacing-scale {entry}", "needs a positive factor",
+                              "write e.g. --spacing-scale 2, or --spacing-scale LA=2")
+        return value
+
+    if len(values) == 1 and "=" not in values[0]:
+        return factor(values[0], values[0])
+    scales = {}
+    for entry in values:
+        name, sep, text = entry.partition("=")
+        if not sep or not name:
+            raise input_error(f"--spacing-scale {entry}", "mixes one factor for all with NAME=F entries",
+                              "write one factor (--spacing-scale 2) or one NAME=F per dataset")
+        scales[name] = factor(text, entry)
+    return scales
+
+
 @_entry_point
 def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
     from .plans import known_absent
@@ -120,8 +145,9 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
                              "Training learns them absent there; without a declaration they stay unknown")
     parser.add_argument("--memory-gb", type=float, default=8.0, help="GPU memory budget for patch and batch size")
     parser.add_argument("--architecture", choices=("unet", "vnet"), default="unet")
-    parser.add_argument("--spacing-scale", type=float, default=1.0,
-                        help="plan at this multiple of the target spacing (2 = half resolution, for CPU runs)")
+    parser.add_argument("--spacing-scale", nargs="+", default=["1"], metavar="F | NAME=F",
+                        help="plan at this multiple of the target spacing (2 = half resolution, for CPU runs); "
+                             "per dataset: --spacing-scale LA=2 (datasets not named keep 1)")
     parser.add_argument("--no-preprocess", action="store_true", help="write fingerprints and plans only")
     parser.add_argument("--overwrite-plans", action="store_true", help="replace an existing, different plans.json")
     parser.add_argument("--raw", type=Path, help="raw root (default: $VERSEMI_RAW or $VERSEMI_ROOT/raw)")
@@ -132,7 +158,7 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
         dataset_names=args.datasets, raw_root=args.raw or paths.raw_root(), plans_root=args.plans_root or paths.plans_root(),
         experiment=args.experiment, labeled_limits=_parse_limits(args.labeled), num_processes=args.num_processes,
         settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture,
-                              spacing_scale=args.spacing_scale),
+                              spacing_scale=_parse_spacing_scale(args.spacing_scale)),
         overwrite_plans=args.overwrite_plans,
         known_absent=known_absent.parse_cli(args.known_absent) if args.known_absent else None)
     if args.verify_only:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..atomic import read_json, write_json
@@ -68,6 +68,12 @@ def _load(request: ExperimentRequest) -> tuple[list[RawDataset], list[Problem]]:
             available = len(by_request_name[name].labeled_cases())
             problems.append(Problem(f"--labeled {name}={limit}", f"{name} has {available} labeled cases",
                                     f"give a number from 1 to {available}"))
+    scales = request.settings.spacing_scale
+    for name in scales if isinstance(scales, dict) else []:
+        if name not in request.dataset_names:
+            problems.append(Problem(f"--spacing-scale {name}={scales[name]:g}", f"dataset {name!r} is not among "
+                                                                               f"-d {request.dataset_names}",
+                                    "name one of the planned datasets"))
     if len(datasets) == len(request.dataset_names):
         try:
             request_absent(request, datasets)
@@ -98,11 +104,15 @@ def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> 
     for dataset in datasets:
         save_fingerprint(fingerprint_folder(request.plans_root, dataset.name), *results[dataset.name])
     limits = {d.name: request.labeled_limits.get(requested) for requested, d in zip(request.dataset_names, datasets)}
+    settings = request.settings
+    if isinstance(settings.spacing_scale, dict):  # by the names given with -d, as --labeled
+        settings = replace(settings, spacing_scale={d.name: settings.scale_of(requested)
+                                                    for requested, d in zip(request.dataset_names, datasets)})
     plans = plan_experiment(request.experiment_name,
                             {d.name: results[d.name][0] for d in datasets},
                             {d.name: d.is_ct for d in datasets}, limits,
                             {d.name: d.meta.get("case_order") or [] for d in datasets},
-                            {d.name: results[d.name][1] for d in datasets}, request.settings,
+                            {d.name: results[d.name][1] for d in datasets}, settings,
                             request_absent(request, datasets))
     _write_plans(plans, plans_path(request.plans_root, plans["experiment"]), request.overwrite_plans)
     summary = {"experiment": plans["experiment"], "plans": str(plans_path(request.plans_root, plans["experiment"]))}

@@ -26,8 +26,14 @@ CONFIGURATION = "3d_fullres"
 class PlanSettings:
     memory_gb: float = 8.0
     architecture: str = "unet"
-    # > 1 plans every dataset at a coarser spacing (e.g. 2 = half resolution) for quick CPU runs
-    spacing_scale: float = 1.0
+    # > 1 plans at a coarser spacing (e.g. 2 = half resolution) for quick CPU runs: one factor for
+    # every dataset, or one per dataset name (a dataset not named keeps 1)
+    spacing_scale: float | dict[str, float] = 1.0
+
+    def scale_of(self, dataset: str) -> float:
+        if isinstance(self.spacing_scale, dict):
+            return float(self.spacing_scale.get(dataset, 1.0))
+        return float(self.spacing_scale)
 
 
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[float], int | None]:
@@ -142,7 +148,7 @@ def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: di
     (``plans.known_absent``); stored only where something is declared.
     """
     datasets = {name: plan_dataset(fp, ct_flags[name], labeled_limits.get(name), case_orders[name],
-                                   stored_samples[name], settings.spacing_scale) for name, fp in fingerprints.items()}
+                                   stored_samples[name], settings.scale_of(name)) for name, fp in fingerprints.items()}
     for name, absent in (known_absent or {}).items():
         if absent:
             datasets[name]["known_absent"] = list(absent)
