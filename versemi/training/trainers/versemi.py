@@ -21,7 +21,8 @@ Choices where the public code is silent or defective:
 - where the plan declares structures absent from a dataset's images (``known_absent``), their
   prompts learn the absence (``exclusion_loss``, full resolution) on the plain labeled images
   and on the pasted unlabeled ones, each region by the dataset its voxels came from
-  (``weight_known_absent``; the paper has no such term).
+  (``weight_known_absent``; the paper has no such term), and they are left out of the max over
+  the task prompts that the synthetic prompt's consistency follows there.
 """
 from __future__ import annotations
 
