@@ -60,7 +60,23 @@ def check_dataset_listing(dataset: RawDataset) -> list[Problem]:
     if unknown:
         problems.append(Problem(meta_path, f"case_order names cases without images: {unknown[:5]}",
                                 "remove them from case_order or add their images"))
+    problems.extend(_case_group_problems(dataset.meta.get("case_groups"), set(training) | set(unlabeled), meta_path))
     return problems
+
+
+def _case_group_problems(groups, cases: set[str], meta_path: str) -> list[Problem]:
+    """``case_groups`` (optional) must map case ids of the dataset to group names."""
+    if groups is None:
+        return []
+    if not isinstance(groups, dict) or not all(isinstance(g, str) for g in groups.values()):
+        return [Problem(meta_path, "case_groups is not an object mapping case ids to group names (strings)",
+                        'write it as {"case_id": "subject", ...}, e.g. {"hc18_001": "001", "hc18_001_2": "001"}')]
+    unknown = sorted(set(groups) - cases)
+    if unknown:
+        # a misspelt id would silently leave that case out of its group, and its subject split across folds
+        return [Problem(meta_path, f"case_groups names cases without images: {unknown[:5]}",
+                        "remove them from case_groups or correct the case ids")]
+    return []
 
 
 def check_case(case: RawCase, dataset: RawDataset) -> tuple[list[Problem], np.ndarray | None,

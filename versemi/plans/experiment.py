@@ -113,7 +113,8 @@ def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> 
                             {d.name: d.is_ct for d in datasets}, limits,
                             {d.name: d.meta.get("case_order") or [] for d in datasets},
                             {d.name: results[d.name][1] for d in datasets}, settings,
-                            request_absent(request, datasets))
+                            request_absent(request, datasets),
+                            {d.name: d.meta.get("case_groups") for d in datasets})
     _write_plans(plans, plans_path(request.plans_root, plans["experiment"]), request.overwrite_plans)
     summary = {"experiment": plans["experiment"], "plans": str(plans_path(request.plans_root, plans["experiment"]))}
     if preprocess:

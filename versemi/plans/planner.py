@@ -120,16 +120,24 @@ def cross_validation_splits(dataset_plans: dict[str, dict], seed: int = SPLIT_SE
     """5 folds over labeled cases, stratified by dataset; unlabeled cases are always in training.
 
     Case keys are ``Dataset/case_id``. Each dataset's labeled cases are shuffled with ``seed`` and
-    dealt round-robin to the folds, so every fold gets a share of every dataset.
+    dealt round-robin to the folds, so every fold gets a share of every dataset. Cases that share a
+    group (``case_groups``: the images of one subject) are dealt together, so no subject has labeled
+    images on both sides of a fold; the group takes the place of its first case in the shuffled
+    order. Without groups every case is a group of one: plain round-robin over the cases.
     """
     folds = [{"train_labeled": [], "val": [], "train_unlabeled": []} for _ in range(NUM_FOLDS)]
     for name, plan in dataset_plans.items():
-        keys = [f"{name}/{cid}" for cid in plan["labeled_cases"]]
-        order = np.random.default_rng(seed).permutation(len(keys))
-        for position, index in enumerate(order):
+        cases = plan["labeled_cases"]
+        case_groups = plan.get("case_groups", {})
+        groups: dict[tuple[str, str], list[str]] = {}
+        for index in np.random.default_rng(seed).permutation(len(cases)):
+            cid = cases[index]
+            group = ("group", case_groups[cid]) if cid in case_groups else ("case", cid)
+            groups.setdefault(group, []).append(f"{name}/{cid}")
+        for position, keys in enumerate(groups.values()):
             for fold_index, fold in enumerate(folds):
                 target = "val" if position % NUM_FOLDS == fold_index else "train_labeled"
-                fold[target].append(keys[index])
+                fold[target].extend(keys)
         for fold in folds:
             fold["train_unlabeled"].extend(f"{name}/{cid}" for cid in plan["unlabeled_cases"])
     for fold in folds:
@@ -141,17 +149,23 @@ def cross_validation_splits(dataset_plans: dict[str, dict], seed: int = SPLIT_SE
 def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: dict[str, bool],
                     labeled_limits: dict[str, int | None], case_orders: dict[str, list[str]],
                     stored_samples: dict[str, dict], settings: PlanSettings = PlanSettings(),
-                    known_absent: dict[str, list[str]] | None = None) -> dict:
+                    known_absent: dict[str, list[str]] | None = None,
+                    case_groups: dict[str, dict[str, str] | None] | None = None) -> dict:
     """The whole plan for the datasets of one experiment (see README: "plans.json, field by field").
 
     ``known_absent``: per dataset, the ``Other/label`` structures declared absent from its images
-    (``plans.known_absent``); stored only where something is declared.
+    (``plans.known_absent``); stored only where something is declared. ``case_groups``: per dataset,
+    case id -> group (dataset.json ``case_groups``); stored, for the planned cases, only where given.
     """
     datasets = {name: plan_dataset(fp, ct_flags[name], labeled_limits.get(name), case_orders[name],
                                    stored_samples[name], settings.scale_of(name)) for name, fp in fingerprints.items()}
     for name, absent in (known_absent or {}).items():
         if absent:
             datasets[name]["known_absent"] = list(absent)
+    for name, groups in (case_groups or {}).items():
+        if groups:
+            planned = datasets[name]["labeled_cases"] + datasets[name]["unlabeled_cases"]
+            datasets[name]["case_groups"] = {cid: groups[cid] for cid in planned if cid in groups}
     in_channels = len(next(iter(datasets.values()))["channel_names"])
     # one patch for all: take the topology spacing as the median of the datasets' target spacings
     # and cap the patch by the largest median shape, so no dataset is forced into tiny patches

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import input_error
+from .hc18 import convert_hc18
 from .la_2018 import convert_la_2018
 from .la_h5 import convert_la_h5
 from .msd import convert_msd
@@ -21,9 +22,11 @@ CONVERTERS: dict[str, Callable[..., Path]] = {
     "la-2018": convert_la_2018,
     "msd": convert_msd,
     "pancreas-nih": convert_pancreas_nih,
+    "hc18": convert_hc18,
 }
 
-__all__ = ["CONVERTERS", "convert", "convert_la_h5", "convert_la_2018", "convert_msd", "convert_pancreas_nih"]
+__all__ = ["CONVERTERS", "convert", "convert_hc18", "convert_la_h5", "convert_la_2018", "convert_msd",
+           "convert_pancreas_nih"]
 
 
 def convert(kind: str, source: str | Path, output: str | Path, **options) -> Path:
