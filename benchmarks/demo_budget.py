@@ -65,7 +65,8 @@ def start(args, work: Path, trainer: str, seed: int) -> subprocess.Popen | None:
     command = [str(BIN / "versemi_train"), "3d_fullres", "0", "-e", EXPERIMENT, "-tr", trainer, "--time-budget",
                str(args.minutes), "--seed", str(seed), "--patch-size", "32", "48", "48", "--batch-size", "2",
                "--features", "8", "16", "32", "64", "--optimizer", "adam", "--lr", "3e-3", "--num-workers", "1",
-               "--val-iterations", "2"] + (["--method", args.method] if args.method else [])
+               "--val-iterations", "2", "--supervised-warm-up", args.supervised_warm_up] \
+        + (["--method", args.method] if args.method else [])
     return subprocess.Popen(command, env=env, stdout=open(folder / "train.log", "w"), stderr=subprocess.STDOUT)
 
 
@@ -118,6 +119,9 @@ def main() -> None:
     parser.add_argument("--method", help="--method settings (JSON) given to every trainer of this run, "
                                          "e.g. an ablation in its own --work")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "demo_budget")
+    parser.add_argument("--supervised-warm-up", default="auto",
+                        help="versemi_train --supervised-warm-up (auto: runs this short stay supervised; 0: the "
+                             "method from the first step)")
     parser.add_argument("--known-absent", action="store_true",
                         help="plan with --known-absent all: each dataset declares the other's structure absent")
     args = parser.parse_args()
@@ -146,7 +150,8 @@ def main() -> None:
     title = (f"Demo pair (DemoLA + DemoPancreas, synthetic), fold 0, --time-budget {args.minutes:g} min, 2 runs side "
              "by side x 1 thread; patch 32x48x48, features 8-16-32-64, batch 2, adam 3e-3; final checkpoint; every "
              "prompt into one label map, no mirroring"
-             + ("; planned with --known-absent all" if args.known_absent else "; nothing declared absent"))
+             + ("; planned with --known-absent all" if args.known_absent else "; nothing declared absent")
+             + f"; --supervised-warm-up {args.supervised_warm_up}")
     (work / "demo_budget.md").write_text(title + "\n\n" + "\n".join(rows) + "\n")
     (work / "demo_budget.json").write_text(json.dumps({"settings": vars(args) | {"work": str(work)},
                                                        "results": results}, indent=2, default=str))
