@@ -11,6 +11,7 @@ from versemi.cli import predict_main
 from versemi.datasets.io import read_image
 from versemi.errors import InputError
 from versemi.inference import load_models
+from versemi.training.losses import prompt_columns
 from versemi.training.trainers.mutual_learning import PEER, MutualLearningTrainer
 
 from conftest import TOY_EXPERIMENT, assert_same_weights, make_trainer, train_killed_and_resumed
@@ -132,8 +133,8 @@ def test_the_worse_network_takes_the_better_ones_features(planned, tmp_path):
     real = trainer.dataset_prompts.indices
     column = (labeled["prompt"][:, None] == real[None]).float().argmax(1)
     with torch.no_grad():
-        supervised = {name: float(trainer.loss(MutualLearningTrainer._column(
-            model(torch.cat([labeled["data"], unlabeled["data"]]), real.expand(4, -1)), column, 2), labeled["target"]))
+        supervised = {name: float(trainer.loss(prompt_columns(
+            model(torch.cat([labeled["data"], unlabeled["data"]]), real.expand(4, -1)), column), labeled["target"]))
             for name, model in trainer.members().items()}
     learner = next(name for name, flag in moved.items() if flag)
     assert supervised[learner] >= max(supervised.values())

@@ -335,10 +335,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     prompts = resolve_prompts(ensemble.plans, args.prompt)
     left_out = []
     if args.from_dataset:
-        from .inference.prompt_names import prompts_for_dataset
+        from .inference.prompt_names import asks_all, prompts_for_dataset
 
-        explicit = bool(args.prompt) and not any(t.strip().lower() == "all" for t in args.prompt)
-        prompts, absent = prompts_for_dataset(ensemble.plans, prompts, args.from_dataset, explicit)
+        prompts, absent = prompts_for_dataset(ensemble.plans, prompts, args.from_dataset, not asks_all(args.prompt))
         left_out = [(p, f"{args.from_dataset} declares it absent from its images (known_absent)") for p in absent]
         for prompt, why in left_out:
             print(f"not predicted: {prompt['dataset']}/{prompt['label']}: {why}")

@@ -61,11 +61,16 @@ def resolve_prompt(plans: dict, text: str) -> dict:
     raise unknown
 
 
+def asks_all(texts: Sequence[str] | None) -> bool:
+    """Whether ``-p`` asks for every prompt (nothing given, or ``all`` among the texts)."""
+    return not texts or any(t.strip().lower() == "all" for t in texts)
+
+
 def resolve_prompts(plans: dict, texts: Sequence[str] | None) -> list[dict]:
     """The prompts named by ``texts`` (each as ``resolve_prompt``; ``all``: every real prompt),
     in the experiment's prompt order, without repeats. None: ``all``."""
     real = PlansView(plans).real_prompts
-    if not texts or any(t.strip().lower() == "all" for t in texts):
+    if asks_all(texts):
         return real
     chosen = {resolve_prompt(plans, t)["index"] for t in texts}
     return [p for p in real if p["index"] in chosen]

@@ -83,6 +83,15 @@ def multiscale(loss: Callable[..., torch.Tensor], logits, *full_resolution: torc
     return total
 
 
+def prompt_columns(logits, columns: torch.Tensor):
+    """Sample i's logits of prompt column ``columns[i]`` from (B, K, 2, ...) logits, for the first
+    ``len(columns)`` samples: (n, 2, ...) (per level with deep supervision)."""
+    rows = torch.arange(columns.shape[0], device=columns.device)
+    if torch.is_tensor(logits):
+        return logits[rows, columns]
+    return [level[rows, columns] for level in logits]
+
+
 def finest(logits):
     """The full-resolution logits of a network output (a tensor, or a deep-supervision list)."""
     return logits if torch.is_tensor(logits) else logits[0]

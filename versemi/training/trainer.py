@@ -40,7 +40,7 @@ from ..model.precision import autocast_dtype
 from ..nets import build_network
 from .budget import fit_schedule
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader
-from .losses import DiceCE, exclusion_loss, finest, multiscale
+from .losses import DiceCE, exclusion_loss, finest, multiscale, prompt_columns
 from .method_settings import resolve_method_settings
 from .progress import TrainingLog
 from .prompts import known_absent_matrix
@@ -171,9 +171,7 @@ class Trainer:
             return {"supervised": multiscale(self.loss, network(x, own), labeled["target"])}
         prompts = torch.arange(self.num_prompts, device=x.device).expand(x.shape[0], -1)
         out = network(x, prompts)  # (B, K, 2, *S) per level
-        rows = torch.arange(x.shape[0], device=x.device)
-        own_logits = out[rows, own] if torch.is_tensor(out) else [level[rows, own] for level in out]
-        return {"supervised": multiscale(self.loss, own_logits, labeled["target"]),
+        return {"supervised": multiscale(self.loss, prompt_columns(out, own), labeled["target"]),
                 "known_absent": exclusion_loss(finest(out), self.absent_prompts(labeled["dataset"]))}
 
     def stage_starts(self) -> list[int]:

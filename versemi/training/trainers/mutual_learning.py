@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from ...errors import input_error
 from ..feature_taps import BackboneTap
-from ..losses import exclusion_loss, finest, foreground_probability, masked_dice_ce, multiscale
+from ..losses import exclusion_loss, finest, foreground_probability, masked_dice_ce, multiscale, prompt_columns
 from ..prompts import DatasetPrompts
 from ..pseudo_labels import confidence, hard_labels
 from ..teacher import EMATeacher
@@ -157,7 +157,7 @@ class MutualLearningTrainer(Trainer):
                 outputs[name] = network(images, prompts)         # (B, R, 2, ...) or a deep-supervision list
             features[name] = tap.last.bottleneck.flatten(1)
         terms: dict[str, torch.Tensor] = {}
-        supervised = {name: multiscale(self.loss, self._column(logits, own_column, n), labeled["target"])
+        supervised = {name: multiscale(self.loss, prompt_columns(logits, own_column), labeled["target"])
                       for name, logits in outputs.items()}
         terms["supervised"] = sum(supervised.values())
         probabilities = {name: foreground_probability(finest(logits)) for name, logits in outputs.items()}  # (B, R, ...)
@@ -210,14 +210,6 @@ class MutualLearningTrainer(Trainer):
                 "feature_similarity": s["feature_similarity_weight"] * transfer}
 
     # ----- pieces -----
-    @staticmethod
-    def _column(logits, column: torch.Tensor, n: int):
-        """The first ``n`` samples' logits of one prompt column each: (n, 2, ...) (per level with deep supervision)."""
-        rows = torch.arange(n, device=column.device)
-        if torch.is_tensor(logits):
-            return logits[rows, column]
-        return [level[rows, column] for level in logits]
-
     @staticmethod
     def _absent(probability: torch.Tensor, where: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """Mean foreground probability of the ``prompts`` (n, R) 0/1 columns at the ``where`` voxels:
