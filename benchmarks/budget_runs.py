@@ -21,12 +21,12 @@ import numpy as np
 BIN = Path(sys.executable).parent
 
 
-def fold_all_folder(folder: Path, experiment: str, trainer: str) -> Path:
-    return folder / "results" / experiment / f"{trainer}__3d_fullres" / "fold_all"
+def fold_all_folder(folder: Path, experiment: str, trainer: str, configuration: str = "3d_fullres") -> Path:
+    return folder / "results" / experiment / f"{trainer}__{configuration}" / "fold_all"
 
 
 def start_training(command: list[str], folder: Path, experiment: str, trainer: str, plans: Path,
-                   threads: int) -> subprocess.Popen | None:
+                   threads: int, configuration: str = "3d_fullres") -> subprocess.Popen | None:
     """Start ``command`` (a versemi_train argv) in ``folder``; None if that run already finished.
     A folder whose run was started with other arguments is refused, so settings never mix."""
     recorded = folder / "command.json"
@@ -37,7 +37,7 @@ def start_training(command: list[str], folder: Path, experiment: str, trainer: s
         return None
     folder.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(command), encoding="utf-8")
-    resumed = (fold_all_folder(folder, experiment, trainer) / "checkpoint_latest.pth").is_file()
+    resumed = (fold_all_folder(folder, experiment, trainer, configuration) / "checkpoint_latest.pth").is_file()
     if resumed:
         command = command + ["--continue"]
     env = {**os.environ, "VERSEMI_RESULTS": str(folder / "results"), "VERSEMI_PLANS": str(plans),
@@ -45,7 +45,7 @@ def start_training(command: list[str], folder: Path, experiment: str, trainer: s
     log = open(folder / "train.log", "a" if resumed else "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     process.started, process.folder, process.load_before = time.time(), folder, os.getloadavg()[0]
-    process.checkpoint = fold_all_folder(folder, experiment, trainer) / "checkpoint_final.pth"
+    process.checkpoint = fold_all_folder(folder, experiment, trainer, configuration) / "checkpoint_final.pth"
     process.resumed = resumed
     return process
 

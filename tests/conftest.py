@@ -133,7 +133,8 @@ def results(tmp_path, monkeypatch) -> Path:
     return tmp_path / "results"
 
 
-def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = None, **config):
+def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = None,
+                 configuration: str = "3d_fullres", **config):
     """A set-up trainer of the planned toy experiment at tiny size (fold 0, 10 epochs, Adam)."""
     import json
 
@@ -144,7 +145,7 @@ def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = 
     settings = dict(epochs=10, patch_size=[16, 32, 32], batch_size=2, features=[4, 8, 16], num_workers=0,
                     optimizer="adam", lr=3e-3, supervised_warm_up="0")
     settings.update(config)
-    trainer = find_trainer(name)(plans, planned, "3d_fullres", "0", tmp_path / name, TrainingConfig(**settings))
+    trainer = find_trainer(name)(plans, planned, configuration, "0", tmp_path / name, TrainingConfig(**settings))
     trainer.setup()
     return trainer
 
@@ -193,7 +194,7 @@ def train_killed_and_resumed(args: list[str], trainer: str, results: Path, tmp_p
     from versemi.cli import train_main
 
     assert train_main(args) == 0
-    folder = f"{TOY_EXPERIMENT}/{trainer}__3d_fullres/fold_{args[1]}/checkpoint_final.pth"
+    folder = f"{TOY_EXPERIMENT}/{trainer}__{args[0]}/fold_{args[1]}/checkpoint_final.pth"
     uninterrupted = torch.load(results / folder, weights_only=False)
     os.environ["VERSEMI_RESULTS"] = str(tmp_path / "killed")
     # the child computes with one thread like this process (another thread count rounds differently)

@@ -130,9 +130,16 @@ def test_the_typed_plans_view_answers_from_the_plans(planned):
     assert view.real_prompt_indices == [0, 1] and plans["synthetic_prompt"] == 2
     assert [p["index"] for p in view.prompts_of("DemoPancreas")] == [1]
     assert view.prompt_names()[0] == "DemoLA/left_atrium"
-    assert view.has_configuration("3d_fullres") and not view.has_configuration("2d")
+    assert view.has_configuration("3d_fullres") and view.has_configuration("2d")
+    assert not view.has_configuration("3d_lowres")
     assert view.configuration("3d_fullres") is plans["configurations"]["3d_fullres"]
+    assert view.spatial_dims("3d_fullres") == 3 and view.spatial_dims("2d") == 2
     assert view.dataset_plan("DemoLA") is plans["datasets"]["DemoLA"]
+    assert view.dataset_plan("DemoLA", "3d_fullres") is plans["datasets"]["DemoLA"]
+    # the 2d configuration sees the dataset at its in-plane spacing, each case keeping its slice spacing
+    in_2d = view.dataset_plan("DemoLA", "2d")
+    assert in_2d["target_spacing"] == [None, *plans["datasets"]["DemoLA"]["target_spacing"][1:]]
+    assert in_2d["normalization"] == plans["datasets"]["DemoLA"]["normalization"]
 
 
 def test_a_spacing_scale_per_dataset(toy_raw, tmp_path, capsys):

@@ -176,6 +176,17 @@ def test_the_plan_keeps_a_subjects_images_in_one_fold(raw, tmp_path):
     assert "case_groups" not in plan(ungrouped, tmp_path / "ungrouped_plans")["datasets"]["HC18"]
 
 
+def test_a_coarse_spacing_scale_keeps_each_image_one_slice(raw, tmp_path):
+    """--spacing-scale scales the slice spacing of single images too; their resampled median shape
+    keeps one slice (as the preprocessing does), so the 2d batch is not capped by an empty dataset."""
+    assert plan_and_preprocess_main(["--raw", str(raw), "--plans-root", str(tmp_path / "plans"), "-d", "HC18",
+                                     "-c", "2d", "--spacing-scale", "4", "--no-preprocess", "--quiet",
+                                     "-np", "1"]) == 0
+    plans = json.loads((tmp_path / "plans" / "HC18" / "plans.json").read_text(encoding="utf-8"))
+    shape = plans["datasets"]["HC18"]["median_shape_after_resampling"]
+    assert shape[0] == 1 and 100 < shape[1] < 200 and 150 < shape[2] < 300
+
+
 def test_selected_ids_from_the_full_training_set(tmp_path):
     require_hc18()
     out = convert_hc18(HC18, tmp_path / "HC18", ids=["hc18_017_2", "hc18_017"], show_progress=False)
@@ -185,6 +196,39 @@ def test_selected_ids_from_the_full_training_set(tmp_path):
     with pytest.raises(InputError, match=re.escape(str(HC18 / CSV_NAME)) + ".*hc18_999"):
         convert_hc18(HC18, tmp_path / "other", ids=["hc18_999"], show_progress=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_test_ids_hold_whole_subjects_out_with_their_labels(source, tmp_path, capsys):
+    from versemi.datasets.layout import load_dataset
+
+    out = convert_hc18(source, tmp_path / "raw" / "HC18", test_ids=["hc18_017_2", "hc18_017"], show_progress=False)
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    assert meta["numTraining"] == 3 and meta["case_order"] == ["hc18_071", "hc18_188", "hc18_327"]
+    assert meta["case_groups"] == {"hc18_071": "071", "hc18_188": "188", "hc18_327": "327"}
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["hc18_017_0000.nii.gz", "hc18_017_2_0000.nii.gz"]
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == ["hc18_017.nii.gz", "hc18_017_2.nii.gz"]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["hc18_071.nii.gz", "hc18_188.nii.gz",
+                                                                     "hc18_327.nii.gz"]
+    dataset = load_dataset(out)
+    assert sorted(c.case_id for c in dataset.test_cases()) == ["hc18_017", "hc18_017_2"]
+    held_out = sitk.ReadImage(str(out / "labelsTs" / "hc18_017_2.nii.gz"))
+    pixel_mm = csv_rows(source)["017_2HC.png"][0]
+    np.testing.assert_allclose(held_out.GetSpacing(), (pixel_mm, pixel_mm, 1.0), rtol=1e-6)
+    assert sitk.GetArrayFromImage(held_out).max() == 1
+    assert plan_and_preprocess_main(["--raw", str(out.parent), "--plans-root", str(tmp_path / "plans"), "-d", "HC18",
+                                     "--verify-only", "--quiet", "-np", "1"]) == 0
+    assert "HC18: no problems found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("test_ids, problem", [
+    (["hc18_017"], "subject(s) ['017'] would have images in both the training and the test cases"),
+    (["hc18_999"], "gives no converted case for the test id(s) ['hc18_999']"),
+])
+def test_test_ids_that_split_a_subject_or_name_no_case_are_refused(source, tmp_path, test_ids, problem):
+    output = tmp_path / "raw" / "HC18"
+    with pytest.raises(InputError, match=re.escape(problem)):
+        convert_hc18(source, output, test_ids=test_ids, show_progress=False)
+    assert not output.exists()
 
 
 # ---------------------------------------------------------------- damaged copies

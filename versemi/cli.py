@@ -148,6 +148,9 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing-scale", nargs="+", default=["1"], metavar="F | NAME=F",
                         help="plan at this multiple of the target spacing (2 = half resolution, for CPU runs); "
                              "per dataset: --spacing-scale LA=2 (datasets not named keep 1)")
+    parser.add_argument("-c", "--configurations", nargs="+", metavar="NAME",
+                        help="the planned configurations whose cache to fill, e.g. -c 3d_fullres 2d (default: "
+                             "3d_fullres, or 2d for datasets of single images, which get no 3d configuration)")
     parser.add_argument("--no-preprocess", action="store_true", help="write fingerprints and plans only")
     parser.add_argument("--overwrite-plans", action="store_true", help="replace an existing, different plans.json")
     parser.add_argument("--raw", type=Path, help="raw root (default: $VERSEMI_RAW or $VERSEMI_ROOT/raw)")
@@ -159,7 +162,7 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
         experiment=args.experiment, labeled_limits=_parse_limits(args.labeled), num_processes=args.num_processes,
         settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture,
                               spacing_scale=_parse_spacing_scale(args.spacing_scale)),
-        overwrite_plans=args.overwrite_plans,
+        overwrite_plans=args.overwrite_plans, configurations=args.configurations,
         known_absent=known_absent.parse_cli(args.known_absent) if args.known_absent else None)
     if args.verify_only:
         verify(request)
@@ -167,9 +170,9 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
         return 0
     summary = plan_and_preprocess(request, preprocess=not args.no_preprocess)
     print(f"experiment {summary['experiment']}: plans {summary['plans']}")
-    if "folder" in summary:
-        print(f"cache {summary['folder']}: {summary['preprocessed']} case(s) preprocessed, "
-              f"{summary['already_cached']} already up to date")
+    for cache in summary.get("caches", []):
+        print(f"cache {cache['folder']}: {cache['preprocessed']} case(s) preprocessed, "
+              f"{cache['already_cached']} already up to date")
     return 0
 
 

@@ -98,11 +98,11 @@ class BundleNetwork(nn.Module):
     """
 
     def __init__(self, networks: Sequence[nn.Module], prompt_index: int, mirroring: bool = True,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", patch_size: Sequence[int] | None = None) -> None:
         super().__init__()
         self.networks = nn.ModuleList(networks)
         self.prompt_index = int(prompt_index)
-        self.flips = mirror_axes(mirroring)
+        self.flips = mirror_axes(mirroring, patch_size)  # a 2d model is never flipped across slices
         self.dtype = BUNDLE_PRECISIONS[precision]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,11 +136,11 @@ class LabelMapNetwork(nn.Module):
     """
 
     def __init__(self, networks: Sequence[nn.Module], prompt_indices: Sequence[int], mirroring: bool = True,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", patch_size: Sequence[int] | None = None) -> None:
         super().__init__()
         self.networks = nn.ModuleList(networks)
         self.prompt_indices = [int(i) for i in prompt_indices]
-        self.flips = mirror_axes(mirroring)
+        self.flips = mirror_axes(mirroring, patch_size)  # a 2d model is never flipped across slices
         self.dtype = BUNDLE_PRECISIONS[precision]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,15 +163,20 @@ class LabelMapNetwork(nn.Module):
 
 
 # ----- the bundle's parts -----
-def trace_network(module: nn.Module, in_channels: int, divisor: Sequence[int]) -> torch.jit.ScriptModule:
+def trace_network(module: nn.Module, in_channels: int, divisor: Sequence[int],
+                  one_slice: bool = False) -> torch.jit.ScriptModule:
     """TorchScript of ``module`` (eval mode), traced on a small input and checked on another size.
 
     The trace runs on twice the network's divisor per axis (cheap even for large networks; the
     graph holds no sizes) and is compared with the eager module on three times the divisor.
+    ``one_slice``: a 2d model, which takes windows one slice thick.
     """
     module = module.eval()
-    size_xyz = [2 * d for d in reversed(divisor)]
-    example = torch.zeros(1, in_channels, *size_xyz)
+
+    def size_xyz(times: int) -> list[int]:
+        return [1 if one_slice and axis == 0 else times * d for axis, d in enumerate(divisor)][::-1]
+
+    example = torch.zeros(1, in_channels, *size_xyz(2))
     with warnings.catch_warnings():
         # trace-time checks of the network (input size, prompt range) become constants: intended
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -179,7 +184,7 @@ def trace_network(module: nn.Module, in_channels: int, divisor: Sequence[int]) -
         with torch.no_grad():
             traced = torch.jit.trace(module, example, check_trace=False, _store_inputs=False)
     check = torch.Generator().manual_seed(0)
-    probe = torch.rand(2, in_channels, *[3 * d for d in reversed(divisor)], generator=check)
+    probe = torch.rand(2, in_channels, *size_xyz(3), generator=check)
     with torch.no_grad():
         difference = (traced(probe) - module(probe)).abs().max().item()
     if difference > 1e-4:
@@ -244,9 +249,10 @@ def spacing_transform(target_spacing_zyx: Sequence[float]) -> str:
     with nearest neighbour), invertible for Invertd. MONAI's Spacingd keeps the exact target
     spacing and so places the grid up to half a voxel differently (measured: Dice 0.93 against
     versemi_predict on a resampled demo image, 1.0 with this transform). MONAI's spatial axes are
-    (x, y, z): the plan's (z, y, x) spacing is reversed.
+    (x, y, z): the plan's (z, y, x) spacing is reversed. ``None`` keeps the image's own spacing
+    along that axis (a 2d model's slice axis).
     """
-    pixdim = [float(s) for s in reversed(target_spacing_zyx)]
+    pixdim = [None if s is None else float(s) for s in reversed(target_spacing_zyx)]
     return f"$@code['ResampleToSpacingd'](keys='image', pixdim={pixdim})"
 
 
@@ -356,7 +362,7 @@ def metadata(ensemble: Ensemble, prompt: dict, patch_size_zyx: Sequence[int], di
 
     plans = ensemble.plans
     dataset, label = prompt["dataset"], prompt["label"]
-    plan = PlansView(plans).dataset_plan(dataset)
+    plan = PlansView(plans).dataset_plan(dataset, ensemble.configuration)
     channels = plan["channel_names"]
     patch_xyz = [int(s) for s in reversed(patch_size_zyx)]
     norm = plan["normalization"][0]
@@ -564,7 +570,7 @@ def _card(meta: dict, plans: dict, dataset: str, *, selection: str, scope: str, 
           labels: str, command: str, rounding: str) -> str:
     """The model card; the arguments are the parts that depend on the exported prompts."""
     v = meta["versemi"]
-    plan = PlansView(plans).dataset_plan(dataset)
+    plan = PlansView(plans).dataset_plan(dataset, v["configuration"])
     norm = plan["normalization"][0]
     if norm["scheme"] == "ct":
         normalization = (f"CT: clip to [{norm['clip'][0]:g}, {norm['clip'][1]:g}], then (x - {norm['mean']:.4g}) / "
@@ -574,8 +580,10 @@ def _card(meta: dict, plans: dict, dataset: str, *, selection: str, scope: str, 
     rows = "\n".join(f"| {d} | {', '.join(f'{k}={v}' for k, v in plans['datasets'][d]['labels'].items())} | "
                      f"{len(plans['datasets'][d].get('labeled_cases', []))} | "
                      f"{len(plans['datasets'][d].get('unlabeled_cases', []))} |" for d in plans["dataset_names"])
-    spacing_xyz = ", ".join(f"{s:g}" for s in reversed(plan["target_spacing"]))
+    spacing_xyz = ", ".join("the image's own" if s is None else f"{s:g}" for s in reversed(plan["target_spacing"]))
     patch_xyz = " x ".join(str(s) for s in reversed(v["patch_size_zyx"]))
+    flipped = sum(side > 1 for side in v["patch_size_zyx"])  # a 2d model (one slice) is not flipped along z
+    mirroring = f"mirroring over {flipped} axes" + (" (slice by slice: a 2d model)" if flipped == 2 else "")
     changelog = "\n".join(f"- {k}: {c}" for k, c in sorted(meta["changelog"].items()))
     return f"""# {meta['name']}
 
@@ -605,7 +613,7 @@ anatomy or pathology. {scope}
   they are resampled to {spacing_xyz} mm (x, y, z) inside the pipeline and the result is returned
   in the input's own voxel grid, spacing, origin and direction.
 - Preprocessing: crop to the nonzero region; {normalization}; spline resampling; Gaussian sliding
-  window with patch {patch_xyz} (x, y, z) and overlap 0.5; mirroring over 3 axes and the mean over
+  window with patch {patch_xyz} (x, y, z) and overlap 0.5; {mirroring} and the mean over
   the folds inside `models/model.ts`; {output}
 - Precision: {_precision_text(v['precision'])}
 - Runtime: PyTorch (`models/model.ts`). No OpenVINO model is included: `monai.bundle run` loads
@@ -690,16 +698,17 @@ def _describe_preprocessing(dataset: str, plan: dict) -> str:
     norm = plan["normalization"][0]
     scheme = (f"CT normalization (clip {norm['clip']}, mean {norm['mean']:.4g}, std {norm['std']:.4g})"
               if norm["scheme"] == "ct" else f"{norm['scheme']} normalization")
-    spacing = " x ".join(f"{s:g}" for s in plan["target_spacing"])
+    spacing = " x ".join("own" if s is None else f"{s:g}" for s in plan["target_spacing"])
     return f"{dataset}: {scheme}, spacing {spacing} mm (z, y, x)"
 
 
-def shared_dataset_plan(plans: dict, prompts: list[dict], option: str) -> dict:
-    """The dataset plan whose preprocessing every prompt's dataset has; the bundle has one pipeline,
-    so prompts of datasets that differ in normalization or target spacing raise InputError."""
+def shared_dataset_plan(plans: dict, prompts: list[dict], option: str, configuration: str | None = None) -> dict:
+    """The dataset plan (as ``configuration`` sees it) whose preprocessing every prompt's dataset
+    has; the bundle has one pipeline, so prompts of datasets that differ in normalization or target
+    spacing raise InputError."""
     view = PlansView(plans)
     datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
-    dataset_plans = {d: view.dataset_plan(d) for d in datasets}
+    dataset_plans = {d: view.dataset_plan(d, configuration) for d in datasets}
     if len({_preprocessing(plan) for plan in dataset_plans.values()}) > 1:
         per_dataset = ["versemi_export_bundle -p " + " ".join(f"{d}:{p['label']}" for p in prompts if p["dataset"] == d)
                        for d in datasets]
@@ -751,7 +760,7 @@ def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None 
     ensemble.precision = precision
     plans = ensemble.plans
     chosen = select_prompts(plans, prompt)
-    plan = shared_dataset_plan(plans, chosen, _prompt_option(prompt))
+    plan = shared_dataset_plan(plans, chosen, _prompt_option(prompt), configuration)
     if output is None:
         output = paths.bundles_root() / default_bundle_name(experiment_dir.name, plans, chosen)
     output = Path(output).absolute()
@@ -766,8 +775,8 @@ def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None 
     config = inference_config(ensemble.in_channels, patch_size, plan["target_spacing"], plan["normalization"],
                               None if table is None else table.values)
     networks = [m.network for m in ensemble.models]
-    module = BundleNetwork(networks, chosen[0]["index"], precision=precision) if table is None else \
-        LabelMapNetwork(networks, [p["index"] for p in chosen], precision=precision)
+    module = BundleNetwork(networks, chosen[0]["index"], precision=precision, patch_size=patch_size) if table is None \
+        else LabelMapNetwork(networks, [p["index"] for p in chosen], precision=precision, patch_size=patch_size)
     models = _model_files(module.eval(), ensemble)
     checksums = {"algorithm": "sha256", "sha256": {name: _sha256(data) for name, data in models.items()}}
     files = {
@@ -827,7 +836,8 @@ def _model_files(module: nn.Module, ensemble: Ensemble) -> dict[str, bytes]:
     """models/model.ts (traced ``module``) and models/model.pt (its plain state dict)."""
     # every network must take the traced sizes: the least common multiple of their divisors (members may differ)
     divisor = [math.lcm(*axis) for axis in zip(*(m.network.divisor for m in ensemble.models))]
-    traced = trace_network(module, ensemble.in_channels, divisor)
+    traced = trace_network(module, ensemble.in_channels, divisor,
+                           one_slice=all(m.patch_size[0] == 1 for m in ensemble.models))
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
     models = {"models/model.ts": buffer.getvalue()}

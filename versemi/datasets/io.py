@@ -3,6 +3,9 @@
 Arrays are in SimpleITK's numpy order: ``(z, y, x)`` for one channel, ``(c, z, y, x)`` for an
 image made of several channel files. ``Geometry`` keeps SimpleITK's own ``(x, y, z)`` order so it
 can be written back unchanged; ``Geometry.spacing_zyx`` gives the spacing in array order.
+
+A PNG (native 2D data, as nnU-Net's NaturalImage2DIO) is read as a one-slice volume ``(1, y, x)``
+so that it flows through the same 3D pipeline as a one-slice NIfTI.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import SimpleITK as sitk
 from ..atomic import atomic_path
 from ..errors import input_error
 
-SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Geometry:
 
 
 def file_ending(path: str | Path) -> str:
-    """The supported ending of ``path`` (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) or ''."""
+    """The supported ending of ``path`` (one of ``SUPPORTED_ENDINGS``) or ''."""
     name = Path(path).name.lower()
     for ending in SUPPORTED_ENDINGS:
         if name.endswith(ending):
@@ -98,9 +102,45 @@ def _read_voxels(path: Path) -> tuple[np.ndarray, Geometry, int, int]:
         if voxels.ndim == 3:
             voxels = voxels.transpose(2, 1, 0)
         return voxels, geometry, reader.GetDimension(), components
+    if file_ending(path) == ".png":
+        return _read_png(path)
     image = read_sitk(path)
     return sitk.GetArrayFromImage(image), Geometry.of(image) if image.GetDimension() == 3 else None, \
         image.GetDimension(), image.GetNumberOfComponentsPerPixel()
+
+
+# PNG colour type (byte 25 of the file) -> components per pixel once decoded (a palette decodes to RGB)
+_PNG_COMPONENTS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def _png_header_components(path: Path) -> int:
+    """Components per pixel from the PNG header (1 when it is not a PNG header)."""
+    with open(path, "rb") as f:
+        header = f.read(26)
+    if len(header) < 26 or header[:8] != b"\x89PNG\r\n\x1a\n":
+        return 1
+    return _PNG_COMPONENTS.get(header[25], 1)
+
+
+def _read_png(path: Path) -> tuple[np.ndarray, Geometry, int, int]:
+    """A grayscale PNG as a one-slice volume ``(1, y, x)``; a colour PNG is refused.
+
+    Colours are not split into channels here: a case's channels are its files (CASE_0000, ...) as
+    declared in dataset.json, and silently dropping or merging colours would change the input.
+    """
+    components, image = _png_header_components(path), None  # SimpleITK cannot open gray+alpha PNGs at all
+    if components == 1:
+        image = read_sitk(path)
+        components = image.GetNumberOfComponentsPerPixel()  # e.g. a JPEG named .png
+    if components != 1:
+        raise input_error(path, f"is a colour PNG ({components} components per pixel); images and labels "
+                                "must be single-channel (grayscale)",
+                          "convert it to grayscale (a label: one integer per pixel), or store each colour of an "
+                          "image as its own grayscale channel file CASE_0000.png, CASE_0001.png, CASE_0002.png "
+                          "and list them in channel_names")
+    spacing_x, spacing_y = image.GetSpacing()  # 1, 1 unless the file records a pixel size
+    geometry = Geometry((spacing_x, spacing_y, 1.0), (0.0, 0.0, 0.0), IDENTITY)
+    return sitk.GetArrayFromImage(image)[np.newaxis], geometry, 3, 1
 
 
 def _read_3d(path: Path) -> tuple[np.ndarray, Geometry, int, int]:
@@ -170,11 +210,33 @@ def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:
-    """Write a ``(z, y, x)`` array with ``geometry`` to ``path`` atomically (format from the ending)."""
+    """Write a ``(z, y, x)`` array with ``geometry`` to ``path`` atomically (format from the ending).
+
+    A ``.png`` path takes a one-slice integer label map (values 0..255), written as 8-bit grayscale.
+    """
     path = Path(path)
     ending = file_ending(path)
     if not ending:
         raise input_error(path, "unsupported file ending", f"use one of {', '.join(SUPPORTED_ENDINGS)}")
-    image = geometry.apply_to(sitk.GetImageFromArray(array))
+    image = _png_label_image(array, geometry, path) if ending == ".png" else \
+        geometry.apply_to(sitk.GetImageFromArray(array))
     with atomic_path(path, suffix=ending) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def _png_label_image(array: np.ndarray, geometry: Geometry, path: Path) -> sitk.Image:
+    """A one-slice label map as an 8-bit 2D image; anything PNG would store wrongly is refused."""
+    fix = ("write it as .nii.gz (predictions take the ending of their images: convert those to .nii.gz); "
+           "PNG holds one 2D slice of integers 0..255")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:  # SimpleITK would silently keep only the first slice
+        raise input_error(path, f"array of shape {array.shape} is not a single 2D slice", fix)
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise input_error(path, f"{array.dtype} values (probabilities or intensities) cannot be stored as a PNG "
+                                "label map", fix)
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise input_error(path, f"label values {array.min()}..{array.max()} do not fit an 8-bit PNG (0..255)", fix)
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(geometry.spacing[:2])  # PNG keeps the pixel size only: no origin, direction or z
+    return image

@@ -15,6 +15,9 @@ Conventions
 * ASD: the mean of the directed distances prediction -> reference only, as MedPy's ``asd(pred,
   ref)`` that the literature's scripts call. It is not symmetric; ``assd`` (the mean of both
   directions' means) is the symmetric variant and is not what those papers report.
+* An axis one voxel long is not a dimension: a single image stored as a one-slice volume
+  ``(1, y, x)`` (HC18, any 2d dataset) is scored as the 2d image it is, with 4-connected
+  surfaces and in-plane distances. Eroded in 3d, every pixel of it would count as surface.
 * Units: millimetres from the image spacing (array order ``(z, y, x)``) by default; voxel units
   (``voxel_units=True``, unit spacing, MedPy's behaviour without ``voxelspacing`` and the
   convention of the LA / Pancreas-NIH benchmark tables) on request.
@@ -135,6 +138,11 @@ def binary_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: Seque
         raise ValueError(f"prediction {prediction.shape} and reference {reference.shape} differ in shape")
     if spacing is not None and len(spacing) != prediction.ndim:
         raise ValueError(f"spacing {tuple(spacing)} does not match {prediction.ndim} dimensions")
+    kept = [a for a in range(prediction.ndim) if prediction.shape[a] > 1] or [prediction.ndim - 1]
+    if len(kept) < prediction.ndim:  # a single slice is a 2d image (module docstring)
+        shape = [prediction.shape[a] for a in kept]
+        prediction, reference = prediction.reshape(shape), reference.reshape(shape)
+        spacing = None if spacing is None else [spacing[a] for a in kept]
     n_pred, n_ref = int(np.count_nonzero(prediction)), int(np.count_nonzero(reference))
     counts = {"reference_voxels": n_ref, "prediction_voxels": n_pred}
     if n_pred == 0 and n_ref == 0:

@@ -56,7 +56,8 @@ def draw_overlay(image: np.ndarray, geometry: Geometry, labels: dict[int, str], 
 def overlay_figure(image: np.ndarray, geometry: Geometry, labels: dict[int, str], prediction: np.ndarray,
                    reference: np.ndarray | None, title: str):
     """One row per structure (label value -> name), one column per orthogonal view through its
-    centre; the image in grey, the reference contour green, the prediction red dashed."""
+    centre (a single image, one slice deep: that slice alone); the image in grey, the reference
+    contour green, the prediction red dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -64,14 +65,15 @@ def overlay_figure(image: np.ndarray, geometry: Geometry, labels: dict[int, str]
     low, high = _window(image)
     spacing = geometry.spacing_zyx
     rows = list(labels.items())
-    figure = Figure(figsize=(10, 3.4 * len(rows) + 0.6), layout="constrained")  # room for every title
+    views = VIEWS[:1] if image.shape[0] == 1 else VIEWS  # across one slice there is nothing to see
+    figure = Figure(figsize=(10 if len(views) == 3 else 5, 3.4 * len(rows) + 0.6), layout="constrained")
     FigureCanvasAgg(figure)
     for row, (value, name) in enumerate(rows):
         predicted = prediction == value
         known = reference == value if reference is not None else None
         centre = _centre([predicted, known], image.shape)
-        for column, (view, axis) in enumerate(VIEWS):
-            ax = figure.add_subplot(len(rows), 3, row * 3 + column + 1)
+        for column, (view, axis) in enumerate(views):
+            ax = figure.add_subplot(len(rows), len(views), row * len(views) + column + 1)
             kept = [a for a in range(3) if a != axis]  # (rows, columns) of the slice
             aspect = spacing[kept[0]] / spacing[kept[1]]
             ax.imshow(_slice(image, axis, centre[axis]), cmap="gray", vmin=low, vmax=high, aspect=aspect,

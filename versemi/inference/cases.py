@@ -119,7 +119,8 @@ def _header_problems(case: InputCase) -> list[Problem]:
             problems.append(Problem(str(path), f"cannot be read as an image ({(lines[-1] if lines else '')[:200]})",
                                     "replace it with an intact copy"))
             continue
-        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        dimension = 2 if file_ending(path) == ".png" else 3  # a PNG is one 2D slice (datasets.io)
+        if reader.GetDimension() != dimension or reader.GetNumberOfComponents() != 1:
             problems.append(Problem(str(path), f"is not a single-channel 3D image (dimension {reader.GetDimension()}, "
                                                f"{reader.GetNumberOfComponents()} components per voxel)",
                                     "store each channel as its own 3D file CASE_0000, CASE_0001, ..."))

@@ -69,7 +69,7 @@ def prepare_case(ensemble: Ensemble, files: Sequence[str | Path], prompts: Seque
     datasets = list(dict.fromkeys(p["dataset"] for p in prompts))
     inputs = []
     for dataset in datasets:
-        plan = PlansView(ensemble.plans).dataset_plan(dataset)
+        plan = PlansView(ensemble.plans).dataset_plan(dataset, ensemble.configuration)
         rows = [k for k, p in enumerate(prompts) if p["dataset"] == dataset]
         inputs.append((rows, network_grid(cropped, plan, keep_crop=dataset != datasets[-1])))
     return PreparedCase(geometry, cropped, inputs)

@@ -24,11 +24,14 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return autocast_dtype(precision, True, torch.device(device))
 
 
-def mirror_axes(mirroring: bool) -> list[tuple[int, ...]]:
-    """Flip combinations of the spatial axes (2, 3, 4) of a (B, C, Z, Y, X) batch: 8 with mirroring, else none."""
+def mirror_axes(mirroring: bool, patch_size=None) -> list[tuple[int, ...]]:
+    """Flip combinations of the spatial axes (2, 3, 4) of a (B, C, Z, Y, X) batch: 8 with mirroring,
+    else none. An axis the window is one voxel thick along (a 2d model's slice axis) is never
+    flipped: that would repeat a pass for nothing (4 combinations in 2d)."""
     if not mirroring:
         return [()]
-    return [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
+    spatial = [2 + a for a in range(3) if patch_size is None or int(patch_size[a]) > 1]
+    return [axes for n in range(len(spatial) + 1) for axes in itertools.combinations(spatial, n)]
 
 
 def _is_oom(exc: Exception) -> bool:
@@ -58,7 +61,7 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
     image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
     single = np.isscalar(prompt_index)
     prompt = torch.tensor([[int(prompt_index)]] if single else [[int(p) for p in prompt_index]], device=device)
-    flips = mirror_axes(mirroring)
+    flips = mirror_axes(mirroring, patch_size)
     dtype = inference_dtype(precision, device)
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:

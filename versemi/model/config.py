@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import input_error
-from ..plans.topology import pool_and_conv_props
+from ..plans.topology import topology_for_patch
 from .augmentation_settings import AugmentationSettings
 from .plans_view import PlansView
 
@@ -115,10 +115,14 @@ def effective_configuration(plans: dict, configuration: str, config: TrainingCon
     """The plan's patch and network, overridden by ``config``: a patch-size override re-derives the
     topology, a features override sets the features per stage (the last value repeats for deeper
     stages), a deep-supervision override switches it."""
-    plan = PlansView(plans).configuration(configuration)
+    view = PlansView(plans)
+    plan = view.configuration(configuration)
     network = dict(plan["network"])
     if config.patch_size:
-        topology = pool_and_conv_props(plan["topology_spacing"], config.patch_size)
+        try:
+            topology = topology_for_patch(plan["topology_spacing"], config.patch_size, view.spatial_dims(configuration))
+        except ValueError as exc:
+            raise input_error("--patch-size", str(exc), "give a 2d configuration's patch as 1 Y X") from exc
         network.update(strides=topology.strides, kernel_sizes=topology.kernel_sizes, features=topology.features)
     if config.features:
         wanted = list(config.features)

@@ -6,8 +6,11 @@
     view.configuration("3d_fullres"), view.dataset_plan("DemoLA")
 
 The plans stay a plain dict (JSON on disk, inside every checkpoint); the view only reads it.
-A plan holds one or more configurations by name (``3d_fullres`` today); code takes the name as
-an argument and falls back on ``DEFAULT_CONFIGURATION`` only where the user gave none.
+A plan holds one or more configurations by name (``3d_fullres``, ``2d``); code takes the name as
+an argument and falls back on ``DEFAULT_CONFIGURATION`` only where the user gave none. A
+configuration may set a dataset's target spacing its own way (``2d``: the slice axis is never
+resampled); ``dataset_plan(name, configuration)`` gives the dataset's plan as that configuration
+sees it.
 """
 from __future__ import annotations
 
@@ -63,5 +66,13 @@ class PlansView:
     def configuration(self, name: str) -> dict:
         return self.plans["configurations"][name]
 
-    def dataset_plan(self, dataset: str) -> dict:
-        return self.plans["datasets"][dataset]
+    def spatial_dims(self, configuration: str) -> int:
+        """3, or 2 for a configuration that trains on slices (``2d``)."""
+        return int(self.configuration(configuration).get("spatial_dims", 3))
+
+    def dataset_plan(self, dataset: str, configuration: str | None = None) -> dict:
+        """The dataset's plan; with ``configuration``, its target spacing as that configuration has
+        it (a ``null`` axis keeps each case's own spacing)."""
+        plan = self.plans["datasets"][dataset]
+        spacing = self.configuration(configuration).get("target_spacing", {}) if configuration else {}
+        return {**plan, "target_spacing": spacing[dataset]} if dataset in spacing else plan

@@ -131,6 +131,7 @@ def build_network(network_plan: Mapping[str, Any], in_channels: int, num_prompts
     """The segmenter described by a planner's network plan (architecture 'unet' or 'vnet')."""
     architecture = network_plan.get("architecture", "unet")
     norm = network_plan.get("norm", "instance")
+    spatial_dims = int(network_plan.get("spatial_dims", 3))
     deep_supervision = bool(network_plan.get("deep_supervision", False))
     if norm not in NORM_NAMES:
         raise ValueError(f"network plan: unknown norm {norm!r}; expected one of {NORM_NAMES}")
@@ -145,8 +146,11 @@ def build_network(network_plan: Mapping[str, Any], in_channels: int, num_prompts
             _require(network_plan, "strides"),
             norm=norm,
             deep_levels=levels,
+            spatial_dims=spatial_dims,
         )
     elif architecture == "vnet":
+        if spatial_dims != 3:
+            raise ValueError("network plan: the V-Net is 3d only; a 2d configuration trains the U-Net")
         base_filters = int(network_plan.get("features", [16])[0])  # the V-Net's widths are fixed multiples
         levels = int(network_plan.get("deep_supervision_levels", 3)) if deep_supervision else 0
         backbone = VNetBackbone(

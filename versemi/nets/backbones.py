@@ -1,4 +1,4 @@
-"""3D encoder-decoder backbones for the prompted segmenter.
+"""3D encoder-decoder backbones for the prompted segmenter (the U-Net also in 2d).
 
 Each backbone returns its full-resolution decoder features, the bottleneck feature map (the
 prompt controller pools it) and, when deep supervision is asked for, the lower-resolution
@@ -79,6 +79,10 @@ class UNetBackbone(Backbone):
     DynUNet's own forward only returns logits; its recursive `skip_layers` hides the bottleneck.
     So the DynUNet is built (for its blocks, checks and weight init) and only its
     input/down/bottleneck/up blocks are kept; its output and supervision heads are dropped.
+
+    ``spatial_dims=2`` builds a 2d U-Net (true 2d convolutions) for inputs of one slice, (B, C, 1,
+    Y, X): the plan still gives kernels and strides in (z, y, x), with 1 along z. Inputs and
+    outputs keep the slice axis, so everything around the network stays the same in 2d and 3d.
     """
 
     def __init__(
@@ -89,9 +93,12 @@ class UNetBackbone(Backbone):
         strides: Sequence[Sequence[int] | int],
         norm: str = "instance",
         deep_levels: int = 0,
+        spatial_dims: int = 3,
     ) -> None:
         """Stage i has features[i] channels, kernel_sizes[i] and strides[i] (strides[0] must be 1)."""
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"network plan: spatial_dims must be 2 or 3; got {spatial_dims!r}")
         n_stages = len(features)
         if not (len(kernel_sizes) == len(strides) == n_stages):
             raise ValueError(
@@ -106,14 +113,20 @@ class UNetBackbone(Backbone):
             raise ValueError(f"network plan: strides[0] must be [1, 1, 1] (full-resolution stage); got {strides[0]}")
         if not 0 <= deep_levels <= n_stages - 2:
             raise ValueError(f"deep_levels must be in [0, {n_stages - 2}] for {n_stages} stages; got {deep_levels}")
+        if spatial_dims == 2 and any(k[0] != 1 or st[0] != 1 for k, st in zip(kernels, stride_triples)):
+            raise ValueError("network plan: a 2d U-Net needs kernel and stride 1 along z at every stage; got "
+                             f"kernel_sizes {[list(k) for k in kernels]}, strides {[list(st) for st in stride_triples]}")
+        # DynUNet's own layout: the in-plane entries in 2d
+        dyn_kernels = kernels if spatial_dims == 3 else [k[1:] for k in kernels]
+        dyn_strides = stride_triples if spatial_dims == 3 else [st[1:] for st in stride_triples]
 
         dynunet = DynUNet(
-            spatial_dims=3,
+            spatial_dims=spatial_dims,
             in_channels=in_channels,
             out_channels=1,  # its output block is discarded below
-            kernel_size=kernels,
-            strides=stride_triples,
-            upsample_kernel_size=stride_triples[1:],
+            kernel_size=dyn_kernels,
+            strides=dyn_strides,
+            upsample_kernel_size=dyn_strides[1:],
             filters=list(features),
             norm_name=_dynunet_norm(norm),
         )
@@ -126,9 +139,23 @@ class UNetBackbone(Backbone):
         self.bottleneck_channels = int(features[-1])
         self.divisor = tuple(math.prod(axis) for axis in zip(*stride_triples))  # type: ignore[assignment]
         self.deep_levels = deep_levels
+        self.spatial_dims = spatial_dims
+
+    def check_input_size(self, spatial_shape: Sequence[int]) -> None:
+        super().check_input_size(spatial_shape)
+        if self.spatial_dims == 2 and int(spatial_shape[0]) != 1:
+            raise ValueError(f"a 2d U-Net takes one slice at a time, (B, C, 1, Y, X); got spatial shape "
+                             f"{tuple(int(s) for s in spatial_shape)}")
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         """Encode, decode with skips; return full-resolution features, bottleneck and deep levels."""
+        if self.spatial_dims == 2:  # run the 2d blocks on the slice, give every output its slice axis back
+            out = self._forward(x[:, :, 0])
+            return BackboneOutput(out.decoder[:, :, None], out.bottleneck[:, :, None],
+                                  tuple(d[:, :, None] for d in out.deep))
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> BackboneOutput:
         skips = [self.input_block(x)]
         for down in self.downsamples:
             skips.append(down(skips[-1]))

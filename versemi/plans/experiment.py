@@ -12,7 +12,7 @@ from ..errors import InputError, Problem, input_error
 from ..preprocessing.cache import preprocess_experiment
 from . import known_absent
 from .fingerprint import compute_fingerprint, fingerprint_folder, load_or_compute_fingerprint, save_fingerprint
-from .planner import CONFIGURATION, PlanSettings, plan_experiment
+from .planner import CONFIGURATION, CONFIGURATION_2D, PlanSettings, plan_experiment
 
 PLANS_FILE = "plans.json"
 
@@ -30,6 +30,8 @@ class ExperimentRequest:
     show_progress: bool = True
     # --known-absent: per dataset name, other datasets' structures never in its images, or "all"
     known_absent: dict[str, list[str]] | str | None = None
+    # -c: the configurations whose cache to fill (None: 3d_fullres, or 2d where no 3d is planned)
+    configurations: list[str] | None = None
 
     @property
     def experiment_name(self) -> str:
@@ -115,12 +117,29 @@ def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> 
                             {d.name: results[d.name][1] for d in datasets}, settings,
                             request_absent(request, datasets),
                             {d.name: d.meta.get("case_groups") for d in datasets})
-    _write_plans(plans, plans_path(request.plans_root, plans["experiment"]), request.overwrite_plans)
-    summary = {"experiment": plans["experiment"], "plans": str(plans_path(request.plans_root, plans["experiment"]))}
+    path = plans_path(request.plans_root, plans["experiment"])
+    configurations = cached_configurations(plans, request.configurations, path)
+    _write_plans(plans, path, request.overwrite_plans)
+    summary = {"experiment": plans["experiment"], "plans": str(path), "caches": []}
     if preprocess:
-        summary.update(preprocess_experiment(plans, {d.name: d for d in datasets}, request.plans_root, CONFIGURATION,
-                                             request.num_processes, request.show_progress))
+        for configuration in configurations:
+            summary["caches"].append(preprocess_experiment(plans, {d.name: d for d in datasets}, request.plans_root,
+                                                           configuration, request.num_processes,
+                                                           request.show_progress))
     return summary
+
+
+def cached_configurations(plans: dict, requested: list[str] | None, path: Path) -> list[str]:
+    """The configurations to preprocess: those asked for (each must be planned), else 3d_fullres,
+    or 2d where the plan has no 3d configuration (datasets of single images)."""
+    planned = list(plans["configurations"])
+    if not requested:
+        return [CONFIGURATION if CONFIGURATION in planned else CONFIGURATION_2D]
+    unknown = [name for name in requested if name not in planned]
+    if unknown:
+        raise input_error(path, f"plans no configuration {', '.join(map(repr, unknown))}",
+                          f"choose among {', '.join(planned)} with -c")
+    return list(dict.fromkeys(requested))
 
 
 def _write_plans(plans: dict, path: Path, overwrite: bool) -> None:
@@ -133,8 +152,22 @@ def _write_plans(plans: dict, path: Path, overwrite: bool) -> None:
             existing = None
         if existing == normalized:
             return
+        if _only_adds_configurations(existing, normalized):
+            write_json(normalized, path)  # a plan of an earlier version gains the new configurations, nothing else
+            return
         if not overwrite:
             raise input_error(path, "an experiment of this name was already planned differently (edited by hand, "
                                     "or the raw data or settings changed)",
                               "pass --overwrite-plans to replace it, or choose another name with -e")
     write_json(normalized, path)
+
+
+def _only_adds_configurations(existing: dict | None, new: dict) -> bool:
+    """Whether ``new`` is ``existing`` with more configurations and every existing one unchanged."""
+    if not isinstance(existing, dict) or not isinstance(existing.get("configurations"), dict):
+        return False
+    old_configurations, new_configurations = existing["configurations"], new["configurations"]
+    same_rest = {k: v for k, v in existing.items() if k != "configurations"} == \
+        {k: v for k, v in new.items() if k != "configurations"}
+    kept = all(new_configurations.get(name) == plan for name, plan in old_configurations.items())
+    return same_rest and kept and set(new_configurations) > set(old_configurations)

@@ -20,6 +20,7 @@ NUM_FOLDS = 5
 SPLIT_SEED = 12345
 ANISOTROPY_RATIO = 3.0  # nnU-Net: an axis this much coarser than the others is "anisotropic"
 CONFIGURATION = "3d_fullres"
+CONFIGURATION_2D = "2d"
 
 
 @dataclass
@@ -87,7 +88,9 @@ def plan_dataset(fingerprint: dict, is_ct: bool, labeled_limit: int | None, case
     shapes = np.array(fingerprint["shapes_after_crop"], dtype=float)
     spacing, aniso_axis = target_spacing(spacings, shapes)
     spacing = [s * spacing_scale for s in spacing]
-    resampled = np.round(shapes * spacings / np.array(spacing))
+    # at least one voxel per axis, as the preprocessing resamples: a coarse --spacing-scale must not
+    # turn a single image's one slice into none (the dataset's voxels then cap the 2d batch at 2)
+    resampled = np.maximum(np.round(shapes * spacings / np.array(spacing)), 1)
     labeled = [c["case_id"] for c in fingerprint["cases"] if c["labeled"]]
     ordered = [cid for cid in case_order if cid in labeled] + sorted(set(labeled) - set(case_order))
     kept = ordered if labeled_limit is None else ordered[:labeled_limit]
@@ -146,6 +149,55 @@ def cross_validation_splits(dataset_plans: dict[str, dict], seed: int = SPLIT_SE
     return folds
 
 
+def is_native_2d(fingerprint: dict) -> bool:
+    """Every image of the dataset is a single slice (PNG, or a one-slice volume)."""
+    return all(int(shape[0]) == 1 for shape in fingerprint["shapes_after_crop"])
+
+
+def _dataset_voxels(datasets: dict[str, dict]) -> float:
+    return sum(np.prod(d["median_shape_after_resampling"]) * (len(d["labeled_cases"]) + len(d["unlabeled_cases"]))
+               for d in datasets.values())
+
+
+def plan_3d_configuration(datasets: dict[str, dict], in_channels: int, settings: PlanSettings) -> dict:
+    """One 3d patch for all datasets: the topology spacing is the median of their target spacings
+    and the patch is capped by the largest median shape, so no dataset is forced into tiny patches."""
+    spacing = np.median([d["target_spacing"] for d in datasets.values()], axis=0)
+    cap_shape = np.max([d["median_shape_after_resampling"] for d in datasets.values()], axis=0)
+    topology = plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb)
+    batch_size = plan_batch_size(topology, in_channels, settings.memory_gb, _dataset_voxels(datasets))
+    return {
+        "data_identifier": CONFIGURATION,
+        "patch_size": topology.patch_size,
+        "batch_size": batch_size,
+        "topology_spacing": [float(s) for s in spacing],
+        "network": topology.network_plan(settings.architecture),
+        "cpu_preset": topology.cpu_preset(batch_size),
+    }
+
+
+def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings: PlanSettings) -> dict:
+    """nnU-Net's 2d configuration: slices (z, the first axis) at the in-plane target spacing,
+    never resampled across slices (each case keeps its own slice spacing: ``target_spacing``
+    null along z), a 2d patch and batch sized to the memory budget, a 2d topology. Arrays keep
+    the (z, y, x) layout: a patch is (1, y, x), strides and kernels are 1 along z."""
+    spacing = np.median([d["target_spacing"] for d in datasets.values()], axis=0)[1:]
+    cap_shape = np.max([d["median_shape_after_resampling"] for d in datasets.values()], axis=0)[1:]
+    topology = plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb).lifted()
+    batch_size = plan_batch_size(topology, in_channels, settings.memory_gb, _dataset_voxels(datasets))
+    return {
+        "data_identifier": CONFIGURATION_2D,
+        "spatial_dims": 2,
+        "patch_size": topology.patch_size,
+        "batch_size": batch_size,
+        "topology_spacing": [float(s) for s in spacing],
+        "target_spacing": {name: [None, *d["target_spacing"][1:]] for name, d in datasets.items()},
+        # the V-Net exists in 3d only: a 2d configuration always has a U-Net
+        "network": topology.network_plan("unet"),
+        "cpu_preset": topology.cpu_preset(batch_size),
+    }
+
+
 def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: dict[str, bool],
                     labeled_limits: dict[str, int | None], case_orders: dict[str, list[str]],
                     stored_samples: dict[str, dict], settings: PlanSettings = PlanSettings(),
@@ -167,14 +219,11 @@ def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: di
             planned = datasets[name]["labeled_cases"] + datasets[name]["unlabeled_cases"]
             datasets[name]["case_groups"] = {cid: groups[cid] for cid in planned if cid in groups}
     in_channels = len(next(iter(datasets.values()))["channel_names"])
-    # one patch for all: take the topology spacing as the median of the datasets' target spacings
-    # and cap the patch by the largest median shape, so no dataset is forced into tiny patches
-    spacing = np.median([d["target_spacing"] for d in datasets.values()], axis=0)
-    cap_shape = np.max([d["median_shape_after_resampling"] for d in datasets.values()], axis=0)
-    topology = plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb)
-    dataset_voxels = sum(np.prod(d["median_shape_after_resampling"]) * (len(d["labeled_cases"]) + len(d["unlabeled_cases"]))
-                         for d in datasets.values())
-    batch_size = plan_batch_size(topology, in_channels, settings.memory_gb, dataset_voxels)
+    configurations = {}
+    # a dataset of single images (one slice each) gets no 3d network, as in nnU-Net
+    if not any(is_native_2d(fp) for fp in fingerprints.values()):
+        configurations[CONFIGURATION] = plan_3d_configuration(datasets, in_channels, settings)
+    configurations[CONFIGURATION_2D] = plan_2d_configuration(datasets, in_channels, settings)
     prompts = prompt_table(datasets)
     return {
         "plans_version": PLANS_VERSION,
@@ -187,15 +236,6 @@ def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: di
         "num_prompts": len(prompts),
         "synthetic_prompt": len(prompts) - 1,
         "memory_budget_gb": settings.memory_gb,
-        "configurations": {
-            CONFIGURATION: {
-                "data_identifier": CONFIGURATION,
-                "patch_size": topology.patch_size,
-                "batch_size": batch_size,
-                "topology_spacing": [float(s) for s in spacing],
-                "network": topology.network_plan(settings.architecture),
-                "cpu_preset": topology.cpu_preset(batch_size),
-            }
-        },
+        "configurations": configurations,
         "splits": {"seed": SPLIT_SEED, "folds": cross_validation_splits(datasets)},
     }

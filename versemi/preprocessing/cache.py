@@ -114,6 +114,7 @@ def preprocess_case(job: CaseJob, dataset_plan: dict, folder: Path, digest: str)
     image, geometry = read_image(case.images)
     image, cropped = to_network_input(image, geometry.spacing_zyx, dataset_plan)
     target = dataset_plan["target_spacing"]
+    target = [float(s) if t is None else t for s, t in zip(geometry.spacing_zyx, target)]  # the case's own along a null axis
     files = {"data": write_array(image, folder / f"{case.case_id}_data.b2nd")}
     props = {
         "dataset": job.dataset,
@@ -139,8 +140,9 @@ def preprocess_case(job: CaseJob, dataset_plan: dict, folder: Path, digest: str)
     return {"case": f"{job.dataset}/{case.case_id}", "shape": props["shape"]}
 
 
-def _run_job(job: CaseJob, plans: dict, root: Path, digests: dict[str, str]) -> dict:
-    return preprocess_case(job, PlansView(plans).dataset_plan(job.dataset), root / job.dataset, digests[job.dataset])
+def _run_job(job: CaseJob, plans: dict, configuration: str, root: Path, digests: dict[str, str]) -> dict:
+    return preprocess_case(job, PlansView(plans).dataset_plan(job.dataset, configuration), root / job.dataset,
+                           digests[job.dataset])
 
 
 def remove_partial_files(root: Path) -> int:
@@ -158,13 +160,19 @@ def preprocess_experiment(plans: dict, datasets: dict[str, RawDataset], plans_ro
     root = cache_folder(plans_root, plans["experiment"], configuration)
     # one run fills a cache at a time: it removes temporary files, which another run may be writing
     with folder_lock(root, "preprocessing"):
-        return _fill_cache(plans, datasets, root, num_processes, show_progress)
+        return _fill_cache(plans, datasets, configuration, root, num_processes, show_progress)
 
 
-def _fill_cache(plans: dict, datasets: dict[str, RawDataset], root: Path, num_processes: int,
+def configuration_digests(plans: dict, configuration: str) -> dict[str, str]:
+    """Per dataset, the digest its cached cases of ``configuration`` must carry."""
+    view = PlansView(plans)
+    return {name: settings_digest(view.dataset_plan(name, configuration)) for name in plans["datasets"]}
+
+
+def _fill_cache(plans: dict, datasets: dict[str, RawDataset], configuration: str, root: Path, num_processes: int,
                 show_progress: bool) -> dict:
     remove_partial_files(root)
-    digests = {name: settings_digest(plan) for name, plan in plans["datasets"].items()}
+    digests = configuration_digests(plans, configuration)
     jobs, skipped = [], 0
     for name, plan in plans["datasets"].items():
         raw = datasets[name]
@@ -176,6 +184,6 @@ def _fill_cache(plans: dict, datasets: dict[str, RawDataset], root: Path, num_pr
                 skipped += 1
                 continue
             jobs.append(CaseJob(name, case, case_id in labeled, seed=index))
-    work = partial(_run_job, plans=plans, root=root, digests=digests)
+    work = partial(_run_job, plans=plans, configuration=configuration, root=root, digests=digests)
     done = map_with_progress(work, jobs, num_processes, f"preprocess {plans['experiment']}", show_progress)
     return {"preprocessed": len(done), "already_cached": skipped, "folder": str(root)}

@@ -3,7 +3,9 @@
 Images use third-order splines; segmentations are resampled one label at a time with linear
 interpolation of its mask (smoother than nearest neighbour, never invents labels). When the
 spacing is anisotropic (one axis > 3x coarser), that axis is resampled separately with nearest
-neighbour, so that thick slices are not blurred into each other.
+neighbour, so that thick slices are not blurred into each other. A target spacing of ``None``
+along an axis keeps the source's spacing there (the ``2d`` configuration never resamples across
+slices).
 """
 from __future__ import annotations
 
@@ -13,7 +15,13 @@ from scipy.ndimage import zoom
 ANISOTROPY_RATIO = 3.0
 
 
+def concrete_target(spacing, target_spacing) -> list[float]:
+    """The target spacing with every ``None`` axis replaced by the source's spacing."""
+    return [float(s) if t is None else float(t) for s, t in zip(spacing, target_spacing)]
+
+
 def resampled_shape(shape, spacing, target_spacing) -> list[int]:
+    target_spacing = concrete_target(spacing, target_spacing)
     return [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target_spacing)]
 
 
@@ -48,6 +56,7 @@ def resample_image(image: np.ndarray, spacing, target_spacing) -> np.ndarray:
     new_shape = resampled_shape(image.shape[1:], spacing, target_spacing)
     if list(new_shape) == list(image.shape[1:]):
         return image
+    target_spacing = concrete_target(spacing, target_spacing)
     axis = _separate_axis(spacing, target_spacing)
     return np.stack([_resample_volume(c, new_shape, 3, axis) for c in image]).astype(np.float32, copy=False)
 
@@ -57,6 +66,7 @@ def resample_segmentation(seg: np.ndarray, spacing, target_spacing) -> np.ndarra
     new_shape = resampled_shape(seg.shape, spacing, target_spacing)
     if list(new_shape) == list(seg.shape):
         return seg
+    target_spacing = concrete_target(spacing, target_spacing)
     axis = _separate_axis(spacing, target_spacing)
     out = np.zeros(new_shape, dtype=seg.dtype)
     for value in np.unique(seg):

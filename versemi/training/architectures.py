@@ -32,6 +32,10 @@ def second_network(trainer: str, plan: dict, patch_size, architecture: str, base
                           "give the V-Net's first-stage width, e.g. 16")
     if architecture == "unet":
         return "unet2", dict(plan)
+    if plan.get("spatial_dims", 3) == 2:
+        raise input_error("--method", f"{trainer}'s second network is the V-Net by default, which is 3d only; this "
+                                      "is a 2d configuration",
+                          "train a second 2d U-Net instead: --method '{\"second_architecture\": \"unet\"}'")
     if any(side % VNET_DIVISOR for side in patch_size):
         raise input_error("--patch-size", f"{trainer}'s V-Net halves the patch 4 times; patch {list(patch_size)} is "
                                           f"not a multiple of {VNET_DIVISOR} on every axis",

@@ -23,8 +23,8 @@ from ..atomic import read_json
 from ..errors import InputError, Problem
 from ..model.augmentation_settings import AugmentationSettings
 from ..model.plans_view import PlansView
-from ..preprocessing.cache import cache_folder, settings_digest
-from .augmentation import build_transforms, source_patch_size
+from ..preprocessing.cache import cache_folder, configuration_digests
+from .augmentation import augment, build_transforms, source_patch_size
 
 
 class CaseStore:
@@ -37,14 +37,14 @@ class CaseStore:
         self.properties: dict[str, dict] = {}
         self._open: dict[str, tuple] = {}
         problems = []
-        digests = {name: settings_digest(p) for name, p in plans["datasets"].items()}
+        digests = configuration_digests(plans, configuration)
         for key in keys:
             dataset, case_id = key.split("/", 1)
             path = self.root / dataset / f"{case_id}.json"
             if not path.is_file():
                 problems.append(Problem(str(path), "cached case missing",
                                         f"run versemi_plan_and_preprocess -d {' '.join(plans['dataset_names'])} "
-                                        f"-e {plans['experiment']} to fill the cache"))
+                                        f"-e {plans['experiment']} -c {configuration} to fill the cache"))
                 continue
             props = read_json(path)
             if props.get("settings_digest") != digests[dataset]:
@@ -77,6 +77,7 @@ class StreamSettings:
     labeled: bool
     oversample_foreground: float = 0.33
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
+    spatial_dims: int = 3  # 2: patches are single slices (1, y, x), augmented in-plane
 
 
 def _stream_seed(seed: int, stream: str, iteration: int) -> int:
@@ -110,8 +111,8 @@ class BatchSource(Dataset):
         self.prompts = {name: [(p["index"], p["label_value"]) for p in PlansView(plans).prompts_of(name)]
                         for name in plans["dataset_names"]}
         self.dataset_index = {name: i for i, name in enumerate(plans["dataset_names"])}
-        self.source_size = source_patch_size(settings.patch_size, settings.augmentation)
-        self.transforms = build_transforms(settings.patch_size, settings.augmentation)
+        self.source_size = source_patch_size(settings.patch_size, settings.augmentation, settings.spatial_dims)
+        self.transforms = build_transforms(settings.patch_size, settings.augmentation, settings.spatial_dims)
 
     def __len__(self) -> int:  # batches are made on demand; the sampler decides how many
         return 2 ** 62
@@ -167,7 +168,7 @@ class BatchSource(Dataset):
             return batch
         np.random.seed(seed % 2 ** 32)  # batchgenerators draws from the global generators
         random.seed(seed)
-        return self.transforms(**batch)
+        return augment(self.transforms, batch, self.settings.spatial_dims)
 
 
 def batch_loader(source: BatchSource, start: int, stop: int, num_workers: int) -> DataLoader:

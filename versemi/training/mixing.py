@@ -39,15 +39,18 @@ def mix(outside: torch.Tensor, inside: torch.Tensor, mask: torch.Tensor) -> torc
 
 def block_mask(batch: int, patch_size, blocks_per_axis: int, ratio: float, device: torch.device | str = "cpu"
                ) -> torch.Tensor:
-    """(B, 1, Z, Y, X) float mask: the patch cut into ``blocks_per_axis``^3 blocks, a random
-    ``ratio`` of them (per sample, the torch generator) set to 1 (M3HL's masked-image-modelling masks)."""
-    count = blocks_per_axis ** 3
+    """(B, 1, Z, Y, X) float mask: the patch cut into ``blocks_per_axis`` blocks along each axis, a
+    random ``ratio`` of them (per sample, the torch generator) set to 1 (M3HL's masked-image-modelling
+    masks). An axis one voxel thick (a 2d patch's slice axis) is one block: 2d patches get
+    ``blocks_per_axis``^2 blocks."""
+    per_axis = [1 if side == 1 else blocks_per_axis for side in patch_size]
+    count = per_axis[0] * per_axis[1] * per_axis[2]
     chosen = round(ratio * count)
-    edges = [[round(i * side / blocks_per_axis) for i in range(blocks_per_axis + 1)] for side in patch_size]
+    edges = [[round(i * side / n) for i in range(n + 1)] for side, n in zip(patch_size, per_axis)]
     mask = torch.zeros((batch, 1, *patch_size), device=device)
     for b in range(batch):
         for block in torch.randperm(count)[:chosen].tolist():
-            z, y, x = block // blocks_per_axis ** 2, (block // blocks_per_axis) % blocks_per_axis, block % blocks_per_axis
+            z, y, x = block // (per_axis[1] * per_axis[2]), (block // per_axis[2]) % per_axis[1], block % per_axis[2]
             mask[b, 0, edges[0][z]:edges[0][z + 1], edges[1][y]:edges[1][y + 1], edges[2][x]:edges[2][x + 1]] = 1
     return mask
 

@@ -108,6 +108,7 @@ class Trainer:
         # the patch and network after the run's overrides, as the checkpoint records them
         self.effective = effective_configuration(plans, configuration, config)
         self.patch_size = list(self.effective.patch_size)
+        self.spatial_dims = view.spatial_dims(configuration)  # 2: trains on slices, (1, y, x) patches
         self.batch_size = max(1, (config.batch_size or plan["batch_size"]) // self.world_size)
         self.num_prompts = plans["num_prompts"]
         self.synthetic_prompt = plans["synthetic_prompt"]
@@ -408,7 +409,7 @@ class Trainer:
     def _stream(self, labeled: bool, augment: bool, batch_size: int | None = None) -> StreamSettings:
         augmentation = self.config.augmentation if augment else type(self.config.augmentation)(enabled=False)
         return StreamSettings(batch_size or self.batch_size, self.patch_size, labeled, self.config.oversample_foreground,
-                              augmentation)
+                              augmentation, self.spatial_dims)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module a step calls: DDP across processes, compiled on CUDA when asked."""

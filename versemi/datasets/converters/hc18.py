@@ -12,6 +12,10 @@ case id is ``hc18_`` plus the file stem without ``HC``: ``hc18_001`` for ``001_H
 (``NNN_HC`` first), and ``case_groups`` maps every case to its subject (``"001"``) so that
 cross-validation keeps a subject's images in one fold.
 
+``test_ids`` holds cases out as a labeled test set (imagesTs/labelsTs), which no training or
+planning reads; they must be whole subjects, so that no subject is seen in training and scored
+in the test. ``case_order``, ``case_groups`` and ``numTraining`` list the training cases only.
+
 An outline counts as open (an InputError) when filling it encloses fewer than 1 % of the image's
 pixels besides the outline itself: a closed head outline encloses 5 % or more in the challenge's
 images, an outline with a gap encloses nothing. Every ``*HC.png`` of ``training_set/`` needs a csv
@@ -32,7 +36,7 @@ from scipy import ndimage
 
 from ...errors import input_error
 from ..io import Geometry, read_sitk
-from ..layout import IMAGES_TR, LABELS_TR, write_dataset_json
+from ..layout import IMAGES_TR, IMAGES_TS, LABELS_TR, LABELS_TS, write_dataset_json
 from ._output import binary_label, building, prepare_output, progress, require_dir, write_channels, write_label
 
 IMAGE_FOLDER = "training_set"
@@ -154,11 +158,27 @@ def head_mask(outline: np.ndarray, path: Path) -> np.ndarray:
     return filled.astype(np.uint8)
 
 
+def _held_out(selected: list[Hc18Image], test_ids: Sequence[str], csv_path: Path) -> set[str]:
+    """The case ids of ``test_ids``, checked: converted cases, whole subjects."""
+    held_out, converted = set(test_ids), {image.case_id for image in selected}
+    unknown = sorted(held_out - converted)
+    if unknown:
+        raise input_error(csv_path, f"gives no converted case for the test id(s) {unknown[:5]}",
+                          "hold out case ids of the converted images: hc18_001 for 001_HC.png")
+    split = sorted({image.subject for image in selected if image.case_id in held_out}
+                   & {image.subject for image in selected if image.case_id not in held_out})
+    if split:
+        raise input_error(csv_path, f"subject(s) {split[:5]} would have images in both the training and the test "
+                                    "cases", "hold out every image of a subject (NNN_HC, NNN_2HC, ...) or none")
+    return held_out
+
+
 def convert_hc18(source: Path, output: Path, *, overwrite: bool = False, show_progress: bool = True,
-                 ids: Sequence[str] | None = None) -> Path:
+                 ids: Sequence[str] | None = None, test_ids: Sequence[str] = ()) -> Path:
     """Convert the HC18 training set into a raw dataset at ``output``; returns ``output``.
 
-    ``ids`` converts only those cases (e.g. ``["hc18_001", "hc18_001_2"]``).
+    ``ids`` converts only those cases (e.g. ``["hc18_001", "hc18_001_2"]``); ``test_ids`` puts those
+    cases (whole subjects) into imagesTs/labelsTs instead of imagesTr/labelsTr.
     """
     source, output = Path(source), Path(output)
     require_dir(source, FIX_FOLDER)
@@ -170,6 +190,8 @@ def convert_hc18(source: Path, output: Path, *, overwrite: bool = False, show_pr
         raise input_error(csv_path, "lists no images", "restore the challenge's original csv")
     selected = _select(images, ids, csv_path)
     _check_listing(source, images, selected)
+    held_out = _held_out(selected, test_ids, csv_path)
+    training = [image for image in selected if image.case_id not in held_out]
     with building(output) as tmp:
         for image in progress(selected, show_progress, "hc18"):
             pixels = _read_png(source / IMAGE_FOLDER / image.name)
@@ -181,9 +203,10 @@ def convert_hc18(source: Path, output: Path, *, overwrite: bool = False, show_pr
                                   f"use the annotation that belongs to {image.name}")
             mask = head_mask(binary_label(outline, annotation_path).astype(bool), annotation_path)
             geometry = Geometry((image.pixel_mm, image.pixel_mm, 1.0), (0.0, 0.0, 0.0), IDENTITY)
-            write_channels(tmp / IMAGES_TR, image.case_id, [pixels[np.newaxis]], geometry)
-            write_label(tmp / LABELS_TR, image.case_id, mask[np.newaxis], geometry)
-        write_dataset_json(tmp, HC18_CHANNELS, HC18_LABELS, len(selected),
-                           case_order=[image.case_id for image in selected],
-                           case_groups={image.case_id: image.subject for image in selected})
+            tested = image.case_id in held_out
+            write_channels(tmp / (IMAGES_TS if tested else IMAGES_TR), image.case_id, [pixels[np.newaxis]], geometry)
+            write_label(tmp / (LABELS_TS if tested else LABELS_TR), image.case_id, mask[np.newaxis], geometry)
+        write_dataset_json(tmp, HC18_CHANNELS, HC18_LABELS, len(training),
+                           case_order=[image.case_id for image in training],
+                           case_groups={image.case_id: image.subject for image in training})
     return output

@@ -45,7 +45,8 @@ class M3HLTrainer(BCPTrainer):
         if not 0 < s["mask_ratio"] < 1:
             raise input_error("--method", f"mask_ratio {s['mask_ratio']} is not in (0, 1)",
                               "give the share of blocks taken from the other image, e.g. 0.5")
-        if not isinstance(s["blocks_per_axis"], int) or not 1 <= s["blocks_per_axis"] <= min(self.patch_size):
+        sides = [side for side in self.patch_size if side > 1]  # a 2d patch's slice axis is one block
+        if not isinstance(s["blocks_per_axis"], int) or not 1 <= s["blocks_per_axis"] <= min(sides):
             raise input_error("--method", f"blocks_per_axis {s['blocks_per_axis']} does not fit the patch "
                                           f"{self.patch_size}", "give an integer from 1 to the smallest patch side")
 

@@ -214,7 +214,8 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
 
     def __init__(self, keys, pixdim, allow_missing_keys=False):
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.pixdim = [float(p) for p in pixdim]
+        # None keeps the image's own spacing along that axis (a 2d model is never resampled across slices)
+        self.pixdim = [None if p is None else float(p) for p in pixdim]
 
     def __call__(self, data):
         d = dict(data)
@@ -226,12 +227,13 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
         affine = torch.as_tensor(image.affine, dtype=torch.float64)
         spacing = torch.linalg.norm(affine[:3, :3], dim=0).tolist()
         shape = [int(s) for s in image.shape[1:]]
-        new_shape = [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, self.pixdim)]
+        pixdim = [sp if t is None else t for sp, t in zip(spacing, self.pixdim)]
+        new_shape = [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, pixdim)]
         array = image.detach().cpu().numpy().astype(np.float32, copy=False)
         if new_shape != shape:
             # versemi works on (z, y, x) arrays: the same axis order here keeps even the anisotropy
             # tie-breaks identical
-            spacing_zyx, target_zyx = spacing[::-1], self.pixdim[::-1]
+            spacing_zyx, target_zyx = spacing[::-1], pixdim[::-1]
             axis = _anisotropic_axis(spacing_zyx)
             axis = axis if axis is not None else _anisotropic_axis(target_zyx)
             array = np.stack([_resample_volume(c.transpose(2, 1, 0), new_shape[::-1], 3, axis).transpose(2, 1, 0)
