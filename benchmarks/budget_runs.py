@@ -21,6 +21,28 @@ import numpy as np
 BIN = Path(sys.executable).parent
 
 
+def parse_trainer_options(text: str) -> tuple[str, str, dict, tuple[str, ...]]:
+    """(trainer, run label, ``--method`` settings, versemi_train flags) of a ``--trainers`` entry,
+    ``Trainer`` or ``Trainer:key=value,...``: a key that starts with ``--`` is a versemi_train flag
+    (``--unlabeled-batch-size=2``), any other a ``--method`` setting whose value is read as JSON
+    (``weight_consistency=1``, ``stage2_labeled_cutmix=false``) or else kept as text."""
+    trainer, _, options = text.partition(":")
+    method, flags, label = {}, [], trainer.removesuffix("Trainer")
+    for item in filter(None, options.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            sys.exit(f"--trainers {text!r}: write each setting as key=value")
+        label += f"_{key.lstrip('-')}={value}"
+        if key.startswith("--"):
+            flags += [key, value]
+            continue
+        try:
+            method[key] = json.loads(value)
+        except json.JSONDecodeError:
+            method[key] = value
+    return trainer, label, method, tuple(flags)
+
+
 def fold_all_folder(folder: Path, experiment: str, trainer: str, configuration: str = "3d_fullres") -> Path:
     return folder / "results" / experiment / f"{trainer}__{configuration}" / "fold_all"
 

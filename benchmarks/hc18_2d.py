@@ -17,11 +17,14 @@ every later start.
     python benchmarks/hc18_2d.py --work WORK --seeds 0 1 --report # the table of what finished
 
 Resolution (``--spacing-scale``, default 4): the images are about 540 x 800 pixels of 0.05 to
-0.33 mm, and the 2d plan resamples them to the median pixel, 0.12 mm: patch 384 x 576, batch 12, 7
-stages, and even the plan's CPU preset (a quarter of the features) costs about 5 s a step on one
-CPU thread, a few hundred iterations in 30 minutes. Four times coarser (0.49 mm; the median image
-134 x 194, the smallest head still about 30 pixels across) the plan has patch 160 x 224, batch 8, 6
-stages, and a step of the CPU preset costs about 0.5 s: thousands of iterations in 30 minutes.
+0.33 mm, and the 2d plan resamples them to the median pixel, 0.12 mm: patch 384 x 576, batch 12,
+7 stages, where even the plan's CPU preset (a quarter of the features) costs several seconds a
+step on one CPU thread (4 s at half that resolution): a few hundred iterations in 30 minutes. Four
+times coarser (0.49 mm; the median image 134 x 194, the smallest head still about 30 pixels
+across) the plan has patch 160 x 224, batch 8, 6 stages, and a step of the CPU preset cost 0.45 s
+supervised and 1.06 s for MeanTeacher's method (one thread, bf16, an AMD EPYC with 2 cores at
+load 4): 30 minutes give a supervised run about 4,000 iterations and leave a semi-supervised
+method about 1,300 after its warm-up (20 minutes would be too few for it to start, see below).
 Predictions are returned in each image's own geometry, so Dice, HD95, ASD and the head
 circumference are measured at full resolution whatever the scale. ``--prepare-only`` prints the
 plan; a work folder holds one scale (its plans refuse another).
@@ -33,7 +36,8 @@ settings, ``MeanTeacherTrainer:weight_consistency=1`` (a ``--method`` setting, J
 ``SelfTrainingTrainer:--supervised-warm-up=0.2`` (a versemi_train flag); its runs live in their own
 folder. A semi-supervised trainer starts its method after 1,000 supervised iterations where 1,000
 are left for it (``--supervised-warm-up auto``): a budget shorter than that trains it supervised
-from start to end.
+from start to end (the table's "method iterations" is 0 then; give the trainer
+``:--supervised-warm-up=0.2`` or a longer ``--budget``).
 
 Scoring: ``versemi_predict -c 2d -f all`` on the 60 test images (no test-time mirroring unless
 ``--mirroring``), ``versemi_evaluate --head-circumference``: Dice, HD95 and ASD in mm (2d
@@ -185,7 +189,8 @@ def plan(work: Path, share: int, labeled: int, spacing_scale: float, show_progre
                                               num_processes=1, settings=PlanSettings(spacing_scale=spacing_scale),
                                               show_progress=show_progress, configurations=[CONFIGURATION]))
     except InputError as exc:
-        sys.exit(f"{exc}\n(a work folder holds one --spacing-scale: use another --work for another)")
+        sys.exit(f"{exc}\n(an experiment planned otherwise, e.g. at another --spacing-scale, is kept: use another "
+                 "--work for other settings)")
 
 
 def prepare_data(args, work: Path) -> Path:
@@ -238,24 +243,8 @@ class RunSpec(NamedTuple):
 
 
 def parse_spec(text: str) -> RunSpec:
-    """``Trainer`` or ``Trainer:key=value,...``: a key that starts with ``--`` is a versemi_train flag
-    (``--supervised-warm-up=0.2``), any other a ``--method`` setting whose value is read as JSON
-    (``weight_consistency=1``) or else kept as text."""
-    trainer, _, options = text.partition(":")
-    method, flags, label = {}, [], trainer.removesuffix("Trainer")
-    for item in filter(None, options.split(",")):
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            sys.exit(f"--trainers {text!r}: write each setting as key=value")
-        label += f"_{key.lstrip('-')}={value}"
-        if key.startswith("--"):
-            flags += [key, value]
-            continue
-        try:
-            method[key] = json.loads(value)
-        except json.JSONDecodeError:
-            method[key] = value
-    return RunSpec(text, trainer, label, method, tuple(flags))
+    """A ``--trainers`` entry (``budget_runs.parse_trainer_options``)."""
+    return RunSpec(text, *budget_runs.parse_trainer_options(text))
 
 
 def run_folder(work: Path, share: int, spec: RunSpec, budget: float, seed: int) -> Path:
@@ -305,7 +294,9 @@ def score(args, work: Path, raw: Path, share: int, spec: RunSpec, folder: Path) 
     summary = json.loads((folder / "evaluation" / "summary.json").read_text(encoding="utf-8"))
     state = load_checkpoint(checkpoint)
     result = {**scores(summary), **budget_runs.training_record(folder, state), "predict_seconds": predict_seconds,
-              "precision": precision_used(state["config"]), "mirroring": args.mirroring, "backend": args.backend,
+              "precision": precision_used(state["config"]),
+              "method_iterations": method_iterations(spec, state["config"]),
+              "mirroring": args.mirroring, "backend": args.backend,
               "network": {"features": state["config"].get("features"), "batch_size": state["config"].get("batch_size"),
                           "network_size": state["config"].get("network_size")}}
     result_file.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
@@ -322,6 +313,14 @@ def scores(summary: dict) -> dict:
                                       "hc_abs_difference": entry["head_circumference"][key]["abs_difference"],
                                       "hc_reference": entry["head_circumference"][key]["reference"]}
                       for entry in summary["cases"]}}
+
+
+def method_iterations(spec: RunSpec, config: dict) -> int | None:
+    """Iterations of a semi-supervised method after its supervised warm-up (0: the schedule was too
+    short for it and the run stayed supervised); None for SupervisedTrainer."""
+    if spec.trainer == REFERENCE:
+        return None
+    return (config["epochs"] - (config.get("warm_up_epochs") or 0)) * config["iterations_per_epoch"]
 
 
 def precision_used(config: dict) -> dict:
@@ -408,9 +407,10 @@ def difference(runs: dict[int, dict], reference: dict[int, dict] | None, metric:
 
 
 def table(results: dict[int, dict[str, dict[int, dict]]], budget: float) -> list[str]:
-    rows = ["| labeled | trainer | seeds | Dice % | vs Supervised | test images up | HD95 mm | ASD mm | |HC diff| mm "
-            "| vs Supervised | HC undefined | iterations | s/it | wall / budget | load start -> end | precision |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| labeled | trainer | seeds | Dice % | vs Supervised | test images up | HD95 mm | ASD mm "
+            "| HC abs. diff. mm | vs Supervised | HC undefined | iterations | method iterations | s/it | wall / budget "
+            "| load start -> end | precision |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for share, by_trainer in results.items():
         reference = next((runs for text, runs in by_trainer.items() if parse_spec(text).label == "Supervised"), None)
         for text, runs in by_trainer.items():
@@ -425,6 +425,7 @@ def table(results: dict[int, dict[str, dict[int, dict]]], budget: float) -> list
                      "reference" if is_reference else difference(runs, reference, "hc_abs_difference", 1),
                      ", ".join(str(runs[s]["counts"]["hc_undefined"]) for s in seeds),
                      stat([runs[s]["iterations"] for s in seeds], digits=0),
+                     "n/a" if is_reference else stat([runs[s]["method_iterations"] for s in seeds], digits=0),
                      stat([runs[s]["seconds_per_iteration"] for s in seeds]),
                      stat([runs[s]["wall_seconds"] / (60 * budget) for s in seeds]),
                      ", ".join(f"{runs[s]['load'][0]:.2f} -> {runs[s]['load'][1]:.2f}" for s in seeds),
@@ -442,7 +443,7 @@ def figure(results: dict[int, dict[str, dict[int, dict]]], title: str, path: Pat
     trainers = list(dict.fromkeys(text for by_trainer in results.values() for text, runs in by_trainer.items() if runs))
     shares = [share for share, by_trainer in results.items() if any(by_trainer.values())]
     width = 0.8 / max(len(shares), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * len(trainers), 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 3 + 1.6 * len(trainers)), 4.8))
     for ax, metric, scale, label in ((axes[0], "dice", 100, "test Dice %"),
                                      (axes[1], "hc_abs_difference", 1, "|HC predicted - reference| mm")):
         for j, share in enumerate(shares):
@@ -487,12 +488,14 @@ def write_outputs(args, work: Path, host: dict, plan_settings: dict, results: di
                 f"(distances and HC in mm); CPU {host['cpu']} ({host['cores']} cores), bf16 units: "
                 f"{'yes' if host['bf16_units'] else 'no'}")
     title = (f"HC18 2d, {args.budget:g} min per run, spacing x{args.spacing_scale:g}, "
-             f"{len(split['test'])} test images (bar: mean over seeds, dots: seeds)")
+             f"{len(split['test'])} test images\n"
+             "bar: mean ± std over seeds, dots: seeds")
     rows = table(results, args.budget)
     (work / f"{NAME}.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n", encoding="utf-8")
     (work / f"{NAME}.json").write_text(json.dumps(
         {"settings": vars(args) | {"work": str(work)}, "machine": host, "plans": plan_settings,
-         "split": str(work / "split.json"), "results": {f"{share}pct": by_trainer for share, by_trainer in results.items()}},
+         "split": str(work / "split.json"),
+         "results": {f"{share}pct": by_trainer for share, by_trainer in results.items()}},
         indent=2, default=str), encoding="utf-8")
     if any(runs for by_trainer in results.values() for runs in by_trainer.values()):
         figure(results, title, work / f"{NAME}.png")

@@ -128,27 +128,11 @@ class RunSpec(NamedTuple):
 
 
 def parse_spec(text: str) -> RunSpec:
-    """``Trainer`` or ``Trainer:key=value,...``: a key that starts with ``--`` is a versemi_train flag
-    (``--unlabeled-batch-size=2``), any other a ``--method`` setting whose value is read as JSON
-    (``weight_consistency=1``, ``stage2_labeled_cutmix=false``) or else kept as text. ``AllLabeled``
-    is SupervisedTrainer with all 160 training cases labeled: the ceiling."""
+    """A ``--trainers`` entry (``budget_runs.parse_trainer_options``); ``AllLabeled`` is
+    SupervisedTrainer with all 160 training cases labeled: the ceiling."""
     if text == ALL_LABELED:
         return RunSpec("SupervisedTrainer", ALL_LABELED, {}, (), EXPERIMENT_ALL_LABELED)
-    trainer, _, options = text.partition(":")
-    method, flags, label = {}, [], trainer.removesuffix("Trainer")
-    for item in filter(None, options.split(",")):
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            sys.exit(f"--trainers {text!r}: write each setting as key=value")
-        label += f"_{key.lstrip('-')}={value}"
-        if key.startswith("--"):
-            flags += [key, value]
-            continue
-        try:
-            method[key] = json.loads(value)
-        except json.JSONDecodeError:
-            method[key] = value
-    return RunSpec(trainer, label, method, tuple(flags))
+    return RunSpec(*budget_runs.parse_trainer_options(text))
 
 
 def train_command(args, trainer: str, budget: float, seed: int, init_from: Path | None = None,

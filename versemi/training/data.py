@@ -134,13 +134,15 @@ class BatchSource(Dataset):
         seed = _stream_seed(self.seed, self.stream, iteration)
         rng = np.random.default_rng(seed)
         s = self.settings
-        data, seg, prompts, datasets, keys = [], [], [], [], []
+        data, seg, prompts, datasets, keys, positions = [], [], [], [], [], []
         for sample in range(s.batch_size):
             dataset = self.datasets[rng.integers(len(self.datasets))]
             key = self.by_dataset[dataset][rng.integers(len(self.by_dataset[dataset]))]
             # the last samples of a batch are forced foreground, as nnU-Net does
             foreground = s.labeled and (sample >= round(s.batch_size * (1 - s.oversample_foreground)))
             center = self._center(key, rng, foreground)
+            slices = self.store.properties[key]["shape"][0]
+            positions.append(min(1.0, max(0.0, center[0] / max(1, slices - 1))))
             image, labels = self.store.arrays(key)
             data.append(crop_with_padding(image, center, self.source_size))
             if s.labeled:
@@ -153,7 +155,10 @@ class BatchSource(Dataset):
             batch["seg"] = np.stack(seg).astype(np.float32)
         batch = self._augment(batch, seed)
         out = {"data": torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32)),
-               "dataset": torch.tensor(datasets), "keys": keys, "iteration": iteration}
+               "dataset": torch.tensor(datasets), "keys": keys, "iteration": iteration,
+               # meta-labels that come for free: where along z the patch lies in its scan (0..1), and the scan
+               "position": torch.tensor(positions, dtype=torch.float32),
+               "scan": torch.tensor([zlib.crc32(k.encode()) for k in keys], dtype=torch.int64)}
         if s.labeled:
             labels = np.rint(batch["seg"]).astype(np.int64)
             values = torch.tensor([v for _, v in prompts]).view(-1, 1, 1, 1, 1)
