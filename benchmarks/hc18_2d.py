@@ -49,6 +49,13 @@ iterations, s/it, wall time over the budget, load, precision and the CPU model; 
 ``<work>/hc18_2d.md`` and ``.json``, the figure (Dice and HC difference per trainer and share) to
 ``<work>/hc18_2d.png`` (``--figure-to`` copies it elsewhere, e.g. benchmarks/figures/).
 
+Continuation (``--from-budget B [--from-seed S]``): every run starts from the final checkpoint of
+SupervisedTrainer's B-minute run of seed S at the same share (``--init-from``: no supervised
+warm-up, a method's teacher starts from it, a pre-training stage is skipped) and trains
+``--budget`` more minutes, SupervisedTrainer continuing as the reference (ERSR's public code starts
+both of its networks from a supervised model); folders ``<label>_from<B>min``, outputs
+``hc18_2d_from<B>min_<budget>min.*``.
+
 Runs live in ``<work>/runs/<share>pct/<label>/<budget>min_seed<seed>`` with ``command.json``,
 ``train.log``, ``wall.json``, ``predict.log``, ``predictions/``, ``evaluation/`` and
 ``evaluation.json``: a finished run and its evaluation are reused, a killed run is continued
@@ -247,17 +254,34 @@ def parse_spec(text: str) -> RunSpec:
     return RunSpec(text, *budget_runs.parse_trainer_options(text))
 
 
-def run_folder(work: Path, share: int, spec: RunSpec, budget: float, seed: int) -> Path:
-    return work / "runs" / f"{share}pct" / spec.label / f"{budget:g}min_seed{seed}"
+def run_folder(work: Path, share: int, spec: RunSpec, budget: float, seed: int, from_budget: float | None = None
+               ) -> Path:
+    label = spec.label + ("" if from_budget is None else f"_from{from_budget:g}min")
+    return work / "runs" / f"{share}pct" / label / f"{budget:g}min_seed{seed}"
 
 
-def train_command(args, share: int, spec: RunSpec, seed: int) -> list[str]:
+def output_name(args) -> str:
+    return NAME if args.from_budget is None else f"{NAME}_from{args.from_budget:g}min_{args.budget:g}min"
+
+
+def supervised_checkpoint(args, work: Path, share: int) -> Path:
+    """The final checkpoint of SupervisedTrainer's run of ``--from-budget`` minutes, seed ``--from-seed``."""
+    folder = run_folder(work, share, parse_spec(REFERENCE), args.from_budget, args.from_seed)
+    if not (folder / "checkpoint.txt").is_file():
+        sys.exit(f"{folder} has not finished: train it first (--trainers {REFERENCE} --budget {args.from_budget:g} "
+                 f"--seeds {args.from_seed} --shares {share})")
+    return Path((folder / "checkpoint.txt").read_text(encoding="utf-8"))
+
+
+def train_command(args, share: int, spec: RunSpec, seed: int, init_from: Path | None = None) -> list[str]:
     command = [str(budget_runs.BIN / "versemi_train"), CONFIGURATION, "all", "-e", experiment(share),
                "-tr", spec.trainer, "--time-budget", f"{args.budget:g}", "--seed", str(seed),
                "--num-workers", str(args.num_workers), "--precision", args.precision,
                "--network-size", args.network_size, "--device", "cpu", "--quiet"]
     if spec.method:
         command += ["--method", json.dumps(spec.method, sort_keys=True)]
+    if init_from is not None:
+        command += ["--init-from", str(init_from)]
     return command + list(spec.flags)
 
 
@@ -334,12 +358,13 @@ def precision_used(config: dict) -> dict:
 def run_and_score(args, work: Path, raw: Path, share: int, spec: RunSpec, seed: int, name: str,
                   left_minutes: float) -> dict | None:
     """Train (or reuse, or with --report skip) one run and score it; None where it has not finished."""
-    folder = run_folder(work, share, spec, args.budget, seed)
+    folder = run_folder(work, share, spec, args.budget, seed, args.from_budget)
     finished = (folder / "checkpoint.txt").is_file()
     if args.report and not finished:
         print(f"{time.strftime('%H:%M:%S')} {name}: not finished, left out (--report)", flush=True)
         return None
-    process = budget_runs.start_training(train_command(args, share, spec, seed), folder, experiment(share),
+    init_from = None if args.from_budget is None else supervised_checkpoint(args, work, share)
+    process = budget_runs.start_training(train_command(args, share, spec, seed, init_from), folder, experiment(share),
                                          spec.trainer, work / "versemi_plans", args.threads, CONFIGURATION)
     if process is None:
         print(f"{time.strftime('%H:%M:%S')} {name}: finished earlier, reused", flush=True)
@@ -487,21 +512,26 @@ def write_outputs(args, work: Path, host: dict, plan_settings: dict, results: di
                 f"{'on' if args.mirroring else 'off'}, backend {args.backend}) and scored at full resolution "
                 f"(distances and HC in mm); CPU {host['cpu']} ({host['cores']} cores), bf16 units: "
                 f"{'yes' if host['bf16_units'] else 'no'}")
-    title = (f"HC18 2d, {args.budget:g} min per run, spacing x{args.spacing_scale:g}, "
+    start = "" if args.from_budget is None else f"from SupervisedTrainer's {args.from_budget:g} min, "
+    title = (f"HC18 2d, {start}{args.budget:g} min per run, spacing x{args.spacing_scale:g}, "
              f"{len(split['test'])} test images\n"
              "bar: mean ± std over seeds, dots: seeds")
     rows = table(results, args.budget)
-    (work / f"{NAME}.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    (work / f"{NAME}.json").write_text(json.dumps(
+    name = output_name(args)
+    if args.from_budget is not None:
+        settings += (f"; every run continues SupervisedTrainer's {args.from_budget:g}-minute run of seed {args.from_seed} "
+                     f"at the same share (--init-from) for {args.budget:g} more minutes")
+    (work / f"{name}.md").write_text(settings + "\n\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    (work / f"{name}.json").write_text(json.dumps(
         {"settings": vars(args) | {"work": str(work)}, "machine": host, "plans": plan_settings,
          "split": str(work / "split.json"),
          "results": {f"{share}pct": by_trainer for share, by_trainer in results.items()}},
         indent=2, default=str), encoding="utf-8")
     if any(runs for by_trainer in results.values() for runs in by_trainer.values()):
-        figure(results, title, work / f"{NAME}.png")
+        figure(results, title, work / f"{name}.png")
         if args.figure_to is not None:
             args.figure_to.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(work / f"{NAME}.png", args.figure_to / f"{NAME}.png")
+            shutil.copyfile(work / f"{name}.png", args.figure_to / f"{name}.png")
     if not quiet:
         print(settings)
         print("\n".join(rows), flush=True)
@@ -527,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="percent of the training images labeled")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget", type=float, default=30.0, help="--time-budget of each run, minutes")
+    parser.add_argument("--from-budget", type=float, help="every run continues SupervisedTrainer's run of this many "
+                                                          "minutes at the same share (--init-from; train it first)")
+    parser.add_argument("--from-seed", type=int, default=0, help="the seed of that run")
     parser.add_argument("--spacing-scale", type=float, default=DEFAULT_SPACING_SCALE,
                         help="plan at this multiple of the median pixel size (one per work folder)")
     parser.add_argument("--network-size", choices=("auto", "plan", "cpu"), default="auto",
@@ -576,14 +609,14 @@ def main() -> None:
     jobs = [(share, spec, seed) for seed in args.seeds for share in args.shares for spec in specs]
     for number, (share, spec, seed) in enumerate(jobs, 1):
         left = sum(args.budget for s, p, e in jobs[number - 1:]
-                   if not (run_folder(work, s, p, args.budget, e) / "checkpoint.txt").is_file())
+                   if not (run_folder(work, s, p, args.budget, e, args.from_budget) / "checkpoint.txt").is_file())
         name = f"[{number}/{len(jobs)}] {share} % {spec.label} {args.budget:g} min seed {seed}"
         result = run_and_score(args, work, raw, share, spec, seed, name, left)
         if result is not None:
             results[share][spec.text][seed] = result
             write_outputs(args, work, host, plan_settings, results, quiet=True)
     write_outputs(args, work, host, plan_settings, results)
-    print(f"wrote {work / NAME}.md, .json and .png")
+    print(f"wrote {work / output_name(args)}.md, .json and .png")
 
 
 if __name__ == "__main__":
