@@ -183,6 +183,9 @@ def test_every_trainer_trains_in_2d_or_says_why_not(trainer, planned_2d, results
 
     monkeypatch.setenv("VERSEMI_PLANS", str(planned_2d))
     extra = []
+    if trainer == "MNTrainer":  # a 2d network beside the plan's 3d one: trains the 3d configuration
+        assert train_main(["2d", "0", "-tr", trainer, *TINY_2D]) != 0
+        return
     if trainer in ("C3S3Trainer", "MEDLTrainer"):
         # their second network is the 3d V-Net by default: refused with the way out, which then trains
         assert train_main(["2d", "0", "-tr", trainer, *TINY_2D]) != 0

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from the weights of another run's checkpoint (any trainer, the same network plan, "
                         "prompts and channels); a pre-training stage is skipped. --continue does not load it again")
+    p.add_argument("--pretrained-2d", type=Path, metavar="PATH",
+                   help="MNTrainer: weights of its 2d network (a state dict of the plan's 2d network, or a 2d "
+                        "checkpoint of this experiment); nothing is downloaded")
     p.add_argument("--epochs", type=int)
     p.add_argument("--iterations-per-epoch", type=int)
     p.add_argument("--val-iterations", type=int)
@@ -97,6 +100,8 @@ def make_config(args, saved: dict | None) -> TrainingConfig:
     if args.init_from is not None:
         config.init_from = str(args.init_from.resolve())
     config.method.update(parse_method(args.method))
+    if args.pretrained_2d is not None:
+        config.method["pretrained_2d"] = str(args.pretrained_2d.resolve())
     if args.network_size is not None:
         if saved and args.network_size not in ("auto", config.network_size):
             raise input_error(f"--network-size {args.network_size}", f"this run trains the {config.network_size} size",
@@ -144,6 +149,9 @@ def train(argv: list[str] | None = None) -> int:
         raise input_error(plans_root / experiment / "plans.json", f"has no configuration {args.configuration!r}",
                           f"use one of {', '.join(plans['configurations'])}")
     trainer_class = find_trainer(args.trainer)
+    if args.pretrained_2d is not None and "pretrained_2d" not in trainer_class.method_defaults:
+        raise input_error(f"--pretrained-2d {args.pretrained_2d}", f"{args.trainer} trains no 2d network beside the "
+                                                                   "3d one", "use it with -tr MNTrainer, or leave it out")
     folder = output_folder(experiment, args.trainer, args.configuration, fold)
     saved = None
     if args.resume and (folder / "checkpoint_latest.pth").is_file():

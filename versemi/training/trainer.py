@@ -435,6 +435,21 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda epoch: (1 - min(epoch, self.config.epochs - 1) / self.config.epochs) ** self.config.poly_exponent)
 
+    def learning_rate_factor(self, epoch: int) -> float:
+        """The poly schedule's factor of the initial learning rate at ``epoch`` (``_make_scheduler``)."""
+        return (1 - min(epoch, self.config.epochs - 1) / self.config.epochs) ** self.config.poly_exponent
+
+    def learning_rate_share(self, start_epoch: int) -> float:
+        """How far the learning rate has decayed since ``start_epoch``: 0 there, towards 1 at the end
+        (1 - lr(epoch) / lr(start)). Methods use it to trust their own outputs more as training
+        settles (M&N's learning-rate-guided sampling). A constant learning rate (``poly_exponent`` 0)
+        gives the share of the epochs since ``start_epoch`` instead."""
+        if self.epoch < start_epoch:
+            return 0.0
+        if self.config.poly_exponent <= 0:
+            return (self.epoch - start_epoch) / max(1, self.config.epochs - start_epoch)
+        return 1 - self.learning_rate_factor(self.epoch) / self.learning_rate_factor(start_epoch)
+
     def _optimized(self) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:
         """(model, optimizer) of the main network, then of every extra network."""
         return [(self.model, self.optimizer)] + [(e.model, e.optimizer) for e in self.extra_networks.values()]
