@@ -74,5 +74,6 @@ class PlansView:
         """The dataset's plan; with ``configuration``, its target spacing as that configuration has
         it (a ``null`` axis keeps each case's own spacing)."""
         plan = self.plans["datasets"][dataset]
-        spacing = self.configuration(configuration).get("target_spacing", {}) if configuration else {}
+        own = self.plans.get("configurations", {}).get(configuration, {}) if configuration else {}
+        spacing = own.get("target_spacing", {})
         return {**plan, "target_spacing": spacing[dataset]} if dataset in spacing else plan
