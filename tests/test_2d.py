@@ -20,6 +20,14 @@ TINY_2D = ["--batch-size", "4", "--features", "4", "8", "16", "--num-workers", "
            "--epochs", "1", "--iterations-per-epoch", "2", "--supervised-warm-up", "0", "--quiet"]
 
 
+def resume_args_2d(plans_root: Path, trainer: str, *extra: str) -> list[str]:
+    """versemi_train arguments of a 3-epoch, 3-iteration 2d run of the toy pair with a loader
+    worker: a kill at iteration 5 lands in its second epoch (``train_killed_and_resumed``)."""
+    return ["2d", "0", "--plans-root", str(plans_root), "-tr", trainer, "--epochs", "3", "--iterations-per-epoch",
+            "3", "--batch-size", "4", "--features", "4", "8", "16", "--num-workers", "1", "--val-iterations", "1",
+            "--quiet", *extra]
+
+
 def _plans(plans_root: Path, experiment: str) -> dict:
     return json.loads((plans_root / experiment / "plans.json").read_text(encoding="utf-8"))
 

@@ -12,7 +12,7 @@ from versemi.training.ellipse_prior import (SymmetryAxis, first_side, most_regul
                                             regularity_score, symmetric_halves)
 
 from conftest import assert_same_weights, train_killed_and_resumed
-from test_2d import TINY_2D, planned_2d  # noqa: F401  (the fixture)
+from test_2d import TINY_2D, planned_2d, resume_args_2d  # noqa: F401  (the fixture)
 
 
 def ellipse_mask(shape=(64, 80), center=(30.0, 42.0), axes=(22.0, 12.0), angle=0.5) -> np.ndarray:
@@ -98,9 +98,7 @@ def test_ersr_terms_and_pseudo_labels(planned_2d, tmp_path):  # noqa: F811
 
 @pytest.mark.slow
 def test_ersr_resumes_exactly_after_a_kill(planned_2d, results, tmp_path, one_thread):  # noqa: F811
-    args = ["2d", "0", "--plans-root", str(planned_2d), "-tr", "ERSRTrainer", "--epochs", "3",
-            "--iterations-per-epoch", "3", "--batch-size", "4", "--features", "4", "8", "16", "--num-workers", "1",
-            "--val-iterations", "1", "--supervised-warm-up", "0", "--quiet"]
+    args = resume_args_2d(planned_2d, "ERSRTrainer", "--supervised-warm-up", "0")
     uninterrupted, resumed = train_killed_and_resumed(args, "ERSRTrainer", results, tmp_path)
     assert_same_weights(uninterrupted, resumed, ("network", "teacher"))
     assert uninterrupted["history"]["terms"][-1].keys() >= {"pseudo_label", "symmetric_regions", "mirrored_halves"}

@@ -16,7 +16,7 @@ from versemi.datasets.layout import write_dataset_json
 from versemi.training.contrastive import position_bands, same_label, self_paced_contrast, self_paced_gamma
 
 from conftest import TOY_EXPERIMENT, assert_same_weights, fit_fixed_batch, make_trainer, train_killed_and_resumed
-from test_2d import TINY_2D, planned_2d  # noqa: F401  (the fixture)
+from test_2d import TINY_2D, planned_2d, resume_args_2d  # noqa: F401  (the fixture)
 
 
 def test_meta_labels_on_a_hand_made_volume(tmp_path):
@@ -113,9 +113,7 @@ def test_the_pretraining_runs_alone_and_is_reused(planned_2d, results, tmp_path,
 
 @pytest.mark.slow
 def test_self_paced_contrastive_resumes_exactly_after_a_kill(planned_2d, results, tmp_path, one_thread):  # noqa: F811
-    args = ["2d", "0", "--plans-root", str(planned_2d), "-tr", "SelfPacedContrastiveTrainer", "--epochs", "3",
-            "--iterations-per-epoch", "3", "--batch-size", "4", "--features", "4", "8", "16", "--num-workers", "1",
-            "--val-iterations", "1", "--quiet", "--method", '{"pretrain_fraction": 0.34}']
+    args = resume_args_2d(planned_2d, "SelfPacedContrastiveTrainer", "--method", '{"pretrain_fraction": 0.34}')
     uninterrupted, resumed = train_killed_and_resumed(args, "SelfPacedContrastiveTrainer", results, tmp_path)
     assert_same_weights(uninterrupted, resumed, ("network", "networks"))
     assert uninterrupted["history"]["terms"][-1].keys() >= {"supervised", "contrast"}
