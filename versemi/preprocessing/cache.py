@@ -31,7 +31,7 @@ from ..model.plans_view import DEFAULT_CONFIGURATION, PlansView
 from ..parallel import map_with_progress
 from .cropping import crop
 from .pipeline import to_network_input
-from .resampling import resample_segmentation
+from .resampling import concrete_target, resample_segmentation
 
 CACHE_VERSION = 1
 MAX_LOCATIONS_PER_LABEL = 2_000  # foreground patch centres kept per label for oversampling
@@ -114,7 +114,7 @@ def preprocess_case(job: CaseJob, dataset_plan: dict, folder: Path, digest: str)
     image, geometry = read_image(case.images)
     image, cropped = to_network_input(image, geometry.spacing_zyx, dataset_plan)
     target = dataset_plan["target_spacing"]
-    target = [float(s) if t is None else t for s, t in zip(geometry.spacing_zyx, target)]  # the case's own along a null axis
+    target = concrete_target(geometry.spacing_zyx, target)  # the case's own spacing along a null axis
     files = {"data": write_array(image, folder / f"{case.case_id}_data.b2nd")}
     props = {
         "dataset": job.dataset,
