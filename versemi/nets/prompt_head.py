@@ -55,8 +55,9 @@ def split_head_params(params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
     ]
 
 
-def apply_dynamic_head(precls: torch.Tensor, params: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
-    """Run each (sample, prompt)'s generated head: (B, 8, *S) and (B, K, 162) -> (B, K, 2, *S).
+def dynamic_head_hidden(precls: torch.Tensor, params: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
+    """The generated heads' last hidden features, what their final linear layer classifies:
+    (B, 8, *S) and (B, K, 162) -> (B, K, 8, V) with V the flattened voxels.
 
     ``negative_slope`` is that of the hidden activations (0: ReLU).
     """
@@ -67,13 +68,22 @@ def apply_dynamic_head(precls: torch.Tensor, params: torch.Tensor, negative_slop
     if channels != HEAD_CHANNELS:
         raise ValueError(f"precls must have {HEAD_CHANNELS} channels; got {channels}")
     voxels = precls.reshape(batch, channels, -1)  # (B, 8, V)
-    (w1, b1), (w2, b2), (w3, b3) = split_head_params(params)
+    (w1, b1), (w2, b2), _ = split_head_params(params)
     # First layer: stack the K prompts' weights so the shared features are read once: (B, K*8, V).
     h = torch.matmul(w1.reshape(batch, prompts * HEAD_CHANNELS, channels), voxels)
     h = F.leaky_relu(h.view(batch, prompts, HEAD_CHANNELS, -1) + b1[..., None], negative_slope)
-    h = F.leaky_relu(torch.matmul(w2, h) + b2[..., None], negative_slope)
+    return F.leaky_relu(torch.matmul(w2, h) + b2[..., None], negative_slope)
+
+
+def apply_dynamic_head(precls: torch.Tensor, params: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
+    """Run each (sample, prompt)'s generated head: (B, 8, *S) and (B, K, 162) -> (B, K, 2, *S).
+
+    ``negative_slope`` is that of the hidden activations (0: ReLU).
+    """
+    h = dynamic_head_hidden(precls, params, negative_slope)
+    w3, b3 = split_head_params(params)[-1]
     logits = torch.matmul(w3, h) + b3[..., None]  # (B, K, 2, V)
-    return logits.view(batch, prompts, NUM_CLASSES, *spatial)
+    return logits.view(*h.shape[:2], NUM_CLASSES, *precls.shape[2:])
 
 
 CONTEXT_GROUPS = 16  # DoDNet's GroupNorm(16, C) before pooling

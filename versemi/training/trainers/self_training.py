@@ -73,6 +73,18 @@ class SelfTrainingTrainer(MeanTeacherTrainer):
         shift = s["student_contrast"] * (2 * torch.rand(shape, device=images.device) - 1)
         return images * scale + shift + s["student_noise"] * torch.randn_like(images)
 
+    def student_batch(self, unlabeled: dict, labels: torch.Tensor, weights: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(view, labels, weights) the student learns from: its perturbed view of the unlabeled
+        patches, with a box of the next sample (cyclically) pasted into each where
+        ``unlabeled_cutmix`` is on; images, labels and weights pasted alike."""
+        s = self.settings
+        view = self.student_view(unlabeled["data"])
+        if s["unlabeled_cutmix"] and view.shape[0] > 1:
+            inside = box_mask(view.shape[0], self.patch_size, s["cutmix_ratio"], device=view.device)
+            view, labels, weights = (mix(t, t.roll(1, 0), inside) for t in (view, labels, weights))
+        return view, labels, weights
+
     @torch.no_grad()
     def pseudo_labels(self, unlabeled: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels, weights), each (B_u, real, *S): the teacher's hard labels for every real prompt
@@ -89,11 +101,7 @@ class SelfTrainingTrainer(MeanTeacherTrainer):
         if unlabeled is None:
             return super().train_step(labeled, None)
         labels, weights = self.pseudo_labels(unlabeled)
-        view = self.student_view(unlabeled["data"])
-        if s["unlabeled_cutmix"] and view.shape[0] > 1:
-            # a box of the next sample (cyclically): images, labels and weights pasted alike
-            inside = box_mask(view.shape[0], self.patch_size, s["cutmix_ratio"], device=view.device)
-            view, labels, weights = (mix(t, t.roll(1, 0), inside) for t in (view, labels, weights))
+        view, labels, weights = self.student_batch(unlabeled, labels, weights)
         supervised, logits = self.joint_pass(labeled, view)  # logits (B_u, real, 2, *S)
         rows = logits.shape[0] * logits.shape[1]
         unlabeled_loss = masked_dice_ce(logits.reshape(rows, *logits.shape[2:]), labels.reshape(rows, 1, *labels.shape[2:]),
