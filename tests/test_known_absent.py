@@ -208,3 +208,17 @@ def test_the_label_table_says_what_was_left_out():
     assert written["not_predicted"] == [{"dataset": "LA", "label": "left_atrium", "prompt": 0,
                                          "why": "Hippocampus declares it absent from its images (known_absent)"}]
     assert "not_predicted" not in label_table(hippocampus).to_json()
+
+
+def test_a_bundle_card_names_the_declared_absences_and_says_it_still_predicts_them():
+    from versemi.bundles.export import known_absent_section
+
+    plans = {"dataset_names": ["LA", "Hippocampus"],
+             "datasets": {"LA": {"known_absent": ["Hippocampus/Anterior", "Hippocampus/Posterior"]},
+                          "Hippocampus": {"known_absent": ["LA/left_atrium"]}}}
+    text = known_absent_section(plans)
+    assert "| LA | Hippocampus/Anterior, Hippocampus/Posterior |" in text
+    assert "| Hippocampus | LA/left_atrium |" in text
+    assert "does not leave these structures out" in text and "--from-dataset" in text
+    plans["datasets"] = {"LA": {}, "Hippocampus": {}}
+    assert known_absent_section(plans) == ""

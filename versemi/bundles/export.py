@@ -362,7 +362,9 @@ def metadata(ensemble: Ensemble, prompt: dict, patch_size_zyx: Sequence[int], di
 
     plans = ensemble.plans
     dataset, label = prompt["dataset"], prompt["label"]
-    plan = PlansView(plans).dataset_plan(dataset, ensemble.configuration)
+    view = PlansView(plans)
+    plan = view.dataset_plan(dataset, ensemble.configuration)
+    declared = {d: view.known_absent(d) for d in view.dataset_names if view.known_absent(d)}
     channels = plan["channel_names"]
     patch_xyz = [int(s) for s in reversed(patch_size_zyx)]
     norm = plan["normalization"][0]
@@ -435,6 +437,8 @@ def metadata(ensemble: Ensemble, prompt: dict, patch_size_zyx: Sequence[int], di
             "axis_order": "MONAI arrays and spatial_shape are (x, y, z); versemi's plans are (z, y, x)",
             "model_pt": "state dict of models/model.ts's module: networks.<i>.* is fold folds[i]'s network "
                         "(versemi.nets.build_network with the plan's network)",
+            # structures learnt absent from a dataset's images; the bundle still predicts them everywhere
+            **({"known_absent": declared} if declared else {}),
         },
     }
 
@@ -552,6 +556,28 @@ prompts' probabilities in this order; their argmax is this rule, which `LabelMap
                           "another prompt's.")
 
 
+def known_absent_section(plans: dict) -> str:
+    """The card's note on structures the training plan declares absent from a dataset's images
+    (``known_absent``): learnt absent there, yet predicted on every image by the bundle, which does
+    not know where an image comes from; empty without a declaration."""
+    view = PlansView(plans)
+    if not view.declares_absence:
+        return ""
+    rows = "\n".join(f"| {d} | {', '.join(view.known_absent(d))} |" for d in view.dataset_names if view.known_absent(d))
+    return f"""
+## Structures declared absent
+Training declared these structures absent from each dataset's images, and learnt them absent there:
+
+| images of | never contain |
+|---|---|
+{rows}
+
+This bundle runs every exported prompt on every image: it cannot tell which dataset an image comes
+from, so it does not leave these structures out. With the training checkpoints,
+`versemi_predict --from-dataset DATASET` does (and lists them under `not_predicted` in `labels.json`).
+"""
+
+
 def _precision_text(precision: str) -> str:
     if precision == "fp32":
         return "exported for fp32: the network computes in float32 on every machine."
@@ -603,6 +629,7 @@ anatomy or pathology. {scope}
 |---|---|---|---|
 {rows}
 
+{known_absent_section(plans)}
 ## Cross-validation
 {cross_validation}
 
