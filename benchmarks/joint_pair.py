@@ -141,6 +141,15 @@ def evaluate(folder: Path, row: Row, raw: Path) -> dict:
     return result
 
 
+def method_iterations(record: dict, row: Row) -> int | None:
+    """Iterations after the shared supervised warm-up (0: the method never started, the run trained
+    supervised throughout); None for a supervised row."""
+    budget = record.get("budget") or {}
+    if row.trainer == "SupervisedTrainer" or budget.get("supervised_warm_up_epochs") is None:
+        return None
+    return (budget["epochs"] - budget["supervised_warm_up_epochs"]) * budget["iterations_per_epoch"]
+
+
 def cell(values: list, digits: int = 2) -> str:
     values = [v for v in values if v is not None]
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if values else "n/a"
@@ -149,7 +158,7 @@ def cell(values: list, digits: int = 2) -> str:
 def table(results: dict[str, dict[int, dict]], rows: list[Row], minutes: float) -> list[str]:
     head = ["row", "minutes", "seeds", "LA Dice %", "Hippocampus Dice % (mean of 2)", "anterior", "posterior",
             "LA HD95 mm", "Hippocampus HD95 mm", "hippocampus claimed in LA scans, % voxels",
-            "atrium claimed in hippocampus scans, % voxels", "iterations"]
+            "atrium claimed in hippocampus scans, % voxels", "iterations", "of them the method's"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         runs = list(results.get(row.label, {}).values())
@@ -157,23 +166,24 @@ def table(results: dict[str, dict[int, dict]], rows: list[Row], minutes: float) 
             continue
 
         def label_metric(dataset, label, metric, scale=1.0):
-            return [r["datasets"][dataset]["per_label"][str(label)][metric] * scale
-                    for r in runs if dataset in r["datasets"]]
+            values = [r["datasets"][dataset]["per_label"][str(label)][metric] for r in runs if dataset in r["datasets"]]
+            return [None if v is None else v * scale for v in values]  # None: no surface (HD95 of an empty mask)
 
         def claimed(dataset):
             return [sum(r["datasets"][dataset]["claims_percent"].values()) for r in runs
                     if dataset in r["datasets"] and r["datasets"][dataset]["claims_percent"] is not None]
 
-        hippo = [np.mean(pair) for pair in zip(label_metric("Hippocampus", 1, "dice", 100),
-                                               label_metric("Hippocampus", 2, "dice", 100))]
-        hippo_hd = [np.mean(pair) for pair in zip(label_metric("Hippocampus", 1, "hd95"),
-                                                  label_metric("Hippocampus", 2, "hd95"))]
+        def both_labels(metric, scale=1.0):
+            pairs = zip(label_metric("Hippocampus", 1, metric, scale), label_metric("Hippocampus", 2, metric, scale))
+            return [None if None in pair else np.mean(pair) for pair in pairs]
+
+        hippo, hippo_hd = both_labels("dice", 100), both_labels("hd95")
         lines.append("| " + " | ".join([
             row.label, f"{minutes * row.budget_share:g}", ",".join(map(str, sorted(results[row.label]))),
             cell(label_metric("LA", 1, "dice", 100)), cell(hippo), cell(label_metric("Hippocampus", 1, "dice", 100)),
             cell(label_metric("Hippocampus", 2, "dice", 100)), cell(label_metric("LA", 1, "hd95")), cell(hippo_hd),
             cell(claimed("LA"), 3), cell(claimed("Hippocampus"), 3),
-            cell([r["iterations"] for r in runs], 0)]) + " |")
+            cell([r["iterations"] for r in runs], 0), cell([method_iterations(r, row) for r in runs], 0)]) + " |")
     return lines
 
 
