@@ -4,6 +4,7 @@ that leaves those structures out (``--from-dataset``)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,26 @@ def test_a_declaration_adds_the_loss_and_teaches_the_absence(name, planned, tmp_
     assert after < _claims_of_absent_structures(plain, batch, declared)
 
 
+def test_the_absences_ramp_up_over_the_first_iterations_of_a_run_from_scratch(planned, tmp_path):
+    from versemi.training.trainer import KNOWN_ABSENT_RAMP_ITERATIONS
+
+    trainer = make_trainer("SupervisedTrainer", planned, tmp_path, plans=_plans_with(planned, BOTH_WAYS))
+    batch = trainer.labeled_source[0]
+
+    def absent_term(iteration):
+        trainer.current_iteration = iteration
+        torch.manual_seed(0)
+        return float(trainer.train_step(batch, None)["known_absent"].detach())
+
+    full = absent_term(None)  # outside the loop: full weight
+    assert full > 0
+    assert absent_term(0) == pytest.approx(0.0067 * full, rel=0.05)
+    assert absent_term(KNOWN_ABSENT_RAMP_ITERATIONS // 2) == pytest.approx(math.exp(-1.25) * full, rel=1e-3)
+    assert absent_term(KNOWN_ABSENT_RAMP_ITERATIONS) == pytest.approx(full, rel=1e-6)
+    trainer.warm_start = {"path": "a trained model"}  # a warm start has learnt its prompts already
+    assert absent_term(0) == pytest.approx(full, rel=1e-6)
+
+
 def test_one_sided_declaration_leaves_the_other_dataset_unknown(planned, tmp_path):
     trainer = make_trainer("SupervisedTrainer", planned, tmp_path,
                            plans=_plans_with(planned, {"DemoLA": ["DemoPancreas/pancreas"]}))
@@ -177,8 +198,8 @@ def test_prediction_from_a_dataset_leaves_its_absent_structures_out(toy_raw, tmp
         _declare(toy_raw, name, absent)
     with toy_experiment(toy_raw, tmp_path, {"0": ["-tr", "SupervisedTrainer"]}) as experiment:
         log = (experiment / "SupervisedTrainer__3d_fullres" / "fold_0" / "training_log.txt").read_text("utf-8")
-        assert ("learnt absent in every step: DemoLA: DemoPancreas/pancreas; DemoPancreas: DemoLA/left_atrium"
-                in log)
+        assert ("learnt absent in every step, ramped up over the first 200 iterations in the supervised step: "
+                "DemoLA: DemoPancreas/pancreas; DemoPancreas: DemoLA/left_atrium" in log)
         images = toy_raw / "DemoLA" / "imagesTs"
         out = tmp_path / "pred"
         assert predict_main(["-i", str(images), "-o", str(out), "-p", "all", "--from-dataset", "DemoLA", "-f", "0",
