@@ -97,8 +97,8 @@ class TransMedSegTrainer(SelfTrainingTrainer):
             supervised, logits = self.joint_pass(labeled, view)  # logits (B_u, real, 2, *S)
         features, prompts = student_tap.last
         params = student_tap.head.head_params(features, prompts)[n:]  # generated heads, with their gradient
-        self.memories["student"].update(hidden_features(student_tap, rows=slice(n, None)), labels.flatten(2),
-                                        weights.flatten(2))
+        self.memories["student"].update(hidden_features(student_tap, rows=slice(n, None), params=params.detach()),
+                                        labels.flatten(2), weights.flatten(2))
         w3 = split_head_params(params)[-1][0]  # (B_u, real, 2, 8)
         student, teacher = self.memories["student"], self.memories["teacher"]
         shift = (teacher.mean - student.mean) * (teacher.seen & student.seen)[..., None]  # 0 until both have seen a class
@@ -117,9 +117,9 @@ class TransMedSegTrainer(SelfTrainingTrainer):
 
 
 @torch.no_grad()
-def hidden_features(tap: HeadTap, rows: slice = slice(None)) -> torch.Tensor:
+def hidden_features(tap: HeadTap, rows: slice = slice(None), params: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K, 8, V) the last hidden features of the generated heads of the tapped forward's rows
-    (full resolution)."""
+    (full resolution); ``params``: those rows' generated head parameters, if already computed."""
     features, prompts = tap.last
-    params = tap.head.head_params(features, prompts)[rows]
+    params = tap.head.head_params(features, prompts)[rows] if params is None else params
     return dynamic_head_hidden(features.precls[rows], params, HEAD_ACTIVATIONS[tap.head.activation])
