@@ -10,6 +10,10 @@ HD95, ASD; MedPy conventions).
     python benchmarks/la_budget.py                      # every trainer, 20 min, seeds 0 1 (about 2 h)
     python benchmarks/la_budget.py --minutes 20 --seeds 0 1 \\
         --variant '{"label": "VerSemi paper", "trainer": "VerSemiTrainer", "method": {"preset": "paper"}}'
+    # fp32 at the iterations the bf16 default reached in 20 minutes (accuracy of the precision, not its speed)
+    python benchmarks/la_budget.py --work W --seeds 0 --variant '{"label": "Supervised", "trainer": "SupervisedTrainer"}' \\
+        --variant '{"label": "Supervised fp32", "trainer": "SupervisedTrainer", "args": ["--precision", "fp32"],
+                    "same_iterations_as": "Supervised"}' --parallel 1
 
 Runs go ``--parallel`` at a time (default 2, one thread each), in seed order, so compared runs
 share the machine side by side; each group is evaluated after it finished training. Finished runs
@@ -72,9 +76,24 @@ def run_folder(work: Path, variant: dict, seed: int) -> Path:
     return work / "runs" / variant["label"].replace(" ", "_") / f"seed{seed}"
 
 
-def train_command(args, variant: dict, seed: int) -> list[str]:
+def reference_schedule(work: Path, label: str, seed: int) -> list[str]:
+    """``--epochs E --iterations-per-epoch I`` of the finished run ``label`` with this seed (equal iterations)."""
+    from versemi.model.checkpoint import load_checkpoint
+
+    pointer = run_folder(work, {"label": label}, seed) / "checkpoint.txt"
+    if not pointer.is_file():
+        sys.exit(f"{pointer}: no finished run '{label}' with seed {seed} to take the number of iterations from; "
+                 f"run that variant first (it must come earlier in --variant or already be in {work})")
+    config = load_checkpoint(Path(pointer.read_text(encoding="utf-8")))["config"]
+    return ["--epochs", str(config["epochs"]), "--iterations-per-epoch", str(config["iterations_per_epoch"])]
+
+
+def train_command(args, variant: dict, seed: int, work: Path) -> list[str]:
+    # equal iterations instead of equal time: e.g. fp32 against the bf16 default at the same number of steps
+    schedule = (reference_schedule(work, variant["same_iterations_as"], seed) if variant.get("same_iterations_as")
+                else ["--time-budget", str(args.minutes)])
     command = [str(BIN / "versemi_train"), "3d_fullres", "all", "-e", EXPERIMENT, "-tr", variant["trainer"],
-               "--time-budget", str(args.minutes), "--seed", str(seed), "--num-workers", str(args.num_workers),
+               *schedule, "--seed", str(seed), "--num-workers", str(args.num_workers),
                "--optimizer", args.optimizer, "--lr", str(args.lr), "--device", args.device]
     if not args.plan_network:
         command += ["--patch-size", *map(str, args.patch), "--batch-size", str(args.batch_size),
@@ -87,7 +106,7 @@ def train_command(args, variant: dict, seed: int) -> list[str]:
 
 
 def start_training(args, work: Path, variant: dict, seed: int) -> subprocess.Popen | None:
-    return budget_runs.start_training(train_command(args, variant, seed), run_folder(work, variant, seed), EXPERIMENT,
+    return budget_runs.start_training(train_command(args, variant, seed, work), run_folder(work, variant, seed), EXPERIMENT,
                                       variant["trainer"], work / "versemi_plans", args.threads)
 
 
@@ -159,8 +178,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0, help="--time-budget of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variant", action="append", type=json.loads,
-                        help='JSON {"label", "trainer", "method": {...}, "args": [...]} (repeatable; default: '
-                             'Supervised and VerSemi)')
+                        help='JSON {"label", "trainer", "method": {...}, "args": [...], "same_iterations_as": LABEL} '
+                             '(repeatable; default: every trainer). same_iterations_as trains the epochs x iterations '
+                             'of that variant\'s run with the same seed instead of --minutes')
     parser.add_argument("--parallel", type=int, default=2, help="runs trained side by side")
     parser.add_argument("--threads", type=int, default=1, help="threads per run")
     parser.add_argument("--spacing-scale", type=float, default=2.0)
