@@ -792,10 +792,14 @@ def export_bundle(output: str | Path | None, prompt: str | Sequence[str] | None 
         output = paths.bundles_root() / default_bundle_name(experiment_dir.name, plans, chosen)
     output = Path(output).absolute()
     _check_output(output, overwrite)
-    patch_sizes = {tuple(m.patch_size) for m in ensemble.models}
+    # the window of the chosen structures' dataset (a joint plan may give a dataset a patch of its own)
+    datasets = list(dict.fromkeys(p["dataset"] for p in chosen))
+    patch_sizes = {tuple(m.patch_for(d)) for m in ensemble.models for d in datasets}
     if len(patch_sizes) != 1:
-        raise InputError([Problem(str(m.checkpoint), f"fold {m.fold} was trained with patch {m.patch_size}",
-                                  "export folds trained with the same patch size (choose them with -f)")
+        raise InputError([Problem(str(m.checkpoint), f"fold {m.fold} slides patch "
+                                  f"{' / '.join(str(m.patch_for(d)) for d in datasets)} over {' / '.join(datasets)}",
+                                  "export folds trained with the same patch size (choose them with -f), or the "
+                                  "structures of one dataset (-p)")
                           for m in ensemble.models])
     patch_size = list(patch_sizes.pop())
     table = label_table(chosen) if len(chosen) > 1 else None

@@ -226,6 +226,13 @@ def use_backend(ensemble: Ensemble, backend: str) -> str:
             raise input_error(f"--backend openvino --device {ensemble.device}", "OpenVINO runs on the CPU here",
                               "use --device cpu, or --backend torch on a GPU")
         return "backend torch (auto: a GPU)"
+    own = next((m for m in ensemble.models if m.dataset_patch_sizes), None)
+    if own is not None:  # a converted model has one fixed window shape
+        reason = (f"the model slides windows of several sizes ({', '.join(own.dataset_patch_sizes)} have patches of "
+                  "their own) and a converted model takes one")
+        if backend == "openvino":
+            raise input_error(own.checkpoint, reason, "use --backend torch")
+        return f"backend torch (auto: {reason})"
     if openvino_version() is None:
         if backend == "openvino":
             raise input_error("--backend openvino", "OpenVINO is not installed", INSTALL_HINT)

@@ -20,7 +20,8 @@ from ..model.plans_view import DEFAULT_CONFIGURATION
 @dataclass
 class FoldModel:
     """One trained fold's network (eval mode, on the ensemble's device) and patch size; ``member``
-    names the network where the fold's trainer trained several (None: the fold has one)."""
+    names the network where the fold's trainer trained several (None: the fold has one);
+    ``dataset_patch_sizes``: the datasets of a joint plan that trained with a patch of their own."""
 
     fold: str
     checkpoint: Path
@@ -28,6 +29,11 @@ class FoldModel:
     network: torch.nn.Module
     patch_size: list[int]
     member: str | None = None
+    dataset_patch_sizes: dict[str, list[int]] | None = None
+
+    def patch_for(self, dataset: str | None) -> list[int]:
+        """The window that slides over ``dataset``'s images: its own patch, else the shared one."""
+        return list((self.dataset_patch_sizes or {}).get(dataset, self.patch_size))
 
 
 @dataclass
@@ -113,8 +119,8 @@ def _fold_models(state, path: Path, device: torch.device, member: str | None = N
     """The checkpoint's members (or the one named ``member``) rebuilt, in eval mode on ``device``."""
     check_trained_model(state, path)
     networks = member_networks(state, path, member)
-    patch_size = trained_configuration(state, path).patch_size
+    trained = trained_configuration(state, path)
     several = len(member_names(state)) > 1
-    return [FoldModel(str(state["fold"]), Path(path), state["trainer"], network.to(device), patch_size,
-                      name if several else None)
+    return [FoldModel(str(state["fold"]), Path(path), state["trainer"], network.to(device), trained.patch_size,
+                      name if several else None, trained.dataset_patch_sizes)
             for name, network in networks.items()]

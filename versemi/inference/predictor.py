@@ -81,7 +81,8 @@ def network_probabilities(ensemble: Ensemble, prepared: PreparedCase, prompts: S
     grid): every window goes through the backbone once for all of that dataset's prompts.
     ``window``: patch_size, overlap, blend of ``ensemble_probabilities``."""
     return [(rows, ensemble_probabilities(ensemble, data, [prompts[k]["index"] for k in rows], step, mirroring,
-                                          **window)) for rows, data in prepared.inputs]
+                                          dataset=prompts[rows[0]]["dataset"], **window))
+            for rows, data in prepared.inputs]
 
 
 def cropped_probabilities(prepared: PreparedCase, stitched: list[tuple[list[int], torch.Tensor]],

@@ -94,12 +94,12 @@ def sliding_window_probabilities(network: torch.nn.Module, data: np.ndarray, pro
 
 def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, prompt_index: int | Sequence[int], step: float = 0.5,
                            mirroring: bool = True, *, patch_size=None, overlap: float | Sequence[float] | None = None,
-                           blend: str = "gaussian") -> torch.Tensor:
+                           blend: str = "gaussian", dataset: str | None = None) -> torch.Tensor:
     """The mean over the ensemble's folds of ``sliding_window_probabilities`` (``patch_size`` None:
-    each fold's own patch)."""
+    each fold's own patch for ``dataset``'s images, the grid ``data`` is on)."""
     total = None
     for model in ensemble.models:
-        p = sliding_window_probabilities(model.network, data, prompt_index, patch_size or model.patch_size,
+        p = sliding_window_probabilities(model.network, data, prompt_index, patch_size or model.patch_for(dataset),
                                          ensemble.device, step, mirroring, overlap=overlap, blend=blend,
                                          precision=ensemble.precision)
         total = p if total is None else total + p.to(total.device)

@@ -6,6 +6,8 @@ benchmark. A ``torch.save`` of a dict, written atomically, with these keys:
     patch_size, network_plan       the patch and main network after the run's overrides
                                    (``model.config.effective_configuration``); network_plan None: a
                                    method built its own network (both absent in older versions)
+    dataset_patch_sizes            datasets that trained with a patch of their own, and prediction
+                                   slides over their images (None or absent: one patch for all)
     network, network_name          the main network's weights and its member name
     networks                       further networks by name: network, network_plan (None: used in
                                    training only, not a member), optimizer, scheduler

@@ -105,10 +105,22 @@ def resolve_network_size(plans: dict, configuration: str, config: TrainingConfig
 
 @dataclass(frozen=True)
 class EffectiveConfiguration:
-    """The patch and network a run trains with: the plan's configuration after the run's overrides."""
+    """The patch and network a run trains with: the plan's configuration after the run's overrides.
+    ``dataset_patch_sizes``: datasets of a joint plan that train and predict with a patch of their
+    own (``plans``' ``dataset_patch_sizes``; None with a ``--patch-size`` override or without any)."""
 
     patch_size: list[int]
     network_plan: dict
+    dataset_patch_sizes: dict[str, list[int]] | None = None
+
+    def patch_for(self, dataset: str | None) -> list[int]:
+        """The patch of ``dataset``'s images (the shared one where it has none of its own)."""
+        return list((self.dataset_patch_sizes or {}).get(dataset, self.patch_size))
+
+    @property
+    def all_patch_sizes(self) -> list[list[int]]:
+        """The shared patch, then each dataset's own."""
+        return [list(self.patch_size), *(list(p) for p in (self.dataset_patch_sizes or {}).values())]
 
 
 def effective_configuration(plans: dict, configuration: str, config: TrainingConfig) -> EffectiveConfiguration:
@@ -129,4 +141,5 @@ def effective_configuration(plans: dict, configuration: str, config: TrainingCon
         network["features"] = [wanted[min(i, len(wanted) - 1)] for i in range(len(network["strides"]))]
     if config.deep_supervision is not None:
         network["deep_supervision"] = config.deep_supervision
-    return EffectiveConfiguration(list(config.patch_size or plan["patch_size"]), network)
+    own = None if config.patch_size else plan.get("dataset_patch_sizes") or None
+    return EffectiveConfiguration(list(config.patch_size or plan["patch_size"]), network, own)

@@ -18,7 +18,8 @@ def trained_configuration(state: dict, path: Path) -> EffectiveConfiguration:
     """The patch and main network the run trained with: as stored, or, in checkpoints of older
     versions that stored neither, derived from the stored plans and settings as training did."""
     if state.get("patch_size") and state.get("network_plan"):
-        return EffectiveConfiguration(list(state["patch_size"]), state["network_plan"])
+        # checkpoints from before per-dataset patches store none: they trained one patch
+        return EffectiveConfiguration(list(state["patch_size"]), state["network_plan"], state.get("dataset_patch_sizes"))
     try:
         derived = effective_configuration(state["plans"], state["configuration"],
                                           TrainingConfig.from_dict(state["config"]))
@@ -27,7 +28,8 @@ def trained_configuration(state: dict, path: Path) -> EffectiveConfiguration:
                                 f"network), and none can be derived from its plans and settings "
                                 f"({type(exc).__name__}: {str(exc)[:200]})", REBUILD_FIX) from exc
     return EffectiveConfiguration(list(state.get("patch_size") or derived.patch_size),
-                                  state.get("network_plan") or derived.network_plan)
+                                  state.get("network_plan") or derived.network_plan,
+                                  state.get("dataset_patch_sizes") if state.get("patch_size") else derived.dataset_patch_sizes)
 
 
 def member_networks(state: dict, path: Path, member: str | None = None) -> dict[str, torch.nn.Module]:

@@ -1,8 +1,10 @@
 """The joint experiment plan: per-dataset spacing and normalization, one shared network.
 
-Datasets planned together share the backbone and are CutMix-ed together during training, so
-they share one patch size (in voxels), batch size, network topology and prompt table; each keeps
-its own target spacing and intensity normalization. The plan is written as readable JSON to
+Datasets planned together share the backbone, batch size, network topology and prompt table;
+each keeps its own target spacing and intensity normalization. They share one patch size (in
+voxels) too, except a dataset whose images are smaller than it: that dataset gets its own patch,
+the shared one capped by its median shape (``dataset_patch_sizes``), as nnU-Net caps a single
+dataset's patch, so its small images are not padded several times over in every batch. The plan is written as readable JSON to
 ``<plans root>/<experiment>/plans.json``; README.md documents every field.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 
 from .. import __version__
 from .fingerprint import intensity_statistics
-from .topology import plan_batch_size, plan_patch_and_topology
+from .topology import Topology, plan_batch_size, plan_patch_and_topology
 
 PLANS_VERSION = 1
 NUM_FOLDS = 5
@@ -159,6 +161,25 @@ def _dataset_voxels(datasets: dict[str, dict]) -> float:
                for d in datasets.values())
 
 
+def dataset_patch_sizes(datasets: dict[str, dict], topology: Topology) -> dict[str, list[int]]:
+    """Per dataset of a joint plan whose median image is smaller than the shared patch along some
+    axis: the shared patch capped by that median shape, rounded up to the network's downsampling
+    (so the network takes it). Datasets that fill the shared patch are not listed; a one-dataset
+    plan lists none (its patch is already capped by its own median shape)."""
+    if len(datasets) < 2:
+        return {}
+    divisor, patch = np.array(topology.divisor), np.array(topology.patch_size)
+    sizes = {}
+    for name, plan in datasets.items():
+        median = np.array(plan["median_shape_after_resampling"], dtype=float)
+        if topology.spatial_dims == 2:
+            median[0] = 1  # a 2d patch is one slice
+        own = np.minimum(patch, np.maximum(divisor, np.ceil(median / divisor) * divisor)).astype(int)
+        if (own < patch).any():
+            sizes[name] = [int(v) for v in own]
+    return sizes
+
+
 def plan_3d_configuration(datasets: dict[str, dict], in_channels: int, settings: PlanSettings) -> dict:
     """One 3d patch for all datasets: the topology spacing is the median of their target spacings
     and the patch is capped by the largest median shape, so no dataset is forced into tiny patches."""
@@ -169,6 +190,7 @@ def plan_3d_configuration(datasets: dict[str, dict], in_channels: int, settings:
     return {
         "data_identifier": CONFIGURATION,
         "patch_size": topology.patch_size,
+        **_own_patches(datasets, topology),
         "batch_size": batch_size,
         "topology_spacing": [float(s) for s in spacing],
         "network": topology.network_plan(settings.architecture),
@@ -189,6 +211,7 @@ def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings:
         "data_identifier": CONFIGURATION_2D,
         "spatial_dims": 2,
         "patch_size": topology.patch_size,
+        **_own_patches(datasets, topology),
         "batch_size": batch_size,
         "topology_spacing": [float(s) for s in spacing],
         "target_spacing": {name: [None, *d["target_spacing"][1:]] for name, d in datasets.items()},
@@ -196,6 +219,12 @@ def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings:
         "network": topology.network_plan("unet"),
         "cpu_preset": topology.cpu_preset(batch_size),
     }
+
+
+def _own_patches(datasets: dict[str, dict], topology: Topology) -> dict:
+    """``{"dataset_patch_sizes": ...}`` where some dataset has its own patch, else nothing."""
+    sizes = dataset_patch_sizes(datasets, topology)
+    return {"dataset_patch_sizes": sizes} if sizes else {}
 
 
 def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: dict[str, bool],

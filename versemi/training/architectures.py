@@ -15,8 +15,9 @@ SECOND_ARCHITECTURES = ("vnet", "unet")
 VNET_DIVISOR = 16
 
 
-def second_network(trainer: str, plan: dict, patch_size, architecture: str, base_features: int) -> tuple[str, dict]:
-    """(member name, network plan) of the second network beside the plan's U-Net.
+def second_network(trainer: str, plan: dict, patch_sizes, architecture: str, base_features: int) -> tuple[str, dict]:
+    """(member name, network plan) of the second network beside the plan's U-Net, which trains on
+    every patch of ``patch_sizes`` (the shared one, and those of datasets with their own).
 
     ``base_features``: the V-Net's first-stage width (16 in the public V-Nets), at most the
     U-Net's first-stage width (quick runs with narrow ``--features`` stay small).
@@ -36,9 +37,10 @@ def second_network(trainer: str, plan: dict, patch_size, architecture: str, base
         raise input_error("--method", f"{trainer}'s second network is the V-Net by default, which is 3d only; this "
                                       "is a 2d configuration",
                           "train a second 2d U-Net instead: --method '{\"second_architecture\": \"unet\"}'")
-    if any(side % VNET_DIVISOR for side in patch_size):
-        raise input_error("--patch-size", f"{trainer}'s V-Net halves the patch 4 times; patch {list(patch_size)} is "
-                                          f"not a multiple of {VNET_DIVISOR} on every axis",
-                          f"choose multiples of {VNET_DIVISOR} (--patch-size), or --method "
-                          "'{\"second_architecture\": \"unet\"}'")
+    for patch_size in patch_sizes:
+        if any(side % VNET_DIVISOR for side in patch_size):
+            raise input_error("--patch-size", f"{trainer}'s V-Net halves the patch 4 times; patch {list(patch_size)} is "
+                                              f"not a multiple of {VNET_DIVISOR} on every axis",
+                              f"choose multiples of {VNET_DIVISOR} (--patch-size), or --method "
+                              "'{\"second_architecture\": \"unet\"}'")
     return "vnet", {**plan, "architecture": "vnet", "features": [min(base_features, plan["features"][0])]}

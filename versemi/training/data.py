@@ -3,7 +3,11 @@
 ``CaseStore`` opens cached cases (checking that the cache matches the plan); ``BatchSource``
 builds batch number ``i`` of a stream as a pure function of (seed, stream, i): datasets are
 drawn uniformly (balanced across datasets), then a case, then a patch (a share of them centred
-on a foreground voxel), then augmentation. Because a batch depends only on its number, the
+on a foreground voxel), then augmentation. Where datasets of a joint plan have patches of their
+own (``dataset_patch_sizes``), one dataset is drawn per batch instead, from (seed, i) alone: the
+labeled and unlabeled batches of step ``i`` then come from the same dataset and have one shape,
+and a batch of a smaller patch holds more patches: as many voxels as a batch of the shared patch
+(as nnU-Net sizes a batch to its patch), so every step costs about the same. Because a batch depends only on its number, the
 loader can run in background workers in any order and a resumed run continues with exactly the
 batches an uninterrupted run would have seen.
 """
@@ -78,6 +82,7 @@ class StreamSettings:
     oversample_foreground: float = 0.33
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
     spatial_dims: int = 3  # 2: patches are single slices (1, y, x), augmented in-plane
+    dataset_patch_sizes: dict[str, list[int]] | None = None  # datasets with a patch of their own
 
 
 def _stream_seed(seed: int, stream: str, iteration: int) -> int:
@@ -111,13 +116,33 @@ class BatchSource(Dataset):
         self.prompts = {name: [(p["index"], p["label_value"]) for p in PlansView(plans).prompts_of(name)]
                         for name in plans["dataset_names"]}
         self.dataset_index = {name: i for i, name in enumerate(plans["dataset_names"])}
-        self.source_size = source_patch_size(settings.patch_size, settings.augmentation, settings.spatial_dims)
-        self.transforms = build_transforms(settings.patch_size, settings.augmentation, settings.spatial_dims)
+        self.plan_datasets = list(plans["dataset_names"])
+        # per patch: the larger region cropped before spatial augmentation, and the transforms
+        self.geometry = {tuple(patch): (source_patch_size(patch, settings.augmentation, settings.spatial_dims),
+                                        build_transforms(patch, settings.augmentation, settings.spatial_dims))
+                         for patch in [settings.patch_size, *(settings.dataset_patch_sizes or {}).values()]}
 
     def __len__(self) -> int:  # batches are made on demand; the sampler decides how many
         return 2 ** 62
 
-    def _center(self, key: str, rng: np.random.Generator, foreground: bool) -> list[int]:
+    def _batch_datasets(self, iteration: int) -> tuple[list[str], list[int]]:
+        """(datasets the batch's samples are drawn from, its patch size)."""
+        own = self.settings.dataset_patch_sizes
+        if not own:
+            return self.datasets, list(self.settings.patch_size)
+        # drawn from the step alone, not the stream: every stream's batch ``iteration`` holds this dataset
+        chosen = self.plan_datasets[np.random.default_rng(_stream_seed(self.seed, "dataset", iteration))
+                                    .integers(len(self.plan_datasets))]
+        # a stream without cases of it (e.g. a dataset with no unlabeled cases) takes its own, at that patch
+        return ([chosen] if chosen in self.by_dataset else self.datasets), list(own.get(chosen, self.settings.patch_size))
+
+    def batch_size_for(self, patch) -> int:
+        """Patches in a batch of ``patch``: the stream's batch size for the shared patch; for a
+        dataset's smaller patch, as many as fit in the voxels of a shared-patch batch."""
+        shared, own = int(np.prod(self.settings.patch_size)), int(np.prod(patch))
+        return max(self.settings.batch_size, self.settings.batch_size * shared // own)
+
+    def _center(self, key: str, rng: np.random.Generator, foreground: bool, patch: list[int]) -> list[int]:
         props = self.store.properties[key]
         locations = props.get("class_locations") or {}
         if foreground and locations:
@@ -127,33 +152,36 @@ class BatchSource(Dataset):
                 return list(points[rng.integers(len(points))])
         # a random patch inside the image; an image smaller than the patch sits at a random offset
         lows = [rng.integers(0, s - p + 1) if s >= p else -rng.integers(0, p - s + 1)
-                for s, p in zip(props["shape"], self.settings.patch_size)]
-        return [int(lo) + p // 2 for lo, p in zip(lows, self.settings.patch_size)]
+                for s, p in zip(props["shape"], patch)]
+        return [int(lo) + p // 2 for lo, p in zip(lows, patch)]
 
     def __getitem__(self, iteration: int) -> dict:
         seed = _stream_seed(self.seed, self.stream, iteration)
         rng = np.random.default_rng(seed)
         s = self.settings
+        candidates, patch = self._batch_datasets(iteration)
+        source_size, transforms = self.geometry[tuple(patch)]
+        batch_size = self.batch_size_for(patch)
         data, seg, prompts, datasets, keys, positions = [], [], [], [], [], []
-        for sample in range(s.batch_size):
-            dataset = self.datasets[rng.integers(len(self.datasets))]
+        for sample in range(batch_size):
+            dataset = candidates[rng.integers(len(candidates))]
             key = self.by_dataset[dataset][rng.integers(len(self.by_dataset[dataset]))]
             # the last samples of a batch are forced foreground, as nnU-Net does
-            foreground = s.labeled and (sample >= round(s.batch_size * (1 - s.oversample_foreground)))
-            center = self._center(key, rng, foreground)
+            foreground = s.labeled and (sample >= round(batch_size * (1 - s.oversample_foreground)))
+            center = self._center(key, rng, foreground, patch)
             slices = self.store.properties[key]["shape"][0]
             positions.append(min(1.0, max(0.0, center[0] / max(1, slices - 1))))
             image, labels = self.store.arrays(key)
-            data.append(crop_with_padding(image, center, self.source_size))
+            data.append(crop_with_padding(image, center, source_size))
             if s.labeled:
-                seg.append(crop_with_padding(labels, center, self.source_size))
+                seg.append(crop_with_padding(labels, center, source_size))
                 prompts.append(self.prompts[dataset][rng.integers(len(self.prompts[dataset]))])
             datasets.append(self.dataset_index[dataset])
             keys.append(key)
         batch = {"data": np.stack(data).astype(np.float32)}
         if s.labeled:
             batch["seg"] = np.stack(seg).astype(np.float32)
-        batch = self._augment(batch, seed)
+        batch = self._augment(batch, seed, transforms)
         out = {"data": torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32)),
                "dataset": torch.tensor(datasets), "keys": keys, "iteration": iteration,
                # meta-labels that come for free: where along z the patch lies in its scan (0..1), and the scan
@@ -168,12 +196,12 @@ class BatchSource(Dataset):
             out["foreground"] = (labels > 0).float()     # union of its dataset's labels (synthetic task)
         return out
 
-    def _augment(self, batch: dict, seed: int) -> dict:
-        if self.transforms is None:
+    def _augment(self, batch: dict, seed: int, transforms) -> dict:
+        if transforms is None:
             return batch
         np.random.seed(seed % 2 ** 32)  # batchgenerators draws from the global generators
         random.seed(seed)
-        return augment(self.transforms, batch, self.settings.spatial_dims)
+        return augment(transforms, batch, self.settings.spatial_dims)
 
 
 def batch_loader(source: BatchSource, start: int, stop: int, num_workers: int) -> DataLoader:

@@ -374,9 +374,10 @@ class Trainer:
         self.store = CaseStore(self.plans, self.plans_root, self.configuration, keys)
         self.model = self.build_network().to(self.device)
         divisor = getattr(self.model, "divisor", (1, 1, 1))
-        if any(p % d for p, d in zip(self.patch_size, divisor)):
-            raise input_error("--patch-size", f"patch {self.patch_size} is not divisible by the network's "
-                                              f"downsampling {list(divisor)}", "choose multiples of it")
+        for patch in self.effective.all_patch_sizes:
+            if any(p % d for p, d in zip(patch, divisor)):
+                raise input_error("--patch-size", f"patch {patch} is not divisible by the network's "
+                                                  f"downsampling {list(divisor)}", "choose multiples of it")
         if warm_start and self.config.init_from:
             # before on_train_start: the teachers made there copy the loaded weights
             self._warm_source = WarmStart(self.config.init_from, self.network_plan(), self.plans)
@@ -428,7 +429,7 @@ class Trainer:
     def _stream(self, labeled: bool, augment: bool, batch_size: int | None = None) -> StreamSettings:
         augmentation = self.config.augmentation if augment else type(self.config.augmentation)(enabled=False)
         return StreamSettings(batch_size or self.batch_size, self.patch_size, labeled, self.config.oversample_foreground,
-                              augmentation, self.spatial_dims)
+                              augmentation, self.spatial_dims, self.effective.dataset_patch_sizes)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module a step calls: DDP across processes, compiled on CUDA when asked."""
@@ -490,6 +491,7 @@ class Trainer:
             # the patch and network as trained, so prediction rebuilds it without a Trainer (unless a method
             # builds its own network); further networks (add_network) carry their plans in "networks"
             "patch_size": list(self.patch_size),
+            "dataset_patch_sizes": self.effective.dataset_patch_sizes,
             "network_plan": self.network_plan() if type(self).build_network is Trainer.build_network else None,
             "network_name": self.network_name,
             **TrainerState.capture(self).to_checkpoint(),
@@ -541,7 +543,9 @@ class Trainer:
             self.log.write(f"resumed at epoch {self.epoch}")
         elif self.is_main:
             precision = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "float32"
-            self.log.write(f"{type(self).__name__} fold {self.fold}: patch {self.patch_size}, batch {self.batch_size} "
+            own = "".join(f", {name} its own {patch} x {self.labeled_source.batch_size_for(patch)}"
+                          for name, patch in (self.effective.dataset_patch_sizes or {}).items())
+            self.log.write(f"{type(self).__name__} fold {self.fold}: patch {self.patch_size}{own}, batch {self.batch_size} "
                            f"x {self.world_size} process(es) "
                            f"(+{self.unlabeled_batch_size if self.uses_unlabeled else 0} unlabeled), {self.config.epochs} epochs of "
                            f"{self.config.iterations_per_epoch} iterations on {self.device} in {precision}; "

@@ -34,7 +34,7 @@ def sliding_window_validation(trainer) -> dict:
         data, seg = trainer.store.arrays(key)
         # ``predict_logits``: the members' mean where the trainer trains several networks
         probabilities = sliding_window_probabilities(trainer.predict_logits, data[:], [p for p, _ in prompts],
-                                                     trainer.patch_size, trainer.device, mirroring=False,
+                                                     trainer.effective.patch_for(dataset), trainer.device, mirroring=False,
                                                      precision="fp32").cpu().numpy()
         labels = seg[:][0]
         cases.append({"case": key, "dice": {trainer.prompt_names[p]: dice(probabilities[i] > 0.5, labels == value)

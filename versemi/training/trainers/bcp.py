@@ -95,9 +95,10 @@ class BCPTrainer(Trainer):
             super().after_optimizer_step(iteration)
 
     # ----- hooks of the family -----
-    def mixing_mask(self, count: int, device: torch.device) -> torch.Tensor:
-        """(count, 1, *patch) 0/1: where the pasted image shows the other sample."""
-        return box_mask(count, self.patch_size, self.settings["box_ratio"], device=device)
+    def mixing_mask(self, count: int, images: torch.Tensor) -> torch.Tensor:
+        """(count, 1, *patch) 0/1 on the device and patch of ``images``: where the pasted image shows
+        the other sample."""
+        return box_mask(count, images.shape[2:], self.settings["box_ratio"], device=images.device)
 
     def rearrange(self, groups: list[Regions]) -> list[Regions]:
         """The pasted images of a self-training step, before they are scored (unchanged here)."""
@@ -134,13 +135,13 @@ class BCPTrainer(Trainer):
         if self.stage == 1 or unlabeled is None:
             half = labeled["data"].shape[0] // 2
             a, b = known.rows(slice(0, half)), known.rows(slice(half, 2 * half))
-            inside = self.mixing_mask(half, a.images.device)
+            inside = self.mixing_mask(half, a.images)
             loss, _ = self.student_loss([a.paste(b, inside), b.paste(a, inside)])  # both ways: every sample used
             return {"pretrain_mix": loss, "loss": loss}
         guessed = self.pseudo_labeled(unlabeled)
         pairs = min(known.images.shape[0], guessed.images.shape[0]) // 2
         a, b = slice(0, pairs), slice(pairs, 2 * pairs)
-        inside = self.mixing_mask(pairs, known.images.device)
+        inside = self.mixing_mask(pairs, known.images)
         # the same mask both ways: u's piece into l (a pairs), l's piece into u (b pairs)
         groups = self.rearrange([known.rows(a).paste(guessed.rows(a), inside),
                                  guessed.rows(b).paste(known.rows(b), inside)])

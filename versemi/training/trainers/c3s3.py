@@ -150,7 +150,7 @@ class C3S3Trainer(Trainer):
             raise input_error("--method", f"contrast_voxels {s['contrast_voxels']} is not a whole number >= 0",
                               f"give contrast_voxels as a count, or 0 for every voxel "
                               f"(default {DEFAULTS['contrast_voxels']})")
-        self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.patch_size,
+        self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.effective.all_patch_sizes,
                                                 s["second_architecture"], s["second_base_features"])
         self.second = self.add_network(self.second_name, plan)
         self.dataset_prompts = DatasetPrompts(self.plans, self.device)

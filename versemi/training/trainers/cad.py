@@ -93,7 +93,7 @@ class CADTrainer(BCPTrainer):
         """(mask of the boxes to replace in ``target``, per-row shift bringing ``source``'s most
         confident box of the same size onto it)."""
         threshold, size_share = self.schedule()
-        max_side = [max(1, round(size_share * side)) for side in self.patch_size]
+        max_side = [max(1, round(size_share * side)) for side in target.images.shape[2:]]
         inside = torch.zeros_like(target.confidence)
         offsets = []
         for row in range(target.images.shape[0]):

@@ -45,14 +45,15 @@ class M3HLTrainer(BCPTrainer):
         if not 0 < s["mask_ratio"] < 1:
             raise input_error("--method", f"mask_ratio {s['mask_ratio']} is not in (0, 1)",
                               "give the share of blocks taken from the other image, e.g. 0.5")
-        sides = [side for side in self.patch_size if side > 1]  # a 2d patch's slice axis is one block
-        if not isinstance(s["blocks_per_axis"], int) or not 1 <= s["blocks_per_axis"] <= min(sides):
-            raise input_error("--method", f"blocks_per_axis {s['blocks_per_axis']} does not fit the patch "
-                                          f"{self.patch_size}", "give an integer from 1 to the smallest patch side")
+        for patch in self.effective.all_patch_sizes:
+            sides = [side for side in patch if side > 1]  # a 2d patch's slice axis is one block
+            if not isinstance(s["blocks_per_axis"], int) or not 1 <= s["blocks_per_axis"] <= min(sides):
+                raise input_error("--method", f"blocks_per_axis {s['blocks_per_axis']} does not fit the patch "
+                                              f"{patch}", "give an integer from 1 to the smallest patch side")
 
-    def mixing_mask(self, count: int, device: torch.device) -> torch.Tensor:
+    def mixing_mask(self, count: int, images: torch.Tensor) -> torch.Tensor:
         s = self.settings
-        return block_mask(count, self.patch_size, s["blocks_per_axis"], s["mask_ratio"], device=device)
+        return block_mask(count, images.shape[2:], s["blocks_per_axis"], s["mask_ratio"], device=images.device)
 
     def pseudo_labeled(self, unlabeled: dict) -> Regions:
         with BackboneTap(self.teacher) as tap:

@@ -102,7 +102,7 @@ class MEDLTrainer(Trainer):
         if not s["rampup_fraction"] > 0:
             raise input_error("--method", f"rampup_fraction {s['rampup_fraction']} is not positive",
                               f"give rampup_fraction > 0 (default {DEFAULTS['rampup_fraction']})")
-        self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.patch_size,
+        self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.effective.all_patch_sizes,
                                                 s["second_architecture"], s["second_base_features"])
         self.second = self.add_network(self.second_name, plan)
         self.dataset_prompts = DatasetPrompts(self.plans, self.device)

@@ -81,7 +81,7 @@ class SelfTrainingTrainer(MeanTeacherTrainer):
         s = self.settings
         view = self.student_view(unlabeled["data"])
         if s["unlabeled_cutmix"] and view.shape[0] > 1:
-            inside = box_mask(view.shape[0], self.patch_size, s["cutmix_ratio"], device=view.device)
+            inside = box_mask(view.shape[0], view.shape[2:], s["cutmix_ratio"], device=view.device)
             view, labels, weights = (mix(t, t.roll(1, 0), inside) for t in (view, labels, weights))
         return view, labels, weights
 

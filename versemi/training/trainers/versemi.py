@@ -166,14 +166,14 @@ class VerSemiTrainer(Trainer):
         else:
             low, high = s["stage2_box_ratio"]
             ratio = float(torch.empty(1).uniform_(low, high))
-        mask = box_mask(half, self.patch_size, ratio, device=x.device)
+        mask = box_mask(half, x.shape[2:], ratio, device=x.device)
         with_cutmix = self.stage == 1 or s["stage2_labeled_cutmix"]
         images = [x, mix(x[:half], x[half:2 * half], mask)] if with_cutmix else [x]
         with_unlabeled = self.stage == 2 and unlabeled is not None
         if with_unlabeled:
             u = unlabeled["data"]
             source = torch.arange(u.shape[0], device=x.device) % x.shape[0]  # labeled sample pasted into each
-            paste = box_mask(u.shape[0], self.patch_size, ratio, device=x.device)
+            paste = box_mask(u.shape[0], x.shape[2:], ratio, device=x.device)
             images.append(mix(u, x[source], paste))
         levels = self.all_prompt_logits(images)
         weights = deep_supervision_weights(len(levels))
