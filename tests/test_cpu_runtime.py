@@ -1,6 +1,7 @@
 """OpenVINO prediction (``versemi_predict --backend``): every case of the demo pair agrees with
 fp32 torch, the converted model is cached by checkpoint digest and rebuilt when stale, a model that
-disagrees is refused (or auto falls back to torch), and nothing half-converted is left behind."""
+disagrees is refused (or auto falls back to torch), nothing half-converted is left behind, and a
+joint model whose datasets have patches of their own gets one converted model per window shape."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,11 @@ from versemi.datasets.io import read_image
 from versemi.errors import InputError
 from versemi.inference import load_models
 from versemi.inference import cpu_runtime
-from versemi.inference.cpu_runtime import ConvertedNetwork, cache_entry, use_backend
+from versemi.inference.cpu_runtime import ConvertedByPatch, ConvertedNetwork, cache_entry, use_backend
+from versemi.inference.predictor import predict_case_prompts
+from versemi.model.plans_view import PlansView
 
-from conftest import TOY_EXPERIMENT, supervised_toy_model
+from conftest import TOY_EXPERIMENT, fit_fixed_batch, make_trainer, supervised_toy_model
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'versemi[openvino]')")
 
@@ -120,7 +123,8 @@ def test_a_model_that_disagrees_is_refused_and_auto_falls_back_to_torch(trained,
 
 def _private_cache(original):
     """cache_entry under a precision name of its own, so this test's failed record stays apart."""
-    return lambda model, precision, digest=None: original(model, precision + "-test", digest)
+    return lambda model, precision, digest=None, patch_size=None: original(model, precision + "-test", digest,
+                                                                           patch_size)
 
 
 def test_auto_uses_openvino_on_a_cpu_and_torch_without_it(trained, monkeypatch):
@@ -156,3 +160,24 @@ def test_the_backend_default_comes_from_the_environment(monkeypatch, trained, tm
                          str(trained.raw / "DemoLA" / "imagesTs"), "-o", str(tmp_path / "out"), "-p", "DemoLA"])
     assert code != 0 and "VERSEMI_PREDICT_BACKEND" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_patches_per_dataset_converts_each_window_shape(planned, toy_raw_master, tmp_path):
+    trainer = make_trainer("SupervisedTrainer", planned, tmp_path, patch_size=None, features=[4, 8, 16])
+    fit_fixed_batch(trainer, 20)  # boundaries to agree on
+    trainer.save("final")
+    own = trainer.effective.dataset_patch_sizes
+    assert own and len({tuple(p) for p in own.values()}) == 2
+    reference, ensemble = (load_models([trainer.checkpoint_path("final")]) for _ in range(2))
+    for models in (reference, ensemble):
+        models.precision = "fp32"
+    assert "3 window shapes" in use_backend(ensemble, "openvino")
+    converted = ensemble.models[0].network
+    assert isinstance(converted, ConvertedByPatch)
+    assert set(converted.by_patch) == {tuple(trainer.patch_size), *(tuple(p) for p in own.values())}
+    prompts = PlansView(ensemble.plans).real_prompts
+    for dataset in ("DemoLA", "DemoPancreas"):
+        case = sorted((toy_raw_master / dataset / "imagesTs").glob("*_0000.nii.gz"))[0]
+        expected = predict_case_prompts(reference, [case], prompts, mirroring=False, keep_probabilities=True)
+        got = predict_case_prompts(ensemble, [case], prompts, mirroring=False, keep_probabilities=True)
+        assert np.abs(expected.probabilities - got.probabilities).max() < 1e-3, dataset

@@ -1,6 +1,7 @@
 """A joint plan gives a dataset whose images are smaller than the shared patch a patch of its own:
 planned, trained one dataset per batch (the same for the labeled and unlabeled batch of a step),
-stored in the checkpoint and slid over that dataset's images at prediction."""
+stored in the checkpoint and slid over that dataset's images at prediction (OpenVINO's path:
+tests/test_cpu_runtime.py)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +11,7 @@ import pytest
 import torch
 
 from conftest import TOY_EXPERIMENT, make_trainer
-from versemi.errors import InputError
 from versemi.inference import load_models, sliding_window
-from versemi.inference.cpu_runtime import use_backend
 from versemi.inference.predictor import predict_case_prompts
 from versemi.model.plans_view import PlansView
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
@@ -108,15 +107,6 @@ def test_prediction_slides_each_dataset_patch(planned, toy_raw_master, tmp_path,
     by_dataset = {p["dataset"]: p["index"] for p in prompts}
     for dataset, index in by_dataset.items():
         assert [patch for indices, patch in windows if index in indices] == [own[dataset]]
-
-
-def test_openvino_is_not_used_for_several_window_sizes(planned, tmp_path, one_thread):
-    trainer = make_trainer("SupervisedTrainer", planned, tmp_path, **SMALL)
-    trainer.save("final")
-    ensemble = load_models([trainer.checkpoint_path("final")])
-    assert "several sizes" in use_backend(ensemble, "auto") and use_backend(ensemble, "auto").startswith("backend torch")
-    with pytest.raises(InputError, match="several sizes"):
-        use_backend(ensemble, "openvino")
 
 
 def test_one_dataset_plan_keeps_one_patch(toy_raw_master, tmp_path):

@@ -10,7 +10,8 @@ prompts left free, so every prompt of a multi-prompt model, every fold and every
 through it, and the sliding window, mirroring and stitching stay those of the torch path.
 
 Converted models are cached beside the checkpoint, in ``<checkpoint>.openvino/``, one folder per
-checkpoint digest, member, patch and precision, written under a temporary name and renamed, so an
+checkpoint digest, member, window shape and precision (a joint model whose datasets have patches
+of their own gets one per shape), written under a temporary name and renamed, so an
 interrupted conversion leaves nothing behind. An entry of another digest (the checkpoint was
 trained further or replaced) is stale: it is removed and converted again, never used.
 
@@ -111,6 +112,30 @@ class ConvertedNetwork:
         return self
 
 
+class ConvertedByPatch:
+    """The converted models of one network, one per window shape it slides (a joint plan's
+    datasets with patches of their own): each call goes to the model of its windows' shape."""
+
+    def __init__(self, by_patch: dict[tuple[int, ...], ConvertedNetwork]) -> None:
+        self.by_patch = by_patch
+
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        shape = tuple(int(s) for s in images.shape[2:])
+        if shape not in self.by_patch:
+            raise ValueError(f"no converted model for windows of {list(shape)}; converted: "
+                             f"{[list(p) for p in self.by_patch]}")
+        return self.by_patch[shape](images, prompts)
+
+    def eval(self) -> "ConvertedByPatch":
+        return self
+
+
+def window_shapes(model: FoldModel) -> list[list[int]]:
+    """Every window shape prediction slides with ``model``: its patch, then its datasets' own."""
+    shapes = [list(model.patch_size), *(list(p) for p in (model.dataset_patch_sizes or {}).values())]
+    return [list(p) for p in dict.fromkeys(tuple(p) for p in shapes)]
+
+
 @dataclass
 class CacheEntry:
     """Where one converted model lies, and what it was converted from."""
@@ -130,13 +155,16 @@ class CacheEntry:
         return self.folder / "agreement.json"
 
 
-def cache_entry(model: FoldModel, precision: str, digest: str | None = None) -> CacheEntry:
-    """The cache folder of ``model`` at ``precision`` (``openvino_precision``)."""
+def cache_entry(model: FoldModel, precision: str, digest: str | None = None,
+                patch_size: list[int] | None = None) -> CacheEntry:
+    """The cache folder of ``model`` at ``precision`` (``openvino_precision``), for windows of
+    ``patch_size`` (None: the model's patch)."""
     digest = digest or checkpoint_digest(model.checkpoint)
     member = model.member or "network"
-    shape = "x".join(str(int(s)) for s in model.patch_size)
+    patch = list(patch_size or model.patch_size)
+    shape = "x".join(str(int(s)) for s in patch)
     root = model.checkpoint.parent / f"{model.checkpoint.name}.openvino"
-    return CacheEntry(root / f"{member}-{shape}-{precision}-{digest}", digest, member, list(model.patch_size), precision)
+    return CacheEntry(root / f"{member}-{shape}-{precision}-{digest}", digest, member, patch, precision)
 
 
 def _remove_stale(entry: CacheEntry) -> None:
@@ -174,12 +202,14 @@ def check_agreement(network: torch.nn.Module, converted: ConvertedNetwork, patch
             "limit": MAX_DISAGREEMENT, "windows": windows, "prompts": num_prompts}
 
 
-def convert(model: FoldModel, in_channels: int, num_prompts: int, precision: str) -> tuple[ConvertedNetwork, dict]:
-    """The model converted and checked, from the cache or converted now and cached (atomically);
-    returns the converted network and its agreement record."""
+def convert(model: FoldModel, in_channels: int, num_prompts: int, precision: str,
+            patch_size: list[int] | None = None) -> tuple[ConvertedNetwork, dict]:
+    """The model converted for windows of ``patch_size`` (None: its patch) and checked, from the
+    cache or converted now and cached (atomically); returns the converted network and its agreement
+    record."""
     import openvino as ov
 
-    entry = cache_entry(model, precision)
+    entry = cache_entry(model, precision, patch_size=patch_size)
     if entry.model_file.is_file() and entry.record_file.is_file():
         record = json.loads(entry.record_file.read_text(encoding="utf-8"))
         return ConvertedNetwork(_compile(entry.model_file, precision), num_prompts, entry.folder, precision), record
@@ -226,13 +256,6 @@ def use_backend(ensemble: Ensemble, backend: str) -> str:
             raise input_error(f"--backend openvino --device {ensemble.device}", "OpenVINO runs on the CPU here",
                               "use --device cpu, or --backend torch on a GPU")
         return "backend torch (auto: a GPU)"
-    own = next((m for m in ensemble.models if m.dataset_patch_sizes), None)
-    if own is not None:  # a converted model has one fixed window shape
-        reason = (f"the model slides windows of several sizes ({', '.join(own.dataset_patch_sizes)} have patches of "
-                  "their own) and a converted model takes one")
-        if backend == "openvino":
-            raise input_error(own.checkpoint, reason, "use --backend torch")
-        return f"backend torch (auto: {reason})"
     if openvino_version() is None:
         if backend == "openvino":
             raise input_error("--backend openvino", "OpenVINO is not installed", INSTALL_HINT)
@@ -240,18 +263,24 @@ def use_backend(ensemble: Ensemble, backend: str) -> str:
     precision = openvino_precision(ensemble.precision)
     converted, records = [], []
     for model in ensemble.models:
-        network, record = convert(model, ensemble.in_channels, int(ensemble.plans["num_prompts"]), precision)
-        if not record["passed"]:
-            message = (f"disagrees with the torch network on {100 * record['voxels_disagreeing']:.3f} % of the voxels "
-                       f"in {precision} (limit {100 * MAX_DISAGREEMENT:.1f} %; {network.folder / 'agreement.json'})")
-            if backend == "openvino":
-                raise input_error(model.checkpoint, f"converted by OpenVINO, {message}",
-                                  "use --backend torch, or --precision fp32 where bf16 is the cause")
-            return f"backend torch (auto: the OpenVINO model of {model.checkpoint} {message})"
-        converted.append(network)
-        records.append(record)
+        by_patch = {}
+        for patch in window_shapes(model):
+            network, record = convert(model, ensemble.in_channels, int(ensemble.plans["num_prompts"]), precision,
+                                      patch)
+            if not record["passed"]:
+                message = (f"disagrees with the torch network on {100 * record['voxels_disagreeing']:.3f} % of the "
+                           f"voxels in {precision} (limit {100 * MAX_DISAGREEMENT:.1f} %; "
+                           f"{network.folder / 'agreement.json'})")
+                if backend == "openvino":
+                    raise input_error(model.checkpoint, f"converted by OpenVINO, {message}",
+                                      "use --backend torch, or --precision fp32 where bf16 is the cause")
+                return f"backend torch (auto: the OpenVINO model of {model.checkpoint} {message})"
+            by_patch[tuple(patch)] = network
+            records.append(record)
+        converted.append(by_patch.popitem()[1] if len(by_patch) == 1 else ConvertedByPatch(by_patch))
     for model, network in zip(ensemble.models, converted):
         model.network = network
     worst = max(r["voxels_disagreeing"] for r in records)
-    return (f"backend openvino {openvino_version()} ({precision}; {len(converted)} model(s), at most "
+    shapes = f", {len(records)} window shapes" if len(records) > len(converted) else ""
+    return (f"backend openvino {openvino_version()} ({precision}; {len(converted)} model(s){shapes}, at most "
             f"{100 * worst:.4f} % of voxels differ from torch fp32 in the agreement check)")
