@@ -114,3 +114,17 @@ def test_one_dataset_plan_keeps_one_patch(toy_raw_master, tmp_path):
                                           show_progress=False))
     plans = json.loads((tmp_path / "plans" / "DemoLA" / "plans.json").read_text(encoding="utf-8"))
     assert all("dataset_patch_sizes" not in c for c in plans["configurations"].values())
+
+
+def test_2d_batches_take_their_dataset_patch(toy_raw_master, tmp_path, one_thread):
+    plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, tmp_path / "plans",
+                                          num_processes=1, show_progress=False, configurations=["2d"]))
+    trainer = make_trainer("SelfTrainingTrainer", tmp_path / "plans", tmp_path, configuration="2d", **SMALL)
+    own = trainer.effective.dataset_patch_sizes
+    assert own and all(patch[0] == 1 for patch in own.values())
+    names = trainer.plans["dataset_names"]
+    for iteration in range(6):
+        labeled, unlabeled = trainer.labeled_source[iteration], trainer.unlabeled_source[iteration]
+        name = names[int(labeled["dataset"][0])]
+        assert list(labeled["data"].shape[2:]) == trainer.effective.patch_for(name) == list(unlabeled["data"].shape[2:])
+        assert np.isfinite(trainer.optimize(iteration, labeled, unlabeled)["loss"])
