@@ -22,7 +22,10 @@ Choices where the public code is silent or defective:
   prompts learn the absence (``exclusion_loss``, full resolution) on the plain labeled images
   and on the pasted unlabeled ones, each region by the dataset its voxels came from
   (``weight_known_absent``; the paper has no such term), and they are left out of the max over
-  the task prompts that the synthetic prompt's consistency follows there.
+  the task prompts that the synthetic prompt's consistency follows there;
+- where a joint plan gives a dataset a patch of its own, a step's batches hold one dataset
+  (``training.data``), so its CutMix pairs two images of that dataset; with one shared patch
+  they may come from two datasets, as in the paper.
 """
 from __future__ import annotations
 
