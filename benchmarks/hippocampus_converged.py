@@ -42,6 +42,10 @@ cases labeled (experiment ``Hippocampus160_dev``, ``runs/AllLabeled``); ``AllLab
 ``compare --trainers`` continues it from its own ``--from-budget`` checkpoint like the others, and
 the table then shows each row's share of the gap from SupervisedTrainer to it.
 
+``--configuration 2d`` trains and predicts nnU-Net's 2d configuration (slices; the plan's 2d
+network unless overridden) instead of 3d_fullres: its runs, tables and figures carry ``_2d``
+(``runs/Supervised_2d``, ``hippocampus_compare_scratch_20min_2d.md``).
+
 Runs live in ``<work>/runs/<label>/<budget>min_seed<seed>`` (continuations in
 ``<label>_from<F>min``): a finished run and its evaluation are reused, a killed run is continued
 (``--continue``), so rerunning the same command finishes what is missing and the table grows
@@ -84,7 +88,7 @@ def split_ids(source: Path) -> dict[str, list[str]]:
     return {"labeled": ids[:LABELED], "unlabeled": ids[LABELED:LABELED + UNLABELED], "test": ids[LABELED + UNLABELED:]}
 
 
-def prepare_data(work: Path, source: Path, all_labeled: bool = False) -> Path:
+def prepare_data(work: Path, source: Path, all_labeled: bool = False, configuration: str = "3d_fullres") -> Path:
     """Write the split, convert (test cases held out with their labels), plan and preprocess; returns
     raw/Hippocampus. ``all_labeled``: also plan the ceiling's experiment, all 160 training cases labeled."""
     from versemi.benchmark_protocol import convert_split
@@ -100,12 +104,13 @@ def prepare_data(work: Path, source: Path, all_labeled: bool = False) -> Path:
     raw.parent.mkdir(parents=True, exist_ok=True)
     convert_split(source, raw, split["labeled"] + split["unlabeled"], split["test"], show_progress=False, kind="msd")
     plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
-                                          labeled_limits={DATASET: LABELED}, num_processes=1, show_progress=False))
+                                          labeled_limits={DATASET: LABELED}, num_processes=1, show_progress=False,
+                                          configurations=[configuration]))
     if all_labeled:
         plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans",
                                               experiment=EXPERIMENT_ALL_LABELED,
                                               labeled_limits={DATASET: LABELED + UNLABELED}, num_processes=1,
-                                              show_progress=False))
+                                              show_progress=False, configurations=[configuration]))
     return raw
 
 
@@ -138,7 +143,7 @@ def parse_spec(text: str) -> RunSpec:
 def train_command(args, trainer: str, budget: float, seed: int, init_from: Path | None = None,
                   spec: RunSpec | None = None) -> list[str]:
     experiment = EXPERIMENT if spec is None else spec.experiment
-    command = [str(budget_runs.BIN / "versemi_train"), "3d_fullres", "all", "-e", experiment, "-tr", trainer,
+    command = [str(budget_runs.BIN / "versemi_train"), args.configuration, "all", "-e", experiment, "-tr", trainer,
                "--time-budget", f"{budget:g}", "--seed", str(seed), "--num-workers", str(args.num_workers),
                "--precision", args.precision, "--device", "cpu"]
     if init_from is not None:
@@ -274,8 +279,13 @@ def figure(results: dict[float, dict[int, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def configuration_suffix(args) -> str:
+    """Runs and tables of the 2d configuration carry ``_2d``; those of 3d_fullres nothing."""
+    return "" if args.configuration == "3d_fullres" else f"_{args.configuration}"
+
+
 def curve_name(args) -> str:
-    return "hippocampus_curve_all_labeled" if args.all_labeled else "hippocampus_curve"
+    return ("hippocampus_curve_all_labeled" if args.all_labeled else "hippocampus_curve") + configuration_suffix(args)
 
 
 def write_outputs(args, work: Path, results: dict, host: dict) -> str:
@@ -284,7 +294,7 @@ def write_outputs(args, work: Path, results: dict, host: dict) -> str:
     labeled = (f"all {LABELED + UNLABELED} training cases labeled (the ceiling)" if args.all_labeled else
                f"{LABELED} labeled / {UNLABELED} unlabeled")
     settings = (f"Hippocampus development split ({labeled} / {TEST} test, "
-                f"{work / 'split.json'}); SupervisedTrainer fold all, final checkpoint; network, patch and batch: "
+                f"{work / 'split.json'}); configuration {args.configuration}; SupervisedTrainer fold all, final checkpoint; network, patch and batch: "
                 f"{'the plan' if args.patch is None and args.batch_size is None and args.features is None else 'overridden'}"
                 f"; {args.threads} thread(s), {args.num_workers} loader worker(s), precision {args.precision}; test "
                 f"mirroring {'on' if args.mirroring else 'off'}; CPU {host['cpu']} ({host['cores']} cores), bf16 units: "
@@ -306,10 +316,11 @@ def write_outputs(args, work: Path, results: dict, host: dict) -> str:
 
 def curve(args) -> None:
     work = args.work.absolute()
-    raw = prepare_data(work, args.data.absolute(), args.all_labeled)
+    raw = prepare_data(work, args.data.absolute(), args.all_labeled, args.configuration)
     host = machine()
     spec = parse_spec(ALL_LABELED) if args.all_labeled else None
-    trainer, label = "SupervisedTrainer", ALL_LABELED if args.all_labeled else "Supervised"
+    trainer = "SupervisedTrainer"
+    label = (ALL_LABELED if args.all_labeled else "Supervised") + configuration_suffix(args)
     jobs = [(budget, seed) for seed in args.seeds for budget in args.budgets]
     folders = {job: work / "runs" / label / f"{job[0]:g}min_seed{job[1]}" for job in jobs}
     results: dict[float, dict[int, dict]] = {budget: {} for budget in args.budgets}
@@ -317,7 +328,7 @@ def curve(args) -> None:
         folder = folders[(budget, seed)]
         process = budget_runs.start_training(train_command(args, trainer, budget, seed, spec=spec), folder,
                                              EXPERIMENT if spec is None else spec.experiment, trainer,
-                                             work / "versemi_plans", args.threads)
+                                             work / "versemi_plans", args.threads, args.configuration)
         name = f"[{number}/{len(jobs)}] {label} {budget:g} min seed {seed}"
         if process is None:
             print(f"{time.strftime('%H:%M:%S')} {name}: finished earlier, reused", flush=True)
@@ -348,7 +359,8 @@ def run_and_score(args, work: Path, raw: Path, spec: RunSpec, budget: float, see
                   init_from: Path | None = None) -> dict:
     """Train (or reuse) one run and score it on the test cases."""
     process = budget_runs.start_training(train_command(args, spec.trainer, budget, seed, init_from, spec), folder,
-                                         spec.experiment, spec.trainer, work / "versemi_plans", args.threads)
+                                         spec.experiment, spec.trainer, work / "versemi_plans", args.threads,
+                                         args.configuration)
     if process is None:
         print(f"{time.strftime('%H:%M:%S')} {name}: finished earlier, reused", flush=True)
     else:
@@ -461,17 +473,19 @@ def compare_figure(results: dict[str, dict[int, dict]], title: str, path: Path) 
 def compare(args) -> None:
     work = args.work.absolute()
     specs = {text: parse_spec(text) for text in args.trainers}
-    raw = prepare_data(work, args.data.absolute(), ALL_LABELED in specs)
+    raw = prepare_data(work, args.data.absolute(), ALL_LABELED in specs, args.configuration)
     host = machine()
-    source = None if args.from_budget is None else supervised_checkpoint(work, args.from_budget, args.from_seed)
+    suffix = configuration_suffix(args)
+    source = None if args.from_budget is None else supervised_checkpoint(work, args.from_budget, args.from_seed,
+                                                                         "Supervised" + suffix)
     results: dict[str, dict[int, dict]] = {text: {} for text in args.trainers}
     jobs = [(text, seed) for seed in args.seeds for text in args.trainers]
     for number, (text, seed) in enumerate(jobs, 1):
         spec = specs[text]
-        label = spec.label + ("" if source is None else f"_from{args.from_budget:g}min")
+        label = spec.label + suffix + ("" if source is None else f"_from{args.from_budget:g}min")
         if source is not None and spec.label == ALL_LABELED:
             # the ceiling continues from its own checkpoint of the same budget: the same protocol
-            init_from = supervised_checkpoint(work, args.from_budget, args.from_seed, ALL_LABELED)
+            init_from = supervised_checkpoint(work, args.from_budget, args.from_seed, ALL_LABELED + suffix)
         else:
             init_from = source
         folder = work / "runs" / label / f"{args.budget:g}min_seed{seed}"
@@ -488,12 +502,13 @@ def write_comparison(args, work: Path, host: dict, source: Path | None, results:
                      quiet: bool = False) -> None:
     """The table (.md), the records (.json) and the figure (.png) of the runs in ``results``. Two
     invocations side by side write the same files: ``--report`` rewrites them from every finished run."""
-    tag = f"{'scratch' if source is None else f'from{args.from_budget:g}min'}_{args.budget:g}min"
+    tag = f"{'scratch' if source is None else f'from{args.from_budget:g}min'}_{args.budget:g}min{configuration_suffix(args)}"
     start = ("from scratch (semi-supervised trainers: shared supervised warm-up, auto)" if source is None else
              f"continuing from SupervisedTrainer's {args.from_budget:g}-minute checkpoint of seed {args.from_seed} "
              f"({source}) with --init-from (AllLabeled: from its own checkpoint of that budget and seed)")
     title = f"{args.budget:g} min per run, {start.split(' (')[0]}, {LABELED} labeled + {UNLABELED} unlabeled"
     settings = (f"Hippocampus development split ({LABELED} labeled / {UNLABELED} unlabeled / {TEST} test, "
+                f"configuration {args.configuration}, "
                 f"{work / 'split.json'}); fold all, final checkpoint, --time-budget {args.budget:g} min per run, "
                 f"{start}; network, patch and batch: "
                 f"{'the plan' if args.patch is None and args.batch_size is None and args.features is None else 'overridden'}"
@@ -525,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--patch", type=int, nargs=3, help="override the plan's patch (z y x)")
     common.add_argument("--batch-size", type=int, help="override the plan's batch size")
     common.add_argument("--features", type=int, nargs="+", help="override the plan's features per stage")
+    common.add_argument("--configuration", default="3d_fullres", choices=["3d_fullres", "2d"],
+                        help="train and predict this configuration (2d: slices, its own cache, runs and tables "
+                             "named ..._2d)")
     common.add_argument("--mirroring", action="store_true", help="mirroring at test time (8x slower on a CPU: "
                                                                  "5 min instead of 40 s for the 40 cases)")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
