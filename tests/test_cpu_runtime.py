@@ -18,6 +18,8 @@ from versemi.inference import cpu_runtime
 from versemi.inference.cpu_runtime import ConvertedByPatch, ConvertedNetwork, cache_entry, use_backend
 from versemi.inference.predictor import predict_case_prompts
 from versemi.model.plans_view import PlansView
+from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+from versemi.plans.planner import PlanSettings
 
 from conftest import TOY_EXPERIMENT, fit_fixed_batch, make_trainer, supervised_toy_model
 
@@ -162,8 +164,11 @@ def test_the_backend_default_comes_from_the_environment(monkeypatch, trained, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_with_patches_per_dataset_converts_each_window_shape(planned, toy_raw_master, tmp_path):
-    trainer = make_trainer("SupervisedTrainer", planned, tmp_path, patch_size=None, features=[4, 8, 16])
+def test_a_model_with_patches_per_dataset_converts_each_window_shape(toy_raw_master, tmp_path):
+    plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, tmp_path / "plans",
+                                          num_processes=1, show_progress=False,
+                                          settings=PlanSettings(patch_per_dataset=True)))
+    trainer = make_trainer("SupervisedTrainer", tmp_path / "plans", tmp_path, patch_size=None, features=[4, 8, 16])
     fit_fixed_batch(trainer, 20)  # boundaries to agree on
     trainer.save("final")
     own = trainer.effective.dataset_patch_sizes

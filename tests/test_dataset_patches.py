@@ -1,5 +1,5 @@
-"""A joint plan gives a dataset whose images are smaller than the shared patch a patch of its own:
-planned, trained one dataset per batch (the same for the labeled and unlabeled batch of a step),
+"""Planned with --patch-per-dataset, a joint plan gives a dataset whose images are smaller than the
+shared patch a patch of its own: planned, trained one dataset per batch (the same for the labeled and unlabeled batch of a step),
 stored in the checkpoint and slid over that dataset's images at prediction (OpenVINO's path:
 tests/test_cpu_runtime.py)."""
 from __future__ import annotations
@@ -11,15 +11,25 @@ import pytest
 import torch
 
 from conftest import TOY_EXPERIMENT, make_trainer
+from versemi.cli import plan_and_preprocess_main
 from versemi.inference import load_models, sliding_window
 from versemi.inference.predictor import predict_case_prompts
 from versemi.model.plans_view import PlansView
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
-from versemi.plans.planner import dataset_patch_sizes
+from versemi.plans.planner import PlanSettings, dataset_patch_sizes
 from versemi.plans.topology import pool_and_conv_props
 
 # the plan's own patches, with a small network: the toy plan gives both toy datasets their own
 SMALL = dict(patch_size=None, features=[4, 8, 16], batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def own_planned(toy_raw_master, tmp_path_factory):
+    """The toy pair planned and preprocessed with --patch-per-dataset; returns the plans root."""
+    root = tmp_path_factory.mktemp("own_patches")
+    assert plan_and_preprocess_main(["-d", "DemoLA", "DemoPancreas", "--raw", str(toy_raw_master), "--plans-root",
+                                     str(root), "-np", "1", "--patch-per-dataset", "--quiet"]) == 0
+    return root
 
 
 def toy_plans(planned) -> dict:
@@ -38,16 +48,17 @@ def test_dataset_patch_is_the_shared_patch_capped_by_its_median_shape():
     assert dataset_patch_sizes({"Small": datasets["Small"]}, topology) == {}  # one dataset: its own plan caps it
 
 
-def test_toy_pair_plans_a_patch_per_dataset(planned):
-    plan = toy_plans(planned)["configurations"]["3d_fullres"]
+def test_toy_pair_plans_a_patch_per_dataset_only_when_asked(planned, own_planned):
+    assert all("dataset_patch_sizes" not in c for c in toy_plans(planned)["configurations"].values())
+    plan = toy_plans(own_planned)["configurations"]["3d_fullres"]
     shared, own = plan["patch_size"], plan["dataset_patch_sizes"]
     assert set(own) == {"DemoLA", "DemoPancreas"}
     for patch in own.values():
         assert all(p <= s for p, s in zip(patch, shared)) and patch != shared
 
 
-def test_a_batch_holds_one_dataset_at_its_patch_in_both_streams(planned, tmp_path, one_thread):
-    trainer = make_trainer("VerSemiTrainer", planned, tmp_path, **SMALL)
+def test_a_batch_holds_one_dataset_at_its_patch_in_both_streams(own_planned, tmp_path, one_thread):
+    trainer = make_trainer("VerSemiTrainer", own_planned, tmp_path, **SMALL)
     own = trainer.effective.dataset_patch_sizes
     index = {name: i for i, name in enumerate(trainer.plans["dataset_names"])}
     seen = set()
@@ -66,9 +77,9 @@ def test_a_batch_holds_one_dataset_at_its_patch_in_both_streams(planned, tmp_pat
     assert seen == set(index.values())  # balanced draws reach both datasets
 
 
-def test_mixing_trainers_step_on_either_dataset(planned, tmp_path, one_thread):
+def test_mixing_trainers_step_on_either_dataset(own_planned, tmp_path, one_thread):
     for name in ("VerSemiTrainer", "BCPTrainer", "M3HLTrainer"):
-        trainer = make_trainer(name, planned, tmp_path, **SMALL)
+        trainer = make_trainer(name, own_planned, tmp_path, **SMALL)
         trainer.epoch = trainer.config.epochs - 1  # the stage that pastes labeled into unlabeled patches
         assert trainer.stage == 2, name
         shapes = set()
@@ -80,14 +91,14 @@ def test_mixing_trainers_step_on_either_dataset(planned, tmp_path, one_thread):
         assert len(shapes) == 2, name
 
 
-def test_a_patch_override_trains_one_patch(planned, tmp_path, one_thread):
-    trainer = make_trainer("SupervisedTrainer", planned, tmp_path)  # --patch-size 16 32 32
+def test_a_patch_override_trains_one_patch(own_planned, tmp_path, one_thread):
+    trainer = make_trainer("SupervisedTrainer", own_planned, tmp_path)  # --patch-size 16 32 32
     assert trainer.effective.dataset_patch_sizes is None
     assert {tuple(trainer.labeled_source[i]["data"].shape[2:]) for i in range(6)} == {(16, 32, 32)}
 
 
-def test_prediction_slides_each_dataset_patch(planned, toy_raw_master, tmp_path, monkeypatch, one_thread):
-    trainer = make_trainer("SupervisedTrainer", planned, tmp_path, **SMALL)
+def test_prediction_slides_each_dataset_patch(own_planned, toy_raw_master, tmp_path, monkeypatch, one_thread):
+    trainer = make_trainer("SupervisedTrainer", own_planned, tmp_path, **SMALL)
     trainer.save("final")
     state = torch.load(trainer.checkpoint_path("final"), map_location="cpu", weights_only=False)
     assert state["dataset_patch_sizes"] == trainer.effective.dataset_patch_sizes
@@ -118,7 +129,8 @@ def test_one_dataset_plan_keeps_one_patch(toy_raw_master, tmp_path):
 
 def test_2d_batches_take_their_dataset_patch(toy_raw_master, tmp_path, one_thread):
     plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, tmp_path / "plans",
-                                          num_processes=1, show_progress=False, configurations=["2d"]))
+                                          num_processes=1, show_progress=False, configurations=["2d"],
+                                          settings=PlanSettings(patch_per_dataset=True)))
     trainer = make_trainer("SelfTrainingTrainer", tmp_path / "plans", tmp_path, configuration="2d", **SMALL)
     own = trainer.effective.dataset_patch_sizes
     assert own and all(patch[0] == 1 for patch in own.values())

@@ -148,6 +148,10 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing-scale", nargs="+", default=["1"], metavar="F | NAME=F",
                         help="plan at this multiple of the target spacing (2 = half resolution, for CPU runs); "
                              "per dataset: --spacing-scale LA=2 (datasets not named keep 1)")
+    parser.add_argument("--patch-per-dataset", action="store_true",
+                        help="give a dataset whose images are smaller than the joint plan's patch a patch of its own "
+                             "(then each step trains on one dataset; with the default SGD such joint runs stalled, "
+                             "see benchmarks/RESULTS.md: use it with --optimizer adam)")
     parser.add_argument("-c", "--configurations", nargs="+", metavar="NAME",
                         help="the planned configurations whose cache to fill, e.g. -c 3d_fullres 2d (default: "
                              "3d_fullres, or 2d for datasets of single images, which get no 3d configuration)")
@@ -161,7 +165,8 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
         dataset_names=args.datasets, raw_root=args.raw or paths.raw_root(), plans_root=args.plans_root or paths.plans_root(),
         experiment=args.experiment, labeled_limits=_parse_limits(args.labeled), num_processes=args.num_processes,
         settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture,
-                              spacing_scale=_parse_spacing_scale(args.spacing_scale)),
+                              spacing_scale=_parse_spacing_scale(args.spacing_scale),
+                              patch_per_dataset=args.patch_per_dataset),
         overwrite_plans=args.overwrite_plans, configurations=args.configurations,
         known_absent=known_absent.parse_cli(args.known_absent) if args.known_absent else None)
     if args.verify_only:

@@ -2,9 +2,9 @@
 
 Datasets planned together share the backbone, batch size, network topology and prompt table;
 each keeps its own target spacing and intensity normalization. They share one patch size (in
-voxels) too, except a dataset whose images are smaller than it: that dataset gets its own patch,
-the shared one capped by its median shape (``dataset_patch_sizes``), as nnU-Net caps a single
-dataset's patch, so its small images are not padded several times over in every batch. The plan is written as readable JSON to
+voxels) too; with ``PlanSettings.patch_per_dataset`` a dataset whose images are smaller than it
+gets its own patch, the shared one capped by its median shape (``dataset_patch_sizes``), as
+nnU-Net caps a single dataset's patch, so its small images are not padded several times over. The plan is written as readable JSON to
 ``<plans root>/<experiment>/plans.json``; README.md documents every field.
 """
 from __future__ import annotations
@@ -32,6 +32,9 @@ class PlanSettings:
     # > 1 plans at a coarser spacing (e.g. 2 = half resolution) for quick CPU runs: one factor for
     # every dataset, or one per dataset name (a dataset not named keeps 1)
     spacing_scale: float | dict[str, float] = 1.0
+    # a dataset of smaller images gets a patch of its own (``dataset_patch_sizes``); off by default:
+    # its batches then hold one dataset each, and joint runs with the default SGD stalled (RESULTS.md)
+    patch_per_dataset: bool = False
 
     def scale_of(self, dataset: str) -> float:
         if isinstance(self.spacing_scale, dict):
@@ -190,7 +193,7 @@ def plan_3d_configuration(datasets: dict[str, dict], in_channels: int, settings:
     return {
         "data_identifier": CONFIGURATION,
         "patch_size": topology.patch_size,
-        **_own_patches(datasets, topology),
+        **_own_patches(datasets, topology, settings),
         "batch_size": batch_size,
         "topology_spacing": [float(s) for s in spacing],
         "network": topology.network_plan(settings.architecture),
@@ -211,7 +214,7 @@ def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings:
         "data_identifier": CONFIGURATION_2D,
         "spatial_dims": 2,
         "patch_size": topology.patch_size,
-        **_own_patches(datasets, topology),
+        **_own_patches(datasets, topology, settings),
         "batch_size": batch_size,
         "topology_spacing": [float(s) for s in spacing],
         "target_spacing": {name: [None, *d["target_spacing"][1:]] for name, d in datasets.items()},
@@ -221,9 +224,9 @@ def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings:
     }
 
 
-def _own_patches(datasets: dict[str, dict], topology: Topology) -> dict:
-    """``{"dataset_patch_sizes": ...}`` where some dataset has its own patch, else nothing."""
-    sizes = dataset_patch_sizes(datasets, topology)
+def _own_patches(datasets: dict[str, dict], topology: Topology, settings: PlanSettings) -> dict:
+    """``{"dataset_patch_sizes": ...}`` where asked for and some dataset has its own patch, else nothing."""
+    sizes = dataset_patch_sizes(datasets, topology) if settings.patch_per_dataset else {}
     return {"dataset_patch_sizes": sizes} if sizes else {}
 
 
