@@ -9,6 +9,8 @@ Experiments (one raw root, one plans root in ``--work``):
 - ``joint``: both datasets, ``--known-absent all`` (no atrium in a hippocampus crop, no hippocampus
   in an atrium MRI), so the trainers learn the other dataset's structures absent;
 - ``joint_unknown``: both datasets, nothing declared (the other dataset's structures stay unknown);
+- ``joint_own``: as ``joint``, planned with ``--patch-per-dataset`` (the hippocampus gets a patch
+  of its own, 40 x 64 x 48 instead of LA's 48 x 80 x 96, and each step trains on one dataset);
 - ``LA`` and ``Hippocampus`` alone.
 
 Rows (``--rows`` picks some by label; every run trains fold ``all`` with ``--time-budget`` and the
@@ -47,7 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 LABELED = {"LA": 8, "Hippocampus": hippocampus.LABELED}
 SPACING_SCALE = {"LA": 2.0}  # LA coarsened for a CPU; the hippocampus keeps its 1 mm
 EXPERIMENTS = {"joint": ["LA", "Hippocampus"], "joint_unknown": ["LA", "Hippocampus"],
-               "LA": ["LA"], "Hippocampus": ["Hippocampus"]}
+               "joint_own": ["LA", "Hippocampus"], "LA": ["LA"], "Hippocampus": ["Hippocampus"]}
+# experiments declaring every other dataset's structures absent, and their names' suffixes
+DECLARED = {"joint": "_absent", "joint_own": "_absent_own_patch"}
+ADAM = ("--optimizer", "adam", "--lr", "0.003")
 STRUCTURES = {"LA": {1: "left atrium"}, "Hippocampus": {1: "anterior", 2: "posterior"}}
 
 
@@ -56,9 +61,13 @@ class Row(NamedTuple):
     experiment: str
     trainer: str
     budget_share: float  # of --minutes
+    flags: tuple[str, ...] = ()  # further versemi_train flags
 
 
 ROWS = [Row("joint VerSemi", "joint", "VerSemiTrainer", 1.0),
+        # the patch ablation: the hippocampus at a patch of its own (one dataset per step), at equal optimizer
+        Row("joint VerSemi, Adam", "joint", "VerSemiTrainer", 1.0, ADAM),
+        Row("joint VerSemi, own patches, Adam", "joint_own", "VerSemiTrainer", 1.0, ADAM),
         Row("joint MutualLearning", "joint", "MutualLearningTrainer", 1.0),
         Row("joint VerSemi, nothing declared", "joint_unknown", "VerSemiTrainer", 1.0),
         *(Row(f"{dataset} {name} {share_name}", dataset, f"{name}Trainer", share)
@@ -68,7 +77,7 @@ ROWS = [Row("joint VerSemi", "joint", "VerSemiTrainer", 1.0),
 
 def experiment_name(key: str) -> str:
     names = "_".join(f"{d}{LABELED[d]}" for d in EXPERIMENTS[key])
-    return f"{names}_dev" + ("_absent" if key == "joint" else "")
+    return f"{names}_dev" + DECLARED.get(key, "")
 
 
 def prepare(work: Path, la_source: Path, hippocampus_source: Path) -> Path:
@@ -90,8 +99,9 @@ def prepare(work: Path, la_source: Path, hippocampus_source: Path) -> Path:
         plan_and_preprocess(ExperimentRequest(datasets, raw, work / "versemi_plans", experiment=experiment_name(key),
                                               labeled_limits={d: LABELED[d] for d in datasets}, num_processes=2,
                                               settings=PlanSettings(spacing_scale={d: SPACING_SCALE[d] for d in
-                                                                                   datasets if d in SPACING_SCALE}),
-                                              known_absent="all" if key == "joint" else None, show_progress=False))
+                                                                                   datasets if d in SPACING_SCALE},
+                                                                    patch_per_dataset=key == "joint_own"),
+                                              known_absent="all" if key in DECLARED else None, show_progress=False))
     return raw
 
 
@@ -103,7 +113,7 @@ def start(work: Path, row: Row, minutes: float, seed: int):
     experiment = experiment_name(row.experiment)
     command = [str(budget_runs.BIN / "versemi_train"), "3d_fullres", "all", "-e", experiment, "-tr", row.trainer,
                "--time-budget", f"{minutes * row.budget_share:g}", "--seed", str(seed), "--num-workers", "1",
-               "--device", "cpu"]
+               "--device", "cpu", *row.flags]
     return budget_runs.start_training(command, run_folder(work, row, minutes, seed), experiment, row.trainer,
                                       work / "versemi_plans", threads=1)
 
