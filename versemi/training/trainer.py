@@ -552,6 +552,10 @@ class Trainer:
                            f"method settings {self.settings}")
             if self.network_size_note:
                 self.log.write(self.network_size_note)
+            if self.effective.dataset_patch_sizes and self.config.optimizer == "sgd":
+                self.log.write("note: each step trains on one dataset (patches per dataset); with SGD, joint runs of "
+                               "this kind stalled at the start where Adam learnt (benchmarks/RESULTS.md): consider "
+                               "--optimizer adam --lr 3e-3")
             if self.declares_absence:
                 self.log.write(self.known_absent_note())
             if self.uses_unlabeled:
