@@ -32,7 +32,7 @@ import numpy as np
 
 VARIANTS = {"shared-sgd": ("shared", "sgd"), "own-sgd": ("own", "sgd"), "same-sgd": ("same", "sgd"),
             "shared-adam": ("shared", "adam"), "own-adam": ("own", "adam")}
-WINDOWS = [(1, 20), (41, 60), (81, 100), (101, 120), (181, 200)]
+WINDOWS = [(1, 20), (41, 60), (81, 100), (101, 120)]
 
 
 def patches_of(plans: dict, patch: str) -> dict | None:
