@@ -7,9 +7,9 @@ on a foreground voxel), then augmentation. Where datasets of a joint plan have p
 own (``dataset_patch_sizes``), one dataset is drawn per batch instead, from (seed, i) alone: the
 labeled and unlabeled batches of step ``i`` then come from the same dataset and have one shape,
 and a batch of a smaller patch holds more patches: as many voxels as a batch of the shared patch
-(as nnU-Net sizes a batch to its patch), so every step costs about the same. Because a batch depends only on its number, the
-loader can run in background workers in any order and a resumed run continues with exactly the
-batches an uninterrupted run would have seen.
+(as nnU-Net sizes a batch to its patch), so every step costs about the same. Because a batch
+depends only on its number, the loader can run in background workers in any order and a resumed
+run continues with exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
