@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import input_error
+from ..model.config import distinct_patches
 from .models import Ensemble, FoldModel
 from .sliding_window import inference_dtype
 
@@ -130,10 +131,6 @@ class ConvertedByPatch:
         return self
 
 
-def window_shapes(model: FoldModel) -> list[list[int]]:
-    """Every window shape prediction slides with ``model``: its patch, then its datasets' own."""
-    shapes = [list(model.patch_size), *(list(p) for p in (model.dataset_patch_sizes or {}).values())]
-    return [list(p) for p in dict.fromkeys(tuple(p) for p in shapes)]
 
 
 @dataclass
@@ -264,7 +261,7 @@ def use_backend(ensemble: Ensemble, backend: str) -> str:
     converted, records = [], []
     for model in ensemble.models:
         by_patch = {}
-        for patch in window_shapes(model):
+        for patch in distinct_patches(model.patch_size, model.dataset_patch_sizes):
             network, record = convert(model, ensemble.in_channels, int(ensemble.plans["num_prompts"]), precision,
                                       patch)
             if not record["passed"]:

@@ -13,6 +13,7 @@ import torch
 from ..errors import input_error
 from ..model.checkpoint import check_trained_model, load_checkpoint, member_names
 from ..model.layout import checkpoint_paths
+from ..model.config import patch_of
 from ..model.network import member_networks, trained_configuration
 from ..model.plans_view import DEFAULT_CONFIGURATION
 
@@ -33,7 +34,7 @@ class FoldModel:
 
     def patch_for(self, dataset: str | None) -> list[int]:
         """The window that slides over ``dataset``'s images: its own patch, else the shared one."""
-        return list((self.dataset_patch_sizes or {}).get(dataset, self.patch_size))
+        return patch_of(self.patch_size, self.dataset_patch_sizes, dataset)
 
 
 @dataclass

@@ -115,12 +115,23 @@ class EffectiveConfiguration:
 
     def patch_for(self, dataset: str | None) -> list[int]:
         """The patch of ``dataset``'s images (the shared one where it has none of its own)."""
-        return list((self.dataset_patch_sizes or {}).get(dataset, self.patch_size))
+        return patch_of(self.patch_size, self.dataset_patch_sizes, dataset)
 
     @property
     def all_patch_sizes(self) -> list[list[int]]:
-        """The shared patch, then each dataset's own."""
-        return [list(self.patch_size), *(list(p) for p in (self.dataset_patch_sizes or {}).values())]
+        """The shared patch, then each distinct dataset's own."""
+        return distinct_patches(self.patch_size, self.dataset_patch_sizes)
+
+
+def patch_of(patch_size, dataset_patch_sizes: dict | None, dataset: str | None) -> list[int]:
+    """The window of ``dataset``'s images: its own patch where it has one, else the shared one."""
+    return list((dataset_patch_sizes or {}).get(dataset, patch_size))
+
+
+def distinct_patches(patch_size, dataset_patch_sizes: dict | None) -> list[list[int]]:
+    """Every window shape a run trains and predicts with: the shared patch first, no repeats."""
+    shapes = [tuple(patch_size), *(tuple(p) for p in (dataset_patch_sizes or {}).values())]
+    return [list(p) for p in dict.fromkeys(shapes)]
 
 
 def effective_configuration(plans: dict, configuration: str, config: TrainingConfig) -> EffectiveConfiguration:
