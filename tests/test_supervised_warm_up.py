@@ -87,6 +87,25 @@ def test_a_short_schedule_trains_exactly_as_supervised_trainer(planned, tmp_path
     assert saved["supervised_warm_up"] == "auto" and saved["warm_up_epochs"] == 3
 
 
+# every trainer that trains the 3d configuration with unlabeled scans (ERSR and SelfPacedContrastive
+# train 2d only; MeanTeacher and MutualLearning are checked in detail above)
+SEMI_SUPERVISED_3D = ("VerSemiTrainer", "SelfTrainingTrainer", "TransMedSegTrainer", "BCPTrainer", "CADTrainer",
+                      "M3HLTrainer", "MEDLTrainer", "C3S3Trainer", "MNTrainer")
+
+
+@pytest.mark.parametrize("name", SEMI_SUPERVISED_3D)
+def test_every_trainer_whose_method_never_starts_ends_with_supervised_trainers_weights(planned, tmp_path, name):
+    """Why a short budget cannot lose against SupervisedTrainer: with the method never started, a
+    semi-supervised run is SupervisedTrainer's run weight for weight."""
+    reference = new_trainer("SupervisedTrainer", planned, tmp_path / "reference", epochs=3, iterations_per_epoch=2)
+    reference.run()
+    trainer = new_trainer(name, planned, tmp_path / name, epochs=3, iterations_per_epoch=2)
+    trainer.run()
+    assert trainer.supervised_throughout
+    for (key, theirs), mine in zip(reference.model.state_dict().items(), trainer.model.state_dict().values()):
+        assert torch.equal(theirs, mine), f"{name}: {key} differs from SupervisedTrainer's"
+
+
 def test_a_two_network_trainer_that_stays_supervised_trains_and_keeps_its_main_network_only(planned, tmp_path):
     """auto, 6 iterations: MutualLearning's peer never trains (its optimizer never steps), the main
     network ends with SupervisedTrainer's weights, and the checkpoint predicts with it alone."""
