@@ -54,6 +54,7 @@ from .self_training import SelfTrainingTrainer
 
 DEFAULTS = {
     **SELF_TRAINING_DEFAULTS,
+    "ema_decay": 0.99,        # Mean Teacher's, as measured here; SelfTraining's slower teacher was never tried with it
     "unlabeled_cutmix": False,
     "lambda0": 0.25,          # the augmentation's strength at the end of the method (TSA's default)
     "memory_momentum": 0.1,   # weight of each batch in the running class statistics
