@@ -10,6 +10,8 @@ the loss of every step with the dataset(s) of its batch, for one variant:
 - ``own-sgd``: each dataset's own patch (``dataset_patch_sizes``, computed as the planner does
   where the plan has none), one dataset per batch, SGD;
 - ``same-sgd``: one dataset per batch, every dataset at the shared patch (batch composition alone);
+- ``each-sgd``: each dataset's own patch, a sub-batch of every dataset in every step (gradients
+  accumulated: ``--dataset-batches each``), SGD; ``each-adam`` the same with Adam;
 - ``own-adam`` / ``shared-adam``: as above with Adam, lr 3e-3.
 
 Network: the plan's CPU preset; fold ``all``; no time budget (steps are counted, not timed).
@@ -31,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = {"shared-sgd": ("shared", "sgd"), "own-sgd": ("own", "sgd"), "same-sgd": ("same", "sgd"),
-            "shared-adam": ("shared", "adam"), "own-adam": ("own", "adam")}
+            "shared-adam": ("shared", "adam"), "own-adam": ("own", "adam"), "each-sgd": ("own", "sgd"),
+            "each-adam": ("own", "adam")}
 WINDOWS = [(1, 20), (41, 60), (81, 100), (101, 120)]
 
 
@@ -73,7 +76,8 @@ def run(args) -> None:
         configuration["dataset_patch_sizes"] = own
     config = TrainingConfig(num_workers=0, network_size="cpu", optimizer=optimizer,
                             lr=3e-3 if optimizer == "adam" else None, epochs=10,
-                            iterations_per_epoch=max(1, args.steps // 10), seed=args.seed)
+                            iterations_per_epoch=max(1, args.steps // 10), seed=args.seed,
+                            dataset_batches="each" if args.variant.startswith("each") else "one")
     trainer = find_trainer("SupervisedTrainer")(plans, args.plans_root, "3d_fullres", "all",
                                                 args.out / "runs" / f"{args.variant}_seed{args.seed}", config)
     trainer.setup()
@@ -82,9 +86,13 @@ def run(args) -> None:
     for iteration in range(args.steps):
         batch = trainer.labeled_source[iteration]
         terms = trainer.optimize(iteration, batch, None)
+        parts = batch.get("sub_batches", [batch])
         steps.append({"loss": terms["loss"], "supervised": terms.get("supervised", terms["loss"]),
-                      "datasets": sorted({names[i] for i in batch["dataset"].tolist()}),
-                      "samples": int(batch["data"].shape[0]), "shape": list(batch["data"].shape[2:])})
+                      "datasets": sorted({names[i] for part in parts for i in part["dataset"].tolist()}),
+                      # a step of sub-batches: each dataset's own loss (SupervisedTrainer: its supervised loss)
+                      "per_dataset": {name: terms[f"loss_{name}"] for name in names if f"loss_{name}" in terms},
+                      "samples": sum(int(part["data"].shape[0]) for part in parts),
+                      "shape": [list(part["data"].shape[2:]) for part in parts]})
         if (iteration + 1) % 10 == 0:
             recent = steps[-10:]
             print(f"{time.strftime('%H:%M:%S')} {args.variant} step {iteration + 1}: loss "
@@ -96,9 +104,14 @@ def run(args) -> None:
     print(f"wrote {out}")
 
 
+def loss_of(step: dict, dataset: str) -> float:
+    """The supervised loss of ``dataset`` in a step: its sub-batch's where the step had one per dataset."""
+    return step.get("per_dataset", {}).get(dataset, step["supervised"])
+
+
 def window_mean(steps: list[dict], dataset: str, low: int, high: int) -> float | None:
     """Mean supervised loss of the steps low..high (1-based) whose batch holds ``dataset``."""
-    values = [s["supervised"] for s in steps[low - 1:high] if dataset in s["datasets"]]
+    values = [loss_of(s, dataset) for s in steps[low - 1:high] if dataset in s["datasets"]]
     return float(np.mean(values)) if values else None
 
 
@@ -128,7 +141,7 @@ def report(args) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
     for ax, d in zip(axes[0], datasets):
         for k, r in enumerate(records):
-            points = [(i + 1, s["supervised"]) for i, s in enumerate(r["steps"]) if d in s["datasets"]]
+            points = [(i + 1, loss_of(s, d)) for i, s in enumerate(r["steps"]) if d in s["datasets"]]
             if not points:
                 continue
             x, y = np.array(points).T

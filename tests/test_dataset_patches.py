@@ -1,7 +1,8 @@
 """Planned with --patch-per-dataset, a joint plan gives a dataset whose images are smaller than the
-shared patch a patch of its own: planned, trained one dataset per batch (the same for the labeled and unlabeled batch of a step),
-stored in the checkpoint and slid over that dataset's images at prediction (OpenVINO's path:
-tests/test_cpu_runtime.py)."""
+shared patch a patch of its own: planned, trained with a sub-batch of every dataset per step
+(``--dataset-batches each``) or one dataset per step (``one``; the same for the labeled and
+unlabeled batch of a step), stored in the checkpoint and slid over that dataset's images at
+prediction (OpenVINO's path: tests/test_cpu_runtime.py)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ from versemi.plans.topology import pool_and_conv_props
 
 # the plan's own patches, with a small network: the toy plan gives both toy datasets their own
 SMALL = dict(patch_size=None, features=[4, 8, 16], batch_size=2)
+ONE = dict(SMALL, dataset_batches="one")  # one dataset per step
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_toy_pair_plans_a_patch_per_dataset_only_when_asked(planned, own_planned
 
 
 def test_a_batch_holds_one_dataset_at_its_patch_in_both_streams(own_planned, tmp_path, one_thread):
-    trainer = make_trainer("VerSemiTrainer", own_planned, tmp_path, **SMALL)
+    trainer = make_trainer("VerSemiTrainer", own_planned, tmp_path, **ONE)
     own = trainer.effective.dataset_patch_sizes
     index = {name: i for i, name in enumerate(trainer.plans["dataset_names"])}
     seen = set()
@@ -79,7 +81,7 @@ def test_a_batch_holds_one_dataset_at_its_patch_in_both_streams(own_planned, tmp
 
 def test_mixing_trainers_step_on_either_dataset(own_planned, tmp_path, one_thread):
     for name in ("VerSemiTrainer", "BCPTrainer", "M3HLTrainer"):
-        trainer = make_trainer(name, own_planned, tmp_path, **SMALL)
+        trainer = make_trainer(name, own_planned, tmp_path, **ONE)
         trainer.epoch = trainer.config.epochs - 1  # the stage that pastes labeled into unlabeled patches
         assert trainer.stage == 2, name
         shapes = set()
@@ -89,6 +91,60 @@ def test_mixing_trainers_step_on_either_dataset(own_planned, tmp_path, one_threa
             terms = trainer.optimize(iteration, labeled, unlabeled)
             assert np.isfinite(terms["loss"]), name
         assert len(shapes) == 2, name
+
+
+def test_each_step_holds_a_sub_batch_of_every_dataset_at_its_patch(own_planned, tmp_path, one_thread):
+    trainer = make_trainer("VerSemiTrainer", own_planned, tmp_path, **SMALL)  # dataset_batches "each": the default
+    names, shared = trainer.plans["dataset_names"], int(np.prod(trainer.patch_size))
+    for iteration in range(3):
+        labeled, unlabeled = trainer.labeled_source[iteration], trainer.unlabeled_source[iteration]
+        assert len(labeled["sub_batches"]) == len(unlabeled["sub_batches"]) == len(names)
+        for name, own, other in zip(names, labeled["sub_batches"], unlabeled["sub_batches"]):
+            index = names.index(name)
+            assert set(own["dataset"].tolist()) == set(other["dataset"].tolist()) == {index}
+            patch = trainer.effective.patch_for(name)
+            assert list(own["data"].shape[2:]) == patch == list(other["data"].shape[2:])
+            assert len(own["data"]) == max(2, 2 * shared // int(np.prod(patch)))
+    # the validation stream keeps one dataset per batch
+    assert "sub_batches" not in trainer.val_source[0]
+
+
+def test_a_step_of_sub_batches_accumulates_the_mean_gradient_of_each_dataset(own_planned, tmp_path, one_thread):
+    """One optimizer step's gradient is the mean of the gradients each dataset's sub-batch gives
+    alone, and the step reports each dataset's loss."""
+    trainer = make_trainer("SupervisedTrainer", own_planned, tmp_path, precision="fp32", **SMALL)
+    item = trainer.labeled_source[0]
+
+    def gradient(labeled):
+        trainer.model.zero_grad(set_to_none=True)
+        terms = trainer._accumulate(labeled, None)
+        return terms, [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+    terms, together = gradient(item)
+    parts = [gradient(part) for part in item["sub_batches"]]
+    for joint, *alone in zip(together, *(grads for _, grads in parts)):
+        torch.testing.assert_close(joint, sum(alone) / len(alone), rtol=1e-4, atol=1e-6)
+    names = trainer.plans["dataset_names"]
+    for name, (part_terms, _) in zip(names, parts):
+        assert float(terms[f"loss_{name}"]) == pytest.approx(float(part_terms["loss"]), rel=1e-5)
+    assert float(terms["loss"]) == pytest.approx(np.mean([float(t["loss"]) for t, _ in parts]), rel=1e-5)
+
+
+def test_mixing_trainers_step_on_sub_batches_of_every_dataset(own_planned, tmp_path, one_thread):
+    for name in ("VerSemiTrainer", "BCPTrainer", "SelfTrainingTrainer"):
+        trainer = make_trainer(name, own_planned, tmp_path, **SMALL)
+        trainer.epoch = trainer.config.epochs - 1  # the method's last stage
+        for iteration in range(2):
+            terms = trainer.optimize(iteration, trainer.labeled_source[iteration], trainer.unlabeled_source[iteration])
+            assert np.isfinite(terms["loss"]), name
+            assert {f"loss_{d}" for d in trainer.plans["dataset_names"]} <= set(terms), name
+
+
+def test_runs_saved_before_sub_batches_continue_one_dataset_per_step():
+    from versemi.model.config import TrainingConfig
+
+    assert TrainingConfig().dataset_batches == "each"
+    assert TrainingConfig.from_dict({"epochs": 3}).dataset_batches == "one"
 
 
 def test_a_patch_override_trains_one_patch(own_planned, tmp_path, one_thread):
@@ -131,7 +187,7 @@ def test_2d_batches_take_their_dataset_patch(toy_raw_master, tmp_path, one_threa
     plan_and_preprocess(ExperimentRequest(["DemoLA", "DemoPancreas"], toy_raw_master, tmp_path / "plans",
                                           num_processes=1, show_progress=False, configurations=["2d"],
                                           settings=PlanSettings(patch_per_dataset=True)))
-    trainer = make_trainer("SelfTrainingTrainer", tmp_path / "plans", tmp_path, configuration="2d", **SMALL)
+    trainer = make_trainer("SelfTrainingTrainer", tmp_path / "plans", tmp_path, configuration="2d", **ONE)
     own = trainer.effective.dataset_patch_sizes
     assert own and all(patch[0] == 1 for patch in own.values())
     names = trainer.plans["dataset_names"]

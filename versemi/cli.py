@@ -150,9 +150,9 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
                              "per dataset: --spacing-scale LA=2 (datasets not named keep 1)")
     parser.add_argument("--patch-per-dataset", action="store_true",
                         help="give a dataset whose images are smaller than the joint plan's patch a patch of its own "
-                             "(then each step trains on one dataset; with the default SGD such joint runs stalled, "
-                             "with --optimizer adam they learnt but claimed more of the other datasets' scans: "
-                             "benchmarks/RESULTS.md)")
+                             "(then a batch holds one dataset: versemi_train --dataset-batches; with the default SGD "
+                             "such joint runs stalled, with --optimizer adam they learnt but claimed more of the other "
+                             "datasets' scans: benchmarks/RESULTS.md)")
     parser.add_argument("-c", "--configurations", nargs="+", metavar="NAME",
                         help="the planned configurations whose cache to fill, e.g. -c 3d_fullres 2d (default: "
                              "3d_fullres, or 2d for datasets of single images, which get no 3d configuration)")

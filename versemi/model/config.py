@@ -51,6 +51,9 @@ class TrainingConfig:
     # semi-supervised method starts (versemi.training.warm_up); the epochs it resolved to
     supervised_warm_up: str = "auto"
     warm_up_epochs: int | None = None
+    # --dataset-batches: where datasets have patches of their own, "each" step trains a sub-batch of
+    # every dataset (gradients accumulated), or "one" dataset per step (versemi.training.data)
+    dataset_batches: str = "each"
     # method settings read by the trainer subclasses
     method: dict = field(default_factory=dict)
 
@@ -68,6 +71,7 @@ class TrainingConfig:
         d.setdefault("network_size", "plan")  # saved before the CPU preset existed
         if "supervised_warm_up" not in d:  # saved before the warm-up existed: the method started at once
             d.update(supervised_warm_up="0", warm_up_epochs=0)
+        d.setdefault("dataset_batches", "one")  # saved before sub-batches existed: one dataset per step
         d["augmentation"] = AugmentationSettings(**d.get("augmentation", {}))
         return cls(**d)
 

@@ -4,10 +4,18 @@
 builds batch number ``i`` of a stream as a pure function of (seed, stream, i): datasets are
 drawn uniformly (balanced across datasets), then a case, then a patch (a share of them centred
 on a foreground voxel), then augmentation. Where datasets of a joint plan have patches of their
-own (``dataset_patch_sizes``), one dataset is drawn per batch instead, from (seed, i) alone: the
-labeled and unlabeled batches of step ``i`` then come from the same dataset and have one shape,
-and a batch of a smaller patch holds more patches: as many voxels as a batch of the shared patch
-(as nnU-Net sizes a batch to its patch), so every step costs about the same. Because a batch
+own (``dataset_patch_sizes``), a batch of one dataset holds one shape, and a batch of a smaller
+patch holds more patches: as many voxels as a batch of the shared patch (as nnU-Net sizes a batch
+to its patch). Two ways to step with them (``dataset_batches``):
+- ``"each"`` (training's default, ``--dataset-batches``): item ``i`` holds one such batch per dataset of the plan
+  (``{"sub_batches": [...]}``, in the plan's order), and the trainer accumulates their gradients
+  into one optimizer step, so every step learns every dataset (a step costs the sum of its
+  sub-batches);
+- ``"one"``: one dataset is drawn per batch, from (seed, i) alone, so the labeled and unlabeled
+  batches of step ``i`` come from the same dataset and every step costs about the same.
+In both, a batch holds one dataset; SGD stalled on such batches where mixed batches learnt, and
+Adam learnt, a little faster per sample with ``"each"`` (benchmarks/RESULTS.md).
+Because a batch
 depends only on its number, the loader can run in background workers in any order and a resumed
 run continues with exactly the batches an uninterrupted run would have seen.
 """
@@ -83,6 +91,7 @@ class StreamSettings:
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
     spatial_dims: int = 3  # 2: patches are single slices (1, y, x), augmented in-plane
     dataset_patch_sizes: dict[str, list[int]] | None = None  # datasets with a patch of their own
+    dataset_batches: str = "one"  # with dataset_patch_sizes: "each" dataset every item, or "one" per item
 
 
 def _stream_seed(seed: int, stream: str, iteration: int) -> int:
@@ -133,8 +142,7 @@ class BatchSource(Dataset):
         # drawn from the step alone, not the stream: every stream's batch ``iteration`` holds this dataset
         chosen = self.plan_datasets[np.random.default_rng(_stream_seed(self.seed, "dataset", iteration))
                                     .integers(len(self.plan_datasets))]
-        # a stream without cases of it (e.g. a dataset with no unlabeled cases) takes its own, at that patch
-        return ([chosen] if chosen in self.by_dataset else self.datasets), list(own.get(chosen, self.settings.patch_size))
+        return self._own_batch(chosen)
 
     def batch_size_for(self, patch) -> int:
         """Patches in a batch of ``patch``: the stream's batch size for the shared patch; for a
@@ -155,11 +163,22 @@ class BatchSource(Dataset):
                 for s, p in zip(props["shape"], patch)]
         return [int(lo) + p // 2 for lo, p in zip(lows, patch)]
 
+    def _own_batch(self, dataset: str) -> tuple[list[str], list[int]]:
+        """(datasets the samples of a batch of ``dataset`` are drawn from, its patch): a stream without
+        cases of it (e.g. a dataset with no unlabeled cases) takes its own, at that patch."""
+        patch = (self.settings.dataset_patch_sizes or {}).get(dataset, self.settings.patch_size)
+        return ([dataset] if dataset in self.by_dataset else self.datasets), list(patch)
+
     def __getitem__(self, iteration: int) -> dict:
-        seed = _stream_seed(self.seed, self.stream, iteration)
+        if self.settings.dataset_patch_sizes and self.settings.dataset_batches == "each":
+            # one batch per dataset of the plan, so that the labeled and unlabeled items pair by position
+            return {"sub_batches": [self._batch(_stream_seed(self.seed, f"{self.stream}/{name}", iteration), iteration,
+                                                *self._own_batch(name)) for name in self.plan_datasets]}
+        return self._batch(_stream_seed(self.seed, self.stream, iteration), iteration, *self._batch_datasets(iteration))
+
+    def _batch(self, seed: int, iteration: int, candidates: list[str], patch: list[int]) -> dict:
         rng = np.random.default_rng(seed)
         s = self.settings
-        candidates, patch = self._batch_datasets(iteration)
         source_size, transforms = self.geometry[tuple(patch)]
         batch_size = self.batch_size_for(patch)
         data, seg, prompts, datasets, keys, positions = [], [], [], [], [], []

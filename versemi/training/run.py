@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{WARM_UP_ITERATIONS} iterations, where {MIN_METHOD_ITERATIONS} are left for the method; "
                         "a shorter schedule stays supervised, a warm start gets none); a share in [0, 1] of the "
                         "schedule instead, 0 to start the method at once")
+    p.add_argument("--dataset-batches", choices=("each", "one"),
+                   help="where the datasets of a joint plan have patches of their own (--patch-per-dataset at "
+                        "planning): each (default) step trains a sub-batch of every dataset at its own patch, their "
+                        "gradients accumulated into one optimizer step; one: one dataset per step. With either, "
+                        "SGD stalled where Adam learnt: use --optimizer adam --lr 3e-3 (benchmarks/RESULTS.md)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="mixed precision (default auto: bf16 on CPUs with bf16 units and on CUDA)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (same as --precision fp32)")
@@ -115,6 +120,12 @@ def make_config(args, saved: dict | None) -> TrainingConfig:
                               f"this run was started with --supervised-warm-up {config.supervised_warm_up}",
                               "continue it without the option, or start a new run in another folder")
         config.supervised_warm_up = request
+    if args.dataset_batches is not None:
+        if saved and args.dataset_batches != config.dataset_batches:
+            raise input_error(f"--dataset-batches {args.dataset_batches}",
+                              f"this run was started with --dataset-batches {config.dataset_batches}",
+                              "continue it without the option, or start a new run in another folder")
+        config.dataset_batches = args.dataset_batches
     if config.time_budget is not None and config.time_budget <= 0:
         raise input_error(f"--time-budget {config.time_budget:g}", "is not a positive number of minutes",
                           "give the minutes the whole training may take, e.g. --time-budget 20")

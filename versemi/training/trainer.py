@@ -429,7 +429,8 @@ class Trainer:
     def _stream(self, labeled: bool, augment: bool, batch_size: int | None = None) -> StreamSettings:
         augmentation = self.config.augmentation if augment else type(self.config.augmentation)(enabled=False)
         return StreamSettings(batch_size or self.batch_size, self.patch_size, labeled, self.config.oversample_foreground,
-                              augmentation, self.spatial_dims, self.effective.dataset_patch_sizes)
+                              augmentation, self.spatial_dims, self.effective.dataset_patch_sizes,
+                              self.config.dataset_batches if augment else "one")  # validation: one dataset per batch
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module a step calls: DDP across processes, compiled on CUDA when asked."""
@@ -552,10 +553,13 @@ class Trainer:
                            f"method settings {self.settings}")
             if self.network_size_note:
                 self.log.write(self.network_size_note)
+            if self.effective.dataset_patch_sizes:
+                self.log.write(f"each step trains a sub-batch of each of the {len(self.plans['dataset_names'])} "
+                               "datasets at its own patch, gradients accumulated into one optimizer step"
+                               if self.config.dataset_batches == "each" else "each step trains on one dataset")
             if self.effective.dataset_patch_sizes and self.config.optimizer == "sgd":
-                self.log.write("note: each step trains on one dataset (patches per dataset); with SGD, joint runs of "
-                               "this kind stalled at the start where Adam learnt (benchmarks/RESULTS.md): consider "
-                               "--optimizer adam --lr 3e-3")
+                self.log.write("note: with batches of one dataset (patches per dataset), SGD stalled at the start of "
+                               "joint runs where Adam learnt (benchmarks/RESULTS.md): consider --optimizer adam --lr 3e-3")
             if self.declares_absence:
                 self.log.write(self.known_absent_note())
             if self.uses_unlabeled:
@@ -609,15 +613,10 @@ class Trainer:
         """One optimizer step on batch number ``iteration``; returns every loss term as a float."""
         self.seed_iteration(iteration)
         self.current_iteration = iteration
-        labeled = self._to_device(labeled)
-        unlabeled = self._to_device(unlabeled) if unlabeled is not None else None
         optimized = self._optimized()
         for _, optimizer in optimized:
             optimizer.zero_grad(set_to_none=True)
-        step = self.warm_up_step if self.in_warm_up else self.train_step
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            terms = step(labeled, unlabeled)
-        self.scaler.scale(terms["loss"]).backward()  # one backward; each optimizer steps its own parameters
+        terms = self._accumulate(labeled, unlabeled)
         for model, optimizer in optimized:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
@@ -626,6 +625,33 @@ class Trainer:
         self.scaler.update()
         self.after_optimizer_step(iteration)
         return {name: float(value.detach()) for name, value in terms.items()}
+
+    def _accumulate(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
+        """The gradients of one optimizer step, and its terms. A step of sub-batches (one per dataset,
+        each at its own patch: ``dataset_batches`` "each") runs the step once per sub-batch, labeled
+        and unlabeled of the same dataset, and backpropagates the mean of their losses one sub-batch
+        at a time (only one sub-batch's activations are held); its terms are the means, plus the
+        loss of each dataset (``loss_<dataset>``)."""
+        step = self.warm_up_step if self.in_warm_up else self.train_step
+        if "sub_batches" not in labeled:
+            pairs = [(labeled, unlabeled)]
+        else:
+            parts = labeled["sub_batches"]
+            pairs = list(zip(parts, unlabeled["sub_batches"] if unlabeled is not None else [None] * len(parts)))
+        terms: dict[str, torch.Tensor] = {}
+        names = self.plans["dataset_names"]
+        for own, other in pairs:
+            own = self._to_device(own)
+            other = self._to_device(other) if other is not None else None
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                part = step(own, other)
+            # one backward per sub-batch; each optimizer steps its own parameters after the last
+            self.scaler.scale(part["loss"] / len(pairs)).backward()
+            for name, value in part.items():
+                terms[name] = terms.get(name, 0) + value.detach() / len(pairs)
+            if len(pairs) > 1:
+                terms[f"loss_{names[int(own['dataset'][0])]}"] = part["loss"].detach()
+        return terms
 
     def train_epoch(self) -> tuple[float, list[float], dict[str, float]]:
         """Mean loss, the loss of each iteration, and the mean of every term of the epoch."""
