@@ -155,16 +155,22 @@ def fit_fixed_batch(trainer, steps: int) -> tuple[list[float], dict]:
     returns the losses and the last terms."""
     labeled = trainer.labeled_source[0]
     unlabeled = trainer.unlabeled_source[0] if trainer.unlabeled_source is not None else None
+    # a step of sub-batches (per-dataset patches, --dataset-batches each): the mean over its sub-batches
+    pairs = [(labeled, unlabeled)] if "sub_batches" not in labeled else list(zip(
+        labeled["sub_batches"], unlabeled["sub_batches"] if unlabeled is not None else [None] * len(labeled["sub_batches"])))
     optimizers = [trainer.optimizer] + [extra.optimizer for extra in trainer.extra_networks.values()]
     losses = []
     for _ in range(steps):
         for optimizer in optimizers:
             optimizer.zero_grad()
-        terms = trainer.train_step(labeled, unlabeled)
-        terms["loss"].backward()
+        total = 0.0
+        for own, other in pairs:
+            terms = trainer.train_step(own, other)
+            (terms["loss"] / len(pairs)).backward()
+            total += float(terms["loss"].detach()) / len(pairs)
         for optimizer in optimizers:
             optimizer.step()
-        losses.append(float(terms["loss"].detach()))
+        losses.append(total)
     return losses, terms
 
 
