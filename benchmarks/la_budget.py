@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 H5 = REPO.parent / "shared" / "data" / "la2018_h5"
 BIN = budget_runs.BIN
 EXPERIMENT = "LA8_dev"
+LABELED = 8  # the first ids of train.list
 METRICS = ("dice", "jaccard", "hd95", "asd")
 # in this order, two side by side, the pairs are (BCP, M3HL), (CAD, Supervised), (VerSemi, BCP) ...
 DEFAULT_VARIANTS = [{"label": "BCP", "trainer": "BCPTrainer"}, {"label": "M3HL", "trainer": "M3HLTrainer"},
@@ -51,23 +52,36 @@ DEFAULT_VARIANTS = [{"label": "BCP", "trainer": "BCPTrainer"}, {"label": "M3HL",
                      "method": {"second_architecture": "unet", "two_views": False}}]
 
 
-def prepare_data(work: Path, spacing_scale: float, source: Path = H5) -> Path:
-    """Convert the development split (test ids held out) and plan + preprocess it; returns raw/LA."""
+def read_ids(source: Path) -> list[str]:
+    return [line.strip() for line in (source / "train.list").read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def split_description(source: Path, test_cases: int) -> str:
+    ids = read_ids(source)
+    return f"{LABELED} labeled / {len(ids) - LABELED - test_cases} unlabeled / {test_cases} test"
+
+
+def prepare_data(work: Path, spacing_scale: float, source: Path = H5, test_cases: int = 20) -> Path:
+    """Convert the development split (the last ``test_cases`` ids held out) and plan + preprocess it;
+    returns raw/LA."""
     from versemi.benchmark_protocol import convert_split, split_source
     from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
     from versemi.plans.planner import PlanSettings
 
-    ids = [line.strip() for line in (source / "train.list").read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = read_ids(source)
+    if len(ids) <= LABELED + test_cases:
+        sys.exit(f"{source / 'train.list'}: {len(ids)} ids, too few for {LABELED} labeled cases and "
+                 f"{test_cases} test cases; list more ids or lower --test-cases")
     work.mkdir(parents=True, exist_ok=True)
     test_file = work / "test_ids.txt"
-    test_file.write_text("\n".join(ids[60:]) + "\n")
+    test_file.write_text("\n".join(ids[-test_cases:]) + "\n")
     train, test = split_source(source, test_file)
-    assert train == ids[:60] and test == ids[60:]
+    assert train == ids[:-test_cases] and test == ids[-test_cases:]
     raw = work / "raw" / "LA"
     raw.parent.mkdir(parents=True, exist_ok=True)
     convert_split(source, raw, train, test, show_progress=False)
     plan_and_preprocess(ExperimentRequest(["LA"], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
-                                          labeled_limits={"LA": 8}, num_processes=2,
+                                          labeled_limits={"LA": LABELED}, num_processes=2,
                                           settings=PlanSettings(spacing_scale=spacing_scale), show_progress=False))
     return raw
 
@@ -192,6 +206,9 @@ def main() -> None:
     parser.add_argument("--mirroring", action="store_true", help="mirroring at test time (8x slower on a CPU)")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "la_budget")
     parser.add_argument("--data", type=Path, default=H5, help="the UA-MT LA folder (<ID>/mri_norm2.h5, train.list)")
+    parser.add_argument("--test-cases", type=int, default=20,
+                        help="the last ids of train.list held out as test cases (20: the development split; fewer "
+                             "with a shortened train.list, e.g. a subset carried to a GPU machine)")
     parser.add_argument("--name", default="la_budget", help="stem of the table, JSON and figure written in --work")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA)")
@@ -204,7 +221,7 @@ def main() -> None:
                  "or --data")
     variants = args.variant or DEFAULT_VARIANTS
     work = args.work.absolute()
-    raw = prepare_data(work, args.spacing_scale, args.data.absolute())
+    raw = prepare_data(work, args.spacing_scale, args.data.absolute(), args.test_cases)
     jobs = [(v, s) for s in args.seeds for v in variants]
     results: dict[str, dict[int, dict]] = {v["label"]: {} for v in variants}
     for group_start in range(0, len(jobs), args.parallel):
@@ -223,7 +240,7 @@ def main() -> None:
                   f"{result['wall_seconds'] / 60:.1f} min (load {result['load'][0]:.1f} -> {result['load'][1]:.1f})",
                   flush=True)
     rows = table(results, args.minutes)
-    header = (f"LA development split (8 labeled / 52 unlabeled / 20 test), --time-budget {args.minutes:g} min, "
+    header = (f"LA development split ({split_description(args.data, args.test_cases)}), --time-budget {args.minutes:g} min, "
               f"{args.parallel} runs side by side x {args.threads} thread(s); spacing x{args.spacing_scale:g}, patch "
               f"{args.patch}, features {args.features}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}; "
               f"final checkpoint; test mirroring {'on' if args.mirroring else 'off'}")
