@@ -13,6 +13,7 @@ import pytest
 from versemi.datasets.io import Geometry, write_image
 from versemi.datasets.layout import write_dataset_json
 from versemi.datasets.synthetic import SyntheticConfig, make_synthetic
+from versemi.training.data import sub_batch_pairs
 
 # prediction in tests runs in PyTorch (subprocesses inherit this); tests/test_cpu_runtime.py asks for
 # OpenVINO with --backend, so that not every trained toy model is converted
@@ -156,8 +157,7 @@ def fit_fixed_batch(trainer, steps: int) -> tuple[list[float], dict]:
     labeled = trainer.labeled_source[0]
     unlabeled = trainer.unlabeled_source[0] if trainer.unlabeled_source is not None else None
     # a step of sub-batches (per-dataset patches, --dataset-batches each): the mean over its sub-batches
-    pairs = [(labeled, unlabeled)] if "sub_batches" not in labeled else list(zip(
-        labeled["sub_batches"], unlabeled["sub_batches"] if unlabeled is not None else [None] * len(labeled["sub_batches"])))
+    pairs = sub_batch_pairs(labeled, unlabeled)
     optimizers = [trainer.optimizer] + [extra.optimizer for extra in trainer.extra_networks.values()]
     losses = []
     for _ in range(steps):

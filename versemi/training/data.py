@@ -223,6 +223,15 @@ class BatchSource(Dataset):
         return augment(transforms, batch, self.settings.spatial_dims)
 
 
+def sub_batch_pairs(labeled: dict, unlabeled: dict | None) -> list[tuple[dict, dict | None]]:
+    """The (labeled, unlabeled) pairs one optimizer step trains on: the batches themselves, or, for a
+    step of sub-batches (``dataset_batches`` "each"), each dataset's labeled and unlabeled sub-batch."""
+    if "sub_batches" not in labeled:
+        return [(labeled, unlabeled)]
+    parts = labeled["sub_batches"]
+    return list(zip(parts, unlabeled["sub_batches"] if unlabeled is not None else [None] * len(parts)))
+
+
 def batch_loader(source: BatchSource, start: int, stop: int, num_workers: int) -> DataLoader:
     """Batches ``start`` .. ``stop - 1`` of a stream, made by ``num_workers`` background processes.
 

@@ -39,7 +39,7 @@ from ..model.plans_view import PlansView
 from ..model.precision import autocast_dtype
 from ..nets import build_network
 from .budget import fit_schedule
-from .data import BatchSource, CaseStore, StreamSettings, batch_loader
+from .data import BatchSource, CaseStore, StreamSettings, batch_loader, sub_batch_pairs
 from .losses import DiceCE, exclusion_loss, finest, multiscale, prompt_columns
 from .method_settings import resolve_method_settings
 from .progress import TrainingLog
@@ -633,11 +633,7 @@ class Trainer:
         at a time (only one sub-batch's activations are held); its terms are the means, plus the
         loss of each dataset (``loss_<dataset>``)."""
         step = self.warm_up_step if self.in_warm_up else self.train_step
-        if "sub_batches" not in labeled:
-            pairs = [(labeled, unlabeled)]
-        else:
-            parts = labeled["sub_batches"]
-            pairs = list(zip(parts, unlabeled["sub_batches"] if unlabeled is not None else [None] * len(parts)))
+        pairs = sub_batch_pairs(labeled, unlabeled)
         terms: dict[str, torch.Tensor] = {}
         names = self.plans["dataset_names"]
         for own, other in pairs:
