@@ -20,7 +20,7 @@ from ..model.config import NETWORK_SIZES, TrainingConfig
 from ..model.layout import find_experiment, output_folder, parse_fold
 from ..model.plans_view import PlansView
 from ..model.precision import PRECISIONS
-from .trainer import distributed_device
+from .trainer import distributed_device, leave_process_group
 from .trainers import find_trainer
 from .warm_up import MIN_METHOD_ITERATIONS, WARM_UP_ITERATIONS, parse_request
 
@@ -177,6 +177,7 @@ def train(argv: list[str] | None = None) -> int:
     with folder_lock(folder, "versemi_train") if os.environ.get("RANK", "0") == "0" else nullcontext():
         trainer = trainer_class(plans, plans_root, args.configuration, fold, folder, config, device)
         trainer.run(resume=args.resume)
+    leave_process_group()
     if trainer.is_main:
         print(f"trained {args.trainer} fold {fold}: {folder}")
     return 0

@@ -733,3 +733,13 @@ def distributed_device(requested: str) -> str:
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return "cpu"
+
+
+def leave_process_group() -> None:
+    """Leave the process group after a finished run. Without this, gloo's worker threads can outlive
+    the interpreter and abort the process at exit ("terminate called without an active exception").
+    Called only after success: after a failure the other processes may still be waiting in a
+    collective, and leaving would hang them."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
