@@ -32,7 +32,8 @@ def parse_trainer_options(text: str) -> tuple[str, str, dict, tuple[str, ...]]:
         key, equals, value = item.partition("=")
         if not equals or not key:
             sys.exit(f"--trainers {text!r}: write each setting as key=value")
-        label += f"_{key.lstrip('-')}={value}"
+        # a file's path (--pretrained-2d=runs/x/model.pth) names the run folder by its file name alone
+        label += f"_{key.lstrip('-')}={Path(value).name if key.startswith('--') and '/' in value else value}"
         if key.startswith("--"):
             flags += [key, value]
             continue
