@@ -358,6 +358,8 @@ def test_time_budget_warmup_leaves_no_trace_and_fixes_the_schedule(planned, tmp_
     planned_seconds = record["warmup_seconds"] + record["epochs"] * (
         record["iterations_per_epoch"] * record["seconds_per_iteration"] + record["epoch_overhead_seconds"])
     assert planned_seconds <= 2.0 * 60
+    # the load the timing saw is recorded beside the iterations it set
+    assert record["load_while_timing"] >= 0 and f"CPU load {record['load_while_timing']:.1f}" in record["message"]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ in every checkpoint): ``--continue`` keeps it exactly.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -99,6 +100,7 @@ def fit_schedule(trainer) -> dict:
     overhead = time_epoch_overhead(trainer)
     per_iteration = sum(share * seconds for (_, share), seconds in zip(phases, phase_seconds))
     elapsed = time.time() - trainer.started
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     per_iteration, supervised, alone, overhead, elapsed = _agree([per_iteration, warm_up_step or per_iteration,
                                                                   alone_step or per_iteration, overhead, elapsed])
     available = config.time_budget * 60 * SAFETY - elapsed
@@ -122,9 +124,12 @@ def fit_schedule(trainer) -> dict:
     message = (f"time budget {config.time_budget:g} min: warm-up {elapsed:.0f} s measured {phases_text} "
                f"(method mean {per_iteration:.2f} s/it, {overhead:.1f} s per epoch besides); training {epochs} epochs x "
                f"{per_epoch} iterations = {epochs * per_epoch} iterations"
-               + (f", the first {warm_epochs} epochs supervised" if warm_epochs else ""))
+               + (f", the first {warm_epochs} epochs supervised" if warm_epochs else "")
+               # the timing sets the iterations: runs timed on a busier CPU get fewer, so say how busy
+               + (f"; CPU load {load:.1f} on {os.cpu_count()} cores while timing" if load is not None else ""))
     return {"minutes": config.time_budget, "seconds_per_iteration": per_iteration, "phase_seconds": phase_seconds,
             "supervised_warm_up_seconds_per_iteration": warm_up_step and supervised,
             "supervised_warm_up_epochs": warm_epochs,
             "epoch_overhead_seconds": overhead, "warmup_seconds": elapsed, "epochs": epochs,
-            "iterations_per_epoch": per_epoch, "iterations": epochs * per_epoch, "message": message}
+            "iterations_per_epoch": per_epoch, "iterations": epochs * per_epoch, "load_while_timing": load,
+            "message": message}
