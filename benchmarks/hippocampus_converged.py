@@ -58,6 +58,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -463,7 +464,8 @@ def compare_figure(results: dict[str, dict[int, dict]], title: str, path: Path) 
     ax.set_ylabel("test Dice % (40 cases; bar: mean, dots: seeds)")
     low = min(100 * r["mean"]["dice"] for t in trainers for r in results[t].values())
     ax.set_ylim(max(0.0, low - 10), 100)
-    ax.set_title(title, fontsize=9)
+    # wrapped to the figure: a narrow figure of few rows would cut a long title off
+    ax.set_title(textwrap.fill(title, int(fig.get_figwidth() * 11)), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
