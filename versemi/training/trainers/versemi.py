@@ -12,8 +12,8 @@ Choices where the public code is silent or defective:
   "whole_image"``;
 - stage 2 keeps the task-prompt CutMix term (``stage2_task_mix``); the paper's stage-2 loss has
   no such term: the ``paper`` preset (``--method paper``) switches it off. ``stage2_labeled_cutmix``
-  off drops the labeled CutMix image from stage 2 altogether (the pastes into unlabeled images
-  still supervise the synthetic prompt inside their boxes): one image fewer per step;
+  off drops the labeled CutMix image from stage 2 altogether (with ``weight_box`` above 0 the pastes
+  into unlabeled images still supervise the synthetic prompt inside their boxes): one image fewer per step;
 - the stage-2 box supervision uses masks of the image's shape (fixes the public broadcast);
 - the synthetic prompt's Dice inside the box pasted into an unlabeled image (the paper's box term,
   ``weight_box``) is off by default and on (1) in the ``paper`` preset: continuing a converged
