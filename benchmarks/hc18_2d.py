@@ -187,7 +187,8 @@ def convert(work: Path, source: Path, split: dict, show_progress: bool) -> Path:
     return raw
 
 
-def plan(work: Path, share: int, labeled: int, spacing_scale: float, show_progress: bool) -> None:
+def plan(work: Path, share: int, labeled: int, spacing_scale: float, patch_size: list[int] | None,
+         show_progress: bool) -> None:
     """Plan and preprocess the share's experiment, 2d configuration (reused when done)."""
     from versemi.errors import InputError
     from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
@@ -196,10 +197,13 @@ def plan(work: Path, share: int, labeled: int, spacing_scale: float, show_progre
     try:
         plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans",
                                               experiment=experiment(share), labeled_limits={DATASET: labeled},
-                                              num_processes=1, settings=PlanSettings(spacing_scale=spacing_scale),
+                                              num_processes=1, settings=PlanSettings(spacing_scale=spacing_scale,
+                                                                                  patch_size={CONFIGURATION: patch_size}
+                                                                                  if patch_size else {}),
                                               show_progress=show_progress, configurations=[CONFIGURATION]))
     except InputError as exc:
-        sys.exit(f"{exc}\n(an experiment planned otherwise, e.g. at another --spacing-scale, is kept: use another "
+        sys.exit(f"{exc}\n(an experiment planned otherwise, e.g. at another --spacing-scale or --patch-size, is kept: "
+                 "use another "
                  "--work for other settings)")
 
 
@@ -215,8 +219,9 @@ def prepare_data(args, work: Path) -> Path:
     raw = convert(work, args.data, split, not args.quiet)
     for share in args.shares:
         print(f"{time.strftime('%H:%M:%S')} planning and preprocessing {experiment(share)} (-c {CONFIGURATION}, "
-              f"--spacing-scale {args.spacing_scale:g})", flush=True)
-        plan(work, share, len(split["labeled"][f"{share}pct"]), args.spacing_scale, not args.quiet)
+              f"--spacing-scale {args.spacing_scale:g}"
+              + (f", --patch-size {'x'.join(map(str, args.patch_size))}" if args.patch_size else "") + ")", flush=True)
+        plan(work, share, len(split["labeled"][f"{share}pct"]), args.spacing_scale, args.patch_size, not args.quiet)
     return raw
 
 
@@ -567,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-seed", type=int, default=0, help="the seed of that run")
     parser.add_argument("--spacing-scale", type=float, default=DEFAULT_SPACING_SCALE,
                         help="plan at this multiple of the median pixel size (one per work folder)")
+    parser.add_argument("--patch-size", type=lambda text: [int(v) for v in text.lower().split("x")],
+                        metavar="YxX", help="plan this 2d patch instead of the one the median image allows "
+                                            "(versemi_plan_and_preprocess --patch-size 2d=YxX; one per work folder), "
+                                            "e.g. 160x224 at --spacing-scale 6 to show the largest heads whole")
     parser.add_argument("--network-size", choices=("auto", "plan", "cpu"), default="auto",
                         help="versemi_train --network-size (auto: the plan's CPU preset on a CPU)")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (runs go one at a time)")

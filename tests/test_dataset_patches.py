@@ -196,3 +196,31 @@ def test_2d_batches_take_their_dataset_patch(toy_raw_master, tmp_path, one_threa
         name = names[int(labeled["dataset"][0])]
         assert list(labeled["data"].shape[2:]) == trainer.effective.patch_for(name) == list(unlabeled["data"].shape[2:])
         assert np.isfinite(trainer.optimize(iteration, labeled, unlabeled)["loss"])
+
+
+def test_a_chosen_patch_replaces_the_median_capped_one(toy_raw_master, tmp_path, capsys):
+    """--patch-size plans the user's patch (padded to the network's downsampling) with its own
+    topology and batch, records the request, and a malformed or impossible one is refused."""
+    root = tmp_path / "plans"
+    assert plan_and_preprocess_main(["-d", "DemoLA", "--raw", str(toy_raw_master), "--plans-root", str(root), "-np",
+                                     "1", "--no-preprocess", "--patch-size", "2d=40x100", "3d_fullres=32x48x64",
+                                     "--quiet"]) == 0
+    configurations = json.loads((root / "DemoLA" / "plans.json").read_text(encoding="utf-8"))["configurations"]
+    default = plan_and_preprocess(ExperimentRequest(["DemoLA"], toy_raw_master, tmp_path / "default", num_processes=1,
+                                                    show_progress=False), preprocess=False)
+    default = json.loads(open(default["plans"], encoding="utf-8").read())["configurations"]
+    planned_2d, planned_3d = configurations["2d"], configurations["3d_fullres"]
+    assert planned_2d["patch_size_requested"] == [40, 100] and planned_3d["patch_size_requested"] == [32, 48, 64]
+    assert planned_3d["patch_size"] == [32, 48, 64]
+    divisor = np.array(pool_and_conv_props(planned_2d["topology_spacing"], [40, 100]).divisor)
+    patch_2d = np.array(planned_2d["patch_size"][1:])
+    assert planned_2d["patch_size"][0] == 1 and (patch_2d >= [40, 100]).all() and (patch_2d % divisor == 0).all()
+    assert (patch_2d - [40, 100] < divisor).all()  # padded, never more
+    assert "patch_size_requested" not in default["2d"] and default["2d"]["patch_size"] != planned_2d["patch_size"]
+    for bad, words in ((["2d=40"], "2d patch has 2 axes"), (["2d=4x100"], "at least 8"),
+                       (["3d=32x48x64"], "no configuration"), (["2d=40xa"], "CONFIGURATION=AxB")):
+        assert plan_and_preprocess_main(["-d", "DemoLA", "--raw", str(toy_raw_master), "--plans-root",
+                                         str(tmp_path / "bad"), "--no-preprocess", "--patch-size", *bad,
+                                         "--quiet"]) != 0
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "DemoLA" / "plans.json").exists()

@@ -122,6 +122,21 @@ def _parse_spacing_scale(values: list[str]) -> float | dict[str, float]:
     return scales
 
 
+def _parse_patch_size(values: list[str]) -> dict[str, list[int]]:
+    """``CONFIGURATION=AxB[xC]`` entries, e.g. ``2d=160x224``."""
+    sizes = {}
+    for entry in values:
+        name, sep, text = entry.partition("=")
+        try:
+            sizes[name] = [int(v) for v in text.lower().split("x")]
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise input_error(f"--patch-size {entry}", "expected CONFIGURATION=AxB[xC] in voxels",
+                              "write e.g. --patch-size 2d=160x224 or 3d_fullres=64x128x128")
+    return sizes
+
+
 @_entry_point
 def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
     from .plans import known_absent
@@ -153,6 +168,11 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
                              "(then a batch holds one dataset: versemi_train --dataset-batches; with the default SGD "
                              "such joint runs stalled, with --optimizer adam they learnt but claimed more of the other "
                              "datasets' scans: benchmarks/RESULTS.md)")
+    parser.add_argument("--patch-size", nargs="+", default=[], metavar="CONFIGURATION=AxB[xC]",
+                        help="plan this patch (voxels at the planned spacing, (y, x) in 2d, (z, y, x) in 3d) instead "
+                             "of the largest one that the median image and the memory budget allow, e.g. "
+                             "--patch-size 2d=160x224: for structures larger than the median image shows (late fetal "
+                             "heads in HC18, benchmarks/RESULTS.md); the batch is then sized to it")
     parser.add_argument("-c", "--configurations", nargs="+", metavar="NAME",
                         help="the planned configurations whose cache to fill, e.g. -c 3d_fullres 2d (default: "
                              "3d_fullres, or 2d for datasets of single images, which get no 3d configuration)")
@@ -167,7 +187,8 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> int:
         experiment=args.experiment, labeled_limits=_parse_limits(args.labeled), num_processes=args.num_processes,
         settings=PlanSettings(memory_gb=args.memory_gb, architecture=args.architecture,
                               spacing_scale=_parse_spacing_scale(args.spacing_scale),
-                              patch_per_dataset=args.patch_per_dataset),
+                              patch_per_dataset=args.patch_per_dataset,
+                              patch_size=_parse_patch_size(args.patch_size)),
         overwrite_plans=args.overwrite_plans, configurations=args.configurations,
         known_absent=known_absent.parse_cli(args.known_absent) if args.known_absent else None)
     if args.verify_only:

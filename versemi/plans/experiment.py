@@ -12,7 +12,7 @@ from ..errors import InputError, Problem, input_error
 from ..preprocessing.cache import preprocess_experiment
 from . import known_absent
 from .fingerprint import compute_fingerprint, fingerprint_folder, load_or_compute_fingerprint, save_fingerprint
-from .planner import CONFIGURATION, CONFIGURATION_2D, PlanSettings, plan_experiment
+from .planner import CONFIGURATION, CONFIGURATION_2D, PlanSettings, patch_size_problems, plan_experiment
 
 PLANS_FILE = "plans.json"
 
@@ -76,6 +76,8 @@ def _load(request: ExperimentRequest) -> tuple[list[RawDataset], list[Problem]]:
             problems.append(Problem(f"--spacing-scale {name}={scales[name]:g}", f"dataset {name!r} is not among "
                                                                                f"-d {request.dataset_names}",
                                     "name one of the planned datasets"))
+    for problem in patch_size_problems(request.settings.patch_size):
+        problems.append(Problem("--patch-size", problem, "write e.g. --patch-size 2d=160x224 or 3d_fullres=64x128x128"))
     if len(datasets) == len(request.dataset_names):
         try:
             request_absent(request, datasets)

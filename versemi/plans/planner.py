@@ -9,13 +9,13 @@ nnU-Net caps a single dataset's patch, so its small images are not padded severa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import __version__
 from .fingerprint import intensity_statistics
-from .topology import Topology, plan_batch_size, plan_patch_and_topology
+from .topology import MIN_FEATURE_MAP_SIZE, Topology, plan_batch_size, plan_patch_and_topology, pool_and_conv_props
 
 PLANS_VERSION = 1
 NUM_FOLDS = 5
@@ -35,11 +35,29 @@ class PlanSettings:
     # a dataset of smaller images gets a patch of its own (``dataset_patch_sizes``); off by default:
     # its batches then hold one dataset each, and joint runs with the default SGD stalled (RESULTS.md)
     patch_per_dataset: bool = False
+    # a patch chosen by the user per configuration ("2d": [y, x], "3d_fullres": [z, y, x]) instead of
+    # the one capped by the median image: for objects larger than the median image's extent (a late
+    # fetal head in a zoomed-out ultrasound), which a patch of the median extent never shows whole
+    patch_size: dict[str, list[int]] = field(default_factory=dict)
 
     def scale_of(self, dataset: str) -> float:
         if isinstance(self.spacing_scale, dict):
             return float(self.spacing_scale.get(dataset, 1.0))
         return float(self.spacing_scale)
+
+
+def patch_size_problems(patch_size: dict[str, list[int]]) -> list[str]:
+    """What is wrong with user-chosen patches (``PlanSettings.patch_size``), one line each."""
+    axes = {CONFIGURATION: 3, CONFIGURATION_2D: 2}
+    problems = []
+    for configuration, patch in patch_size.items():
+        if configuration not in axes:
+            problems.append(f"{configuration!r} is no configuration (choose {' or '.join(axes)})")
+        elif len(patch) != axes[configuration]:
+            problems.append(f"a {configuration} patch has {axes[configuration]} axes, got {len(patch)}")
+        elif min(patch) < 2 * MIN_FEATURE_MAP_SIZE:
+            problems.append(f"every axis of a patch needs at least {2 * MIN_FEATURE_MAP_SIZE} voxels, got {list(patch)}")
+    return problems
 
 
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[float], int | None]:
@@ -188,11 +206,14 @@ def plan_3d_configuration(datasets: dict[str, dict], in_channels: int, settings:
     and the patch is capped by the largest median shape, so no dataset is forced into tiny patches."""
     spacing = np.median([d["target_spacing"] for d in datasets.values()], axis=0)
     cap_shape = np.max([d["median_shape_after_resampling"] for d in datasets.values()], axis=0)
-    topology = plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb)
+    chosen = settings.patch_size.get(CONFIGURATION)
+    topology = (pool_and_conv_props(spacing, chosen) if chosen
+                else plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb))
     batch_size = plan_batch_size(topology, in_channels, settings.memory_gb, _dataset_voxels(datasets))
     return {
         "data_identifier": CONFIGURATION,
         "patch_size": topology.patch_size,
+        **_patch_source(settings, CONFIGURATION),
         **_own_patches(datasets, topology, settings),
         "batch_size": batch_size,
         "topology_spacing": [float(s) for s in spacing],
@@ -208,12 +229,15 @@ def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings:
     the (z, y, x) layout: a patch is (1, y, x), strides and kernels are 1 along z."""
     spacing = np.median([d["target_spacing"] for d in datasets.values()], axis=0)[1:]
     cap_shape = np.max([d["median_shape_after_resampling"] for d in datasets.values()], axis=0)[1:]
-    topology = plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb).lifted()
+    chosen = settings.patch_size.get(CONFIGURATION_2D)
+    topology = (pool_and_conv_props(spacing, chosen) if chosen
+                else plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb)).lifted()
     batch_size = plan_batch_size(topology, in_channels, settings.memory_gb, _dataset_voxels(datasets))
     return {
         "data_identifier": CONFIGURATION_2D,
         "spatial_dims": 2,
         "patch_size": topology.patch_size,
+        **_patch_source(settings, CONFIGURATION_2D),
         **_own_patches(datasets, topology, settings),
         "batch_size": batch_size,
         "topology_spacing": [float(s) for s in spacing],
@@ -222,6 +246,13 @@ def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings:
         "network": topology.network_plan("unet"),
         "cpu_preset": topology.cpu_preset(batch_size),
     }
+
+
+def _patch_source(settings: PlanSettings, configuration: str) -> dict:
+    """``{"patch_size_requested": ...}`` where the user chose the patch (the planned one is it, padded
+    to the network's downsampling), else nothing."""
+    chosen = settings.patch_size.get(configuration)
+    return {"patch_size_requested": [int(v) for v in chosen]} if chosen else {}
 
 
 def _own_patches(datasets: dict[str, dict], topology: Topology, settings: PlanSettings) -> dict:
