@@ -224,3 +224,26 @@ def test_a_chosen_patch_replaces_the_median_capped_one(toy_raw_master, tmp_path,
                                          "--quiet"]) != 0
         assert words in capsys.readouterr().err
     assert not (tmp_path / "bad" / "DemoLA" / "plans.json").exists()
+
+
+def test_structures_wider_than_the_patch_are_counted_and_warned(toy_raw_master, tmp_path, capsys):
+    """The fingerprint measures each labeled case's structures; the plan counts the cases whose
+    structures span more than the patch, and planning warns about them with the fix."""
+    def plan(root, *extra):
+        assert plan_and_preprocess_main(["-d", "DemoLA", "--raw", str(toy_raw_master), "--plans-root", str(root),
+                                         "-np", "1", "--no-preprocess", *extra]) == 0
+        return json.loads((root / "DemoLA" / "plans.json").read_text(encoding="utf-8"))
+
+    small = plan(tmp_path / "small", "--patch-size", "2d=16x16", "3d_fullres=16x16x16")
+    fingerprint = json.loads(next((tmp_path / "small").rglob("fingerprint.json")).read_text(encoding="utf-8"))
+    labeled = [c for c in fingerprint["cases"] if c["labeled"]]
+    assert labeled and all(len(c["foreground_extent"]) == 3 and min(c["foreground_extent"]) > 0 for c in labeled)
+    beyond = small["configurations"]["2d"]["structures_beyond_patch"]["DemoLA"]
+    assert beyond["of"] == len(small["datasets"]["DemoLA"]["labeled_cases"]) and beyond["cases"] > 0
+    assert len(beyond["patch_mm"]) == 2 and len(small["configurations"]["3d_fullres"]["structures_beyond_patch"]
+                                               ["DemoLA"]["patch_mm"]) == 3
+    warned = capsys.readouterr().err
+    assert "DemoLA (2d patch)" in warned and "wider than the patch" in warned and "--patch-size 2d=YxX" in warned
+    large = plan(tmp_path / "large", "--patch-size", "2d=512x512")
+    assert large["configurations"]["2d"]["structures_beyond_patch"]["DemoLA"]["cases"] == 0
+    assert "DemoLA (2d patch)" not in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..atomic import read_json, write_json
 from ..datasets.integrity import resolve_datasets
 from ..datasets.layout import RawDataset
-from ..errors import InputError, Problem, input_error
+from ..errors import InputError, Problem, input_error, warn
 from ..preprocessing.cache import preprocess_experiment
 from . import known_absent
 from .fingerprint import compute_fingerprint, fingerprint_folder, load_or_compute_fingerprint, save_fingerprint
@@ -120,6 +120,7 @@ def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> 
                             request_absent(request, datasets),
                             {d.name: d.meta.get("case_groups") for d in datasets})
     path = plans_path(request.plans_root, plans["experiment"])
+    warn_structures_beyond_patch(plans)
     configurations = cached_configurations(plans, request.configurations, path)
     _write_plans(plans, path, request.overwrite_plans)
     summary = {"experiment": plans["experiment"], "plans": str(path), "caches": []}
@@ -129,6 +130,21 @@ def plan_and_preprocess(request: ExperimentRequest, preprocess: bool = True) -> 
                                                            configuration, request.num_processes,
                                                            request.show_progress))
     return summary
+
+
+def warn_structures_beyond_patch(plans: dict) -> None:
+    """One warning per configuration and dataset whose labeled structures do not fit its patch."""
+    for name, configuration in plans["configurations"].items():
+        for dataset, beyond in configuration.get("structures_beyond_patch", {}).items():
+            if beyond["cases"]:
+                flag = "2d=YxX" if name == CONFIGURATION_2D else "3d_fullres=ZxYxX"
+                warn(Problem(f"{dataset} ({name} patch)",
+                             f"{beyond['cases']} of {beyond['of']} labeled cases have structures wider than the "
+                             f"patch ({' x '.join(f'{v:g}' for v in beyond['patch_mm'])} mm; largest "
+                             f"{' x '.join(f'{v:g}' for v in beyond['largest_mm'])} mm): the network never sees "
+                             "them whole",
+                             f"where a structure is recognised by its outline, plan a patch that covers it "
+                             f"(--patch-size {flag}, at a coarser --spacing-scale to keep the step cheap)"))
 
 
 def cached_configurations(plans: dict, requested: list[str] | None, path: Path) -> list[str]:

@@ -248,6 +248,24 @@ def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings:
     }
 
 
+def structures_beyond_patch(fingerprint: dict, dataset_plan: dict, configuration: str,
+                            patch_size: list[int]) -> dict | None:
+    """The experiment's labeled cases whose labeled structures span more than the patch along some
+    axis (in-plane only in 2d), at the dataset's planned spacing: the network never sees them
+    whole, and a structure recognised only by its outline (a fetal head) is then found in part.
+    None where the fingerprint does not measure extents (one made by an earlier version)."""
+    records = {c["case_id"]: c for c in fingerprint["cases"]}
+    spans = [np.array(records[cid]["foreground_extent"], float) * np.array(records[cid]["spacing"], float)
+             for cid in dataset_plan["labeled_cases"] if "foreground_extent" in records.get(cid, {})]
+    if not spans:
+        return None
+    axes = [1, 2] if configuration == CONFIGURATION_2D else [0, 1, 2]
+    patch_mm = np.array(patch_size, float) * np.array(dataset_plan["target_spacing"], float)
+    beyond = sum(bool((span[axes] > patch_mm[axes]).any()) for span in spans)
+    return {"cases": int(beyond), "of": len(spans), "patch_mm": [round(float(patch_mm[a]), 1) for a in axes],
+            "largest_mm": [round(float(max(span[a] for span in spans)), 1) for a in axes]}
+
+
 def _patch_source(settings: PlanSettings, configuration: str) -> dict:
     """``{"patch_size_requested": ...}`` where the user chose the patch (the planned one is it, padded
     to the network's downsampling), else nothing."""
@@ -287,6 +305,12 @@ def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: di
     if not any(is_native_2d(fp) for fp in fingerprints.values()):
         configurations[CONFIGURATION] = plan_3d_configuration(datasets, in_channels, settings)
     configurations[CONFIGURATION_2D] = plan_2d_configuration(datasets, in_channels, settings)
+    for name, configuration in configurations.items():
+        beyond = {d: measured for d, measured in ((d, structures_beyond_patch(fingerprints[d], datasets[d], name,
+                                                                            configuration["patch_size"]))
+                                                  for d in datasets) if measured}
+        if beyond:
+            configuration["structures_beyond_patch"] = beyond
     prompts = prompt_table(datasets)
     return {
         "plans_version": PLANS_VERSION,
