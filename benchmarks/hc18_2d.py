@@ -16,15 +16,21 @@ every later start.
         --trainers SupervisedTrainer SelfTrainingTrainer MeanTeacherTrainer
     python benchmarks/hc18_2d.py --work WORK --seeds 0 1 --report # the table of what finished
 
-Resolution (``--spacing-scale``, default 4): the images are about 540 x 800 pixels of 0.05 to
-0.33 mm, and the 2d plan resamples them to the median pixel, 0.12 mm: patch 384 x 576, batch 12,
-7 stages, where even the plan's CPU preset (a quarter of the features) costs several seconds a
-step on one CPU thread (4 s at half that resolution): a few hundred iterations in 30 minutes. Four
-times coarser (0.49 mm; the median image 134 x 194, the smallest head still about 30 pixels
-across) the plan has patch 160 x 224, batch 8, 6 stages, and a step of the CPU preset cost 0.45 s
-supervised and 1.06 s for MeanTeacher's method (one thread, bf16, an AMD EPYC with 2 cores at
-load 4): 30 minutes give a supervised run about 4,000 iterations and leave a semi-supervised
-method about 1,300 after its warm-up (20 minutes would be too few for it to start, see below).
+Resolution and patch (``--spacing-scale``, default 6; ``--patch-size``, default 160 x 224;
+``--batch-size``, default 8): the images are about 540 x 800 pixels of 0.05 to 0.33 mm, and the 2d
+plan resamples them to the median pixel, 0.12 mm: patch 384 x 576, batch 12, 7 stages, where even
+the plan's CPU preset (a quarter of the features) costs several seconds a step on one CPU thread.
+nnU-Net caps the patch by the median image, and a sonographer zooms out for a larger head, so in mm
+the largest heads (up to about 115 mm across) are wider than the median image: at 4 times coarser
+(0.49 mm, median image 134 x 194) the plan's patch, 160 x 224, covers 78 x 109 mm, and the
+supervised model found the largest heads only in part (their HC off by 20 to 180 mm;
+benchmarks/RESULTS.md), which planning now warns about. At 6 times coarser (0.73 mm) the same
+patch and batch cover 117 x 164 mm for the same step cost (about 0.4 s supervised, one thread,
+bf16): every head fits, and the supervised model's Dice rose by about 3 and its mean HC error
+halved, at the cost of the smallest heads (about 30 pixels across), whose HC got worse.
+``--spacing-scale 4 --patch-size plan --batch-size 0`` gives the earlier setting.
+30 minutes give a supervised run about 4,000 iterations and leave a semi-supervised method
+about 1,300 after its warm-up (20 minutes would be too few for it to start, see below).
 Predictions are returned in each image's own geometry, so Dice, HD95, ASD and the head
 circumference are measured at full resolution whatever the scale. ``--prepare-only`` prints the
 plan; a work folder holds one scale (its plans refuse another).
@@ -90,7 +96,12 @@ LABEL = 1  # the head
 SPLIT_SEED = 0
 TEST_IMAGES = 60
 SHARES = (10, 20)  # percent of the training images labeled; each set holds the smaller ones
-DEFAULT_SPACING_SCALE = 4.0
+DEFAULT_SPACING_SCALE = 6.0
+# a patch of 117 x 164 mm at x6: the largest heads (up to about 115 mm across) fit whole, where the
+# patch the median image allows (78 x 109 mm at x4) cut them, and the HC of those images missed
+DEFAULT_PATCH_SIZE = [160, 224]
+# the batch the x4 plan chose for this patch; at x6 nnU-Net's 5 %-of-the-data rule would make it 3
+DEFAULT_BATCH_SIZE = 8
 REFERENCE = "SupervisedTrainer"
 NAME = "hc18_2d"
 
@@ -290,7 +301,7 @@ def train_command(args, share: int, spec: RunSpec, seed: int, init_from: Path | 
         command += ["--method", json.dumps(spec.method, sort_keys=True)]
     if init_from is not None:
         command += ["--init-from", str(init_from)]
-    return command + list(spec.flags)
+    return command + list(spec.flags) + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
 
 
 def run_subprocess(command: list[str], log: Path, threads: int, results: Path, plans: Path) -> None:
@@ -591,10 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-seed", type=int, default=0, help="the seed of that run")
     parser.add_argument("--spacing-scale", type=float, default=DEFAULT_SPACING_SCALE,
                         help="plan at this multiple of the median pixel size (one per work folder)")
-    parser.add_argument("--patch-size", type=lambda text: [int(v) for v in text.lower().split("x")],
-                        metavar="YxX", help="plan this 2d patch instead of the one the median image allows "
-                                            "(versemi_plan_and_preprocess --patch-size 2d=YxX; one per work folder), "
-                                            "e.g. 160x224 at --spacing-scale 6 to show the largest heads whole")
+    parser.add_argument("--patch-size", type=lambda text: None if text == "plan" else [int(v) for v in text.split("x")],
+                        default=DEFAULT_PATCH_SIZE, metavar="YxX | plan",
+                        help="plan this 2d patch (versemi_plan_and_preprocess --patch-size 2d=YxX; one per work "
+                             "folder; default 160x224, which at the default x6 shows the largest heads whole), or "
+                             "'plan': the one the median image allows")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="versemi_train --batch-size of every run (default 8; 0: the plan's)")
     parser.add_argument("--network-size", choices=("auto", "plan", "cpu"), default="auto",
                         help="versemi_train --network-size (auto: the plan's CPU preset on a CPU)")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (runs go one at a time)")
