@@ -214,8 +214,7 @@ def plan(work: Path, share: int, labeled: int, spacing_scale: float, patch_size:
                                               show_progress=show_progress, configurations=[CONFIGURATION]))
     except InputError as exc:
         sys.exit(f"{exc}\n(an experiment planned otherwise, e.g. at another --spacing-scale or --patch-size, is kept: "
-                 "use another "
-                 "--work for other settings)")
+                 "use another --work for other settings)")
 
 
 def prepare_data(args, work: Path) -> Path:

@@ -79,12 +79,11 @@ def fingerprint_case(case: RawCase, dataset: RawDataset, case_index: int, sample
     record["label_voxels"] = {str(int(v)): int(c) for v, c in zip(values, counts) if v != 0}
     record["label_volume_ml"] = {k: c * voxel_ml for k, c in record["label_voxels"].items()}
     record["foreground_voxels"] = int(foreground.shape[1])
-    if foreground.shape[1]:
-        # voxels (z, y, x) of the box around every labeled structure: the planner compares it with the patch
-        record["foreground_extent"] = [hi - lo for lo, hi in nonzero_bbox((label > 0)[None])]
     if foreground.shape[1] == 0:
         return CaseResult([], record, np.zeros((image.shape[0], 0), np.float32), np.zeros((image.shape[0], 0), np.float32),
                           warnings)
+    # voxels (z, y, x) of the box around every labeled structure: the planner compares it with the patch
+    record["foreground_extent"] = [hi - lo for lo, hi in nonzero_bbox((label > 0)[None])]
     sample = foreground[:, rng.integers(0, foreground.shape[1], samples_per_case)]
     stored = sample[:, :STORED_SAMPLES_PER_CASE]
     return CaseResult([], record, sample, stored, warnings)

@@ -206,9 +206,7 @@ def plan_3d_configuration(datasets: dict[str, dict], in_channels: int, settings:
     and the patch is capped by the largest median shape, so no dataset is forced into tiny patches."""
     spacing = np.median([d["target_spacing"] for d in datasets.values()], axis=0)
     cap_shape = np.max([d["median_shape_after_resampling"] for d in datasets.values()], axis=0)
-    chosen = settings.patch_size.get(CONFIGURATION)
-    topology = (pool_and_conv_props(spacing, chosen) if chosen
-                else plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb))
+    topology = _topology(spacing, cap_shape, in_channels, settings, CONFIGURATION)
     batch_size = plan_batch_size(topology, in_channels, settings.memory_gb, _dataset_voxels(datasets))
     return {
         "data_identifier": CONFIGURATION,
@@ -229,9 +227,7 @@ def plan_2d_configuration(datasets: dict[str, dict], in_channels: int, settings:
     the (z, y, x) layout: a patch is (1, y, x), strides and kernels are 1 along z."""
     spacing = np.median([d["target_spacing"] for d in datasets.values()], axis=0)[1:]
     cap_shape = np.max([d["median_shape_after_resampling"] for d in datasets.values()], axis=0)[1:]
-    chosen = settings.patch_size.get(CONFIGURATION_2D)
-    topology = (pool_and_conv_props(spacing, chosen) if chosen
-                else plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb)).lifted()
+    topology = _topology(spacing, cap_shape, in_channels, settings, CONFIGURATION_2D).lifted()
     batch_size = plan_batch_size(topology, in_channels, settings.memory_gb, _dataset_voxels(datasets))
     return {
         "data_identifier": CONFIGURATION_2D,
@@ -264,6 +260,15 @@ def structures_beyond_patch(fingerprint: dict, dataset_plan: dict, configuration
     beyond = sum(bool((span[axes] > patch_mm[axes]).any()) for span in spans)
     return {"cases": int(beyond), "of": len(spans), "patch_mm": [round(float(patch_mm[a]), 1) for a in axes],
             "largest_mm": [round(float(max(span[a] for span in spans)), 1) for a in axes]}
+
+
+def _topology(spacing, cap_shape, in_channels: int, settings: PlanSettings, configuration: str) -> Topology:
+    """The user's patch for the configuration where one was chosen, else the largest the median
+    image and the memory budget allow; the network's topology follows the patch either way."""
+    chosen = settings.patch_size.get(configuration)
+    if chosen:
+        return pool_and_conv_props(spacing, chosen)
+    return plan_patch_and_topology(spacing, cap_shape, in_channels, settings.memory_gb)
 
 
 def _patch_source(settings: PlanSettings, configuration: str) -> dict:
