@@ -1,9 +1,11 @@
 """OpenVINO prediction (``versemi_predict --backend``): every case of the demo pair agrees with
 fp32 torch, the converted model is cached by checkpoint digest and rebuilt when stale, a model that
 disagrees is refused (or auto falls back to torch), nothing half-converted is left behind, and a
-joint model whose datasets have patches of their own gets one converted model per window shape."""
+joint model whose datasets have patches of their own gets one converted model per window shape, and
+a 2d model (windows one slice deep) converts and agrees."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +188,32 @@ def test_a_model_with_patches_per_dataset_converts_each_window_shape(toy_raw_mas
         expected = predict_case_prompts(reference, [case], prompts, mirroring=False, keep_probabilities=True)
         got = predict_case_prompts(ensemble, [case], prompts, mirroring=False, keep_probabilities=True)
         assert np.abs(expected.probabilities - got.probabilities).max() < 1e-3, dataset
+
+
+def test_a_2d_model_converts_and_agrees_with_torch(tmp_path, monkeypatch):
+    """A 2d model's windows are one slice deep: the conversion and its agreement check take them,
+    and ``--backend openvino`` writes the masks torch writes."""
+    from versemi.cli import train_main
+
+    from test_2d import TINY_2D, _native_2d_dataset
+
+    raw = tmp_path / "raw"
+    folder = _native_2d_dataset(raw, ".nii.gz")
+    monkeypatch.setenv("VERSEMI_PLANS", str(tmp_path / "plans"))
+    monkeypatch.setenv("VERSEMI_RESULTS", str(tmp_path / "results"))
+    plan_and_preprocess(ExperimentRequest(["Heads"], raw, tmp_path / "plans", num_processes=1, show_progress=False))
+    # long enough (Adam) to draw real boundaries, so that agreement is a real test
+    assert train_main(["2d", "all", "-tr", "SupervisedTrainer", *TINY_2D, "--optimizer", "adam", "--lr", "0.01",
+                       "--iterations-per-epoch", "40"]) == 0
+    masks = {}
+    for backend in ("torch", "openvino"):
+        assert predict_main(["-i", str(folder / "imagesTr"), "-o", str(tmp_path / backend), "-e", "Heads", "-c", "2d",
+                             "-tr", "SupervisedTrainer", "-f", "all", "--precision", "fp32", "--backend", backend,
+                             "--quiet"]) == 0
+        masks[backend] = [read_image([p])[0][0] == 1 for p in sorted((tmp_path / backend).glob("*.nii.gz"))]
+    assert len(masks["torch"]) == 8
+    for expected, got in zip(masks["torch"], masks["openvino"]):
+        assert expected.sum() > 100, "torch finds no head: agreement would mean nothing"
+        assert _dice(expected, got) >= 0.999
+    records = list((tmp_path / "results").rglob("agreement.json"))
+    assert records and all(json.loads(r.read_text(encoding="utf-8"))["patch_size"][0] == 1 for r in records)

@@ -187,8 +187,11 @@ def check_agreement(network: torch.nn.Module, converted: ConvertedNetwork, patch
     probability difference, and whether the share is at most ``MAX_DISAGREEMENT``."""
     generator = torch.Generator().manual_seed(CHECK_SEED)
     noise = torch.randn(windows, in_channels, *patch_size, generator=generator)
-    images = torch.nn.functional.avg_pool3d(noise, 5, stride=1, padding=2)  # structure at several scales,
-    images = (images - images.mean()) / images.std()                          # z-scored like the network's input
+    # structure at several scales, z-scored like the network's input; a 2d model's windows are one
+    # slice deep, so the smoothing only spans the axes that have room for it
+    kernel = [5 if size >= 5 else 1 for size in patch_size]
+    images = torch.nn.functional.avg_pool3d(noise, kernel, stride=1, padding=[k // 2 for k in kernel])
+    images = (images - images.mean()) / images.std()
     prompts = torch.arange(num_prompts).expand(windows, -1)
     with torch.no_grad():
         reference = torch.softmax(network(images, prompts).float(), dim=2)[:, :, 1]
