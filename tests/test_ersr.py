@@ -49,6 +49,9 @@ def test_the_ellipse_fills_holes_and_removes_speckle():
     errors = lambda mask: int((mask != truth).sum())  # noqa: E731
     assert errors(label.astype(bool)) < errors(raw) / 4
     assert label[30, 42] == 1 and label[30, 40] == 1       # the hole is filled
+    # the ablation without refinement: the teacher map above threshold, the same fitted axis
+    unrefined, same_axis = refine_with_ellipse(probability, 0.6, 0.6, 2.0, 0.5, refine=False)
+    assert np.array_equal(unrefined.astype(bool), raw) and same_axis == axis
     nothing, fallback = refine_with_ellipse(np.full((20, 30), 0.2, np.float32), 0.6, 0.6, 2.0, 0.5)
     assert not nothing.any() and not fallback.fitted and fallback.center == (9.5, 14.5)
 
@@ -94,6 +97,18 @@ def test_ersr_terms_and_pseudo_labels(planned_2d, tmp_path):  # noqa: F811
     images = trainer.symmetric_images(torch.randn(2, 1, 20, 20), torch.ones(2, 20, 20),
                                       torch.zeros(2, 20, 20), [SymmetryAxis((9.5, 9.5), (1.0, 0.0), False)] * 2)
     assert images.shape == (4, 1, 20, 20)
+    # the ablation without symmetry: no symmetric images, so the student sees two thirds fewer
+    # unlabeled images per step
+    plain = make_trainer("ERSRTrainer", planned_2d, tmp_path / "plain", plans=plans, configuration="2d",
+                         patch_size=None, batch_size=4, features=[4, 8, 16], method={"symmetry": False})
+    seen = {"full": [], "plain": []}
+    for name, model in (("full", trainer), ("plain", plain)):
+        model.network.register_forward_pre_hook(lambda module, inputs, name=name: seen[name].append(inputs[0].shape[0]))
+    losses, terms = fit_fixed_batch(plain, 3)
+    assert set(terms) == {"supervised", "pseudo_label", "loss"} and losses[-1] < losses[0]
+    fit_fixed_batch(trainer, 1)
+    labeled = len(trainer.labeled_source[0]["prompt"])
+    assert seen["full"][-1] - labeled == 3 * (seen["plain"][-1] - labeled) > 0
 
 
 @pytest.mark.slow

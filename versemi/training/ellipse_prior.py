@@ -71,7 +71,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def refine_with_ellipse(probability: np.ndarray, threshold: float, fill: float, power: float,
-                        decay: float) -> tuple[np.ndarray, SymmetryAxis]:
+                        decay: float, refine: bool = True) -> tuple[np.ndarray, SymmetryAxis]:
     """ERSR's ellipse-constrained pseudo-label of one (H, W) probability map.
 
     The largest connected region above ``threshold`` is fitted with a least-squares ellipse. With
@@ -79,7 +79,9 @@ def refine_with_ellipse(probability: np.ndarray, threshold: float, fill: float, 
     ``fill + (1 - d) ** power`` (most near the centre), pixels outside are damped by
     ``exp(-decay (d - 1))``; the refined map above ``threshold`` is the label. Where no ellipse fits
     (no region, too few outline points), the label is the unrefined map above ``threshold``.
-    Returns the 0/1 label and the ellipse's major axis (the symmetry axis).
+    ``refine=False`` (the ablation without refinement) keeps that unrefined label everywhere and
+    only fits the ellipse for its axis. Returns the 0/1 label and the ellipse's major axis (the
+    symmetry axis).
     """
     height, width = probability.shape
     region = largest_component(probability > threshold)
@@ -88,6 +90,9 @@ def refine_with_ellipse(probability: np.ndarray, threshold: float, fill: float, 
         return (probability > threshold).astype(np.float32), SymmetryAxis(((height - 1) / 2, (width - 1) / 2),
                                                                           (1.0, 0.0), False)
     (cy, cx), (major, minor), angle = ellipse.center, ellipse.semi_axes, ellipse.angle
+    axis = SymmetryAxis((cy, cx), (math.sin(angle), math.cos(angle)), True)
+    if not refine:
+        return (probability > threshold).astype(np.float32), axis
     yy, xx = np.mgrid[:height, :width].astype(np.float64)
     along = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
     across = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
@@ -96,7 +101,7 @@ def refine_with_ellipse(probability: np.ndarray, threshold: float, fill: float, 
     inside = distance <= 1
     refined[inside] = np.maximum(refined[inside], np.clip(fill + (1 - distance[inside]) ** power, 0, 1))
     refined[~inside] *= np.exp(-decay * (distance[~inside] - 1))
-    return (refined > threshold).astype(np.float32), SymmetryAxis((cy, cx), (math.sin(angle), math.cos(angle)), True)
+    return (refined > threshold).astype(np.float32), axis
 
 
 def _axis_tensors(axes: list[SymmetryAxis], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,11 @@ warm-up, or ``--init-from``). Per step, beside the supervised loss:
    The three are mean squared errors of probabilities (as the public code), summed, weighted
    ``weight_consistency`` with a sigmoid ramp-up over ``rampup_fraction`` of the method's epochs.
 
+Ablation: ``keep_start=1`` keeps every teacher output (no filtering), ``ellipse_refinement=false``
+takes the teacher map above ``threshold`` as the pseudo-label (the ellipse is still fitted for
+the symmetry axis), ``symmetry=false`` drops the symmetric images and their two terms (a step of
+one forward pass fewer images, so more steps in the same time).
+
 Choices the text leaves open, decided here:
 - the supervised loss is the shared Dice + CE of the labeled batch (the public code: DiceFocal +
   BCE, halved), on the same network as every trainer here (the public code: a 2D U-Net);
@@ -72,6 +77,9 @@ DEFAULTS = {
     "noise": 0.05,                    # std of its Gaussian noise (z-scored units)
     "contrast": 0.2,                  # its intensities scaled by 1 +- this ...
     "brightness": 0.1,                # ... and shifted by +- this
+    # the ablation's switches: each part of ERSR on its own (``keep_start`` 1 turns the filter off)
+    "ellipse_refinement": True,       # False: the pseudo-label is the teacher map above threshold
+    "symmetry": True,                 # False: no symmetric images, only the pseudo-label term
 }
 PRESETS = {"paper": dict(DEFAULTS)}
 
@@ -112,32 +120,33 @@ class ERSRTrainer(MeanTeacherTrainer):
             teacher = foreground_probability(self.teacher(x, prompts))[:, 0]  # (B_u, H, W)
         keep = most_regular(regularity_score(teacher, s["alpha"]), self.kept_share())
         x, prompts, teacher = x[keep], prompts[keep], teacher[keep]
-        refined = [refine_with_ellipse(p, s["threshold"], s["fill"], s["fill_power"], s["decay"])
-                   for p in teacher.float().cpu().numpy()]
+        refined = [refine_with_ellipse(p, s["threshold"], s["fill"], s["fill_power"], s["decay"],
+                                       refine=bool(s["ellipse_refinement"])) for p in teacher.float().cpu().numpy()]
         pseudo = torch.from_numpy(np.stack([label for label, _ in refined])).to(x.device)  # (n, H, W)
         axes = [axis for _, axis in refined]
         side = first_side(tuple(pseudo.shape), axes, x.device)
-        symmetric = self.symmetric_images(x[:, :, 0], pseudo, side, axes)  # (2n, C, H, W)
-
         n = x.shape[0]
-        images = torch.cat([labeled["data"], x, symmetric[:, :, None]])
-        asked = torch.cat([labeled["prompt"], prompts, prompts, prompts])
+        images, asked = torch.cat([labeled["data"], x]), torch.cat([labeled["prompt"], prompts])
+        if s["symmetry"]:
+            symmetric = self.symmetric_images(x[:, :, 0], pseudo, side, axes)  # (2n, C, H, W)
+            images, asked = torch.cat([images, symmetric[:, :, None]]), torch.cat([asked, prompts, prompts])
         logits = self.network(images, asked)
         own = [level[:len(labeled["prompt"])] for level in logits] if isinstance(logits, list) \
             else logits[:len(labeled["prompt"])]
         supervised = multiscale(self.loss, own, labeled["target"])
         student = foreground_probability(logits if torch.is_tensor(logits) else logits[0])
-        student = student[len(labeled["prompt"]):, 0]  # (3n, H, W): original, then the two symmetric images
+        student = student[len(labeled["prompt"]):, 0]  # (n or 3n, H, W): original, then the two symmetric images
         original, on_symmetric = student[:n], student[n:]
+        weight = s["weight_consistency"] * self.rampup()
+        terms = {"supervised": supervised, "pseudo_label": weight * F.mse_loss(original, pseudo)}
+        if not s["symmetry"]:
+            return self._with_total(terms)
         first, second = symmetric_halves(original[:, None], side, axes)
         doubled_axes, doubled_side = axes + axes, torch.cat([side, side])
         half = on_symmetric[:, None] * doubled_side[:, None]
         mirrored_other = reflect(on_symmetric[:, None] * (1 - doubled_side[:, None]), doubled_axes)
-        weight = s["weight_consistency"] * self.rampup()
-        terms = {"supervised": supervised,
-                 "pseudo_label": weight * F.mse_loss(original, pseudo),
-                 "symmetric_regions": weight * F.mse_loss(on_symmetric[:, None], torch.cat([first, second])),
-                 "mirrored_halves": weight * F.mse_loss(half, mirrored_other)}
+        terms["symmetric_regions"] = weight * F.mse_loss(on_symmetric[:, None], torch.cat([first, second]))
+        terms["mirrored_halves"] = weight * F.mse_loss(half, mirrored_other)
         return self._with_total(terms)
 
     def symmetric_images(self, images: torch.Tensor, pseudo: torch.Tensor, side: torch.Tensor, axes) -> torch.Tensor:
