@@ -104,7 +104,7 @@ def test_images_are_the_pngs_in_one_slice_at_the_csv_pixel_size(source, raw):
     assert png(source / IMAGE_FOLDER / "188_HC.png").shape != (540, 800)  # the image keeps its own size
 
 
-def test_labels_are_the_filled_outlines_and_match_the_csv_head_circumference(source, raw):
+def test_labels_reach_the_centre_of_the_outline_and_match_the_csv_head_circumference(source, raw):
     rows = csv_rows(source)
     for name, case_id in zip(IMAGES, CASE_IDS):
         label = sitk.ReadImage(str(raw / "HC18" / "labelsTr" / f"{case_id}.nii.gz"))
@@ -112,7 +112,10 @@ def test_labels_are_the_filled_outlines_and_match_the_csv_head_circumference(sou
         outline = png(source / IMAGE_FOLDER / annotation_name(name)) > 0
         assert mask.dtype == np.uint8 and set(np.unique(mask).tolist()) == {0, 1}
         mask = mask[0].astype(bool)
-        assert mask[outline].all(), "the drawn outline belongs to the head"
+        filled = ndimage.binary_fill_holes(outline)
+        assert mask[filled & ~outline].all() and not mask[~filled].any(), "the inside is the head, the outside is not"
+        inner_half = mask[outline].mean()
+        assert 0.2 < inner_half < 0.8, f"{name}: {inner_half:.0%} of the drawn line is head, not its inner half"
         assert mask.sum() > 10 * outline.sum(), "the interior is filled"
         assert ndimage.label(mask)[1] == 1 and np.array_equal(ndimage.binary_fill_holes(mask), mask)
         pixel_mm, circumference = rows[name]
@@ -333,11 +336,12 @@ def test_without_groups_the_folds_deal_cases_round_robin():
 
 def test_the_fitted_ellipse_of_a_converted_mask_gives_the_challenge_head_circumference(source, raw):
     """versemi_evaluate's head circumference (an ellipse fitted to the mask's outline) on the real
-    masks, against the circumference the challenge lists for each image."""
+    masks, against the circumference the challenge lists for each image: the challenge's ellipse
+    runs along the centre of the drawn line (the line's outer edge gives 1 to 3 mm more)."""
     from versemi.ellipse import head_circumference
 
     rows = csv_rows(source)
     for name, case_id in zip(IMAGES, CASE_IDS):
         mask = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "HC18" / "labelsTr" / f"{case_id}.nii.gz")))[0]
         pixel_mm, circumference = rows[name]
-        assert head_circumference(mask > 0, (pixel_mm, pixel_mm)) == pytest.approx(circumference, rel=0.02)
+        assert head_circumference(mask > 0, (pixel_mm, pixel_mm)) == pytest.approx(circumference, abs=0.1)
