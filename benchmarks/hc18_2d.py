@@ -6,7 +6,9 @@ fixed seed: subjects holding 60 images are a development test set (imagesTs/labe
 are only read to score), the other 240 images are the training part. Of the training part, whole
 subjects holding 10 % (24) and 20 % (48) of the images are labeled, the 10 % set inside the 20 %
 set, and the rest is used without labels. The converter (``convert_hc18`` with ``test_ids``)
-writes ``<work>/raw/HC18``; its ``case_order`` lists the 10 % set first, then the rest of the 20 %
+writes ``<work>/raw/HC18`` (labels to the centre of the drawn outline, where the challenge's
+ellipse runs; a work folder converted by an earlier version, whose labels filled the whole line
+and measured 1.1 mm more on average, is refused); its ``case_order`` lists the 10 % set first, then the rest of the 20 %
 set, so ``--labeled HC18=24`` and ``HC18=48`` plan the two experiments ``HC18_10pct`` and
 ``HC18_20pct`` (``-c 2d``). The split is written to ``<work>/split.json`` once and checked on
 every later start.
@@ -189,6 +191,11 @@ def convert(work: Path, source: Path, split: dict, show_progress: bool) -> Path:
     raw = work / "raw" / DATASET
     if not (raw / "dataset.json").is_file():
         convert_hc18(source, raw, overwrite=raw.exists(), show_progress=show_progress, test_ids=split["test"])
+    excess = label_excess_mm(raw, source, split["test"])
+    if excess > 0.5:
+        sys.exit(f"{raw} was converted by an earlier versemi_convert: its labels fill the whole drawn outline, and "
+                 f"their circumference exceeds the challenge's by {excess:.2f} mm on average; use another --work "
+                 "(runs trained on those labels cannot be set beside new ones)")
     dataset = load_dataset(raw)
     if (sorted(c.case_id for c in dataset.test_cases()) != sorted(split["test"])
             or sorted(c.case_id for c in dataset.labeled_cases()) != sorted(split["case_order"])):
@@ -198,6 +205,27 @@ def convert(work: Path, source: Path, split: dict, show_progress: bool) -> Path:
         # --labeled HC18=N keeps the first N cases of case_order: the share's labeled set
         write_json({**meta, "case_order": split["case_order"]}, raw / "dataset.json")
     return raw
+
+
+def label_excess_mm(raw: Path, source: Path, case_ids: list[str]) -> float:
+    """The mean of (circumference of the ellipse fitted to the converted label) - (the csv's head
+    circumference) over ``case_ids``, held-out cases of ``raw``: about 0.00 mm for the current
+    converter's labels (to the centre of the drawn line), about 1.1 mm for the earlier ones."""
+    import csv
+
+    import SimpleITK as sitk
+
+    from versemi.datasets.converters.hc18 import CSV_NAME, read_pixel_sizes
+    from versemi.ellipse import head_circumference
+
+    listed = {row[0]: float(row[2]) for row in csv.reader((source / CSV_NAME).read_text(encoding="utf-8-sig")
+                                                           .splitlines()[1:]) if row}
+    excess = []
+    for image in read_pixel_sizes(source / CSV_NAME):
+        if image.case_id in case_ids:
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f"{image.case_id}.nii.gz")))[0]
+            excess.append(head_circumference(label > 0, (image.pixel_mm, image.pixel_mm)) - listed[image.name])
+    return float(np.mean(excess))
 
 
 def plan(work: Path, share: int, labeled: int, spacing_scale: float, patch_size: list[int] | None,
