@@ -270,6 +270,23 @@ def _native_2d_dataset(root: Path, ending: str) -> Path:
     return folder
 
 
+def trained_native_2d_model(tmp_path: Path, monkeypatch) -> Path:
+    """The NIfTI ``Heads`` dataset planned and trained (SupervisedTrainer, 2d, fold all) long enough
+    with Adam to draw real boundaries, so that agreement between two paths is a real test; returns
+    the raw dataset folder."""
+    from versemi.cli import train_main
+    from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+
+    raw = tmp_path / "raw"
+    folder = _native_2d_dataset(raw, ".nii.gz")
+    monkeypatch.setenv("VERSEMI_PLANS", str(tmp_path / "plans"))
+    monkeypatch.setenv("VERSEMI_RESULTS", str(tmp_path / "results"))
+    plan_and_preprocess(ExperimentRequest(["Heads"], raw, tmp_path / "plans", num_processes=1, show_progress=False))
+    assert train_main(["2d", "all", "-tr", "SupervisedTrainer", *TINY_2D, "--optimizer", "adam", "--lr", "0.01",
+                       "--iterations-per-epoch", "40"]) == 0
+    return folder
+
+
 @pytest.mark.parametrize("ending", [".nii.gz", ".png"])
 def test_a_native_2d_dataset_end_to_end(ending, tmp_path, monkeypatch, one_thread):
     from versemi.cli import evaluate_main, predict_main, train_main
@@ -309,17 +326,9 @@ def test_a_native_2d_dataset_end_to_end(ending, tmp_path, monkeypatch, one_threa
 def test_a_2d_bundle_matches_versemi_predict(tmp_path, monkeypatch, one_thread):
     import nibabel as nib
 
-    from versemi.cli import export_bundle_main, predict_main, train_main
-    from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
+    from versemi.cli import export_bundle_main, predict_main
 
-    raw = tmp_path / "raw"
-    folder = _native_2d_dataset(raw, ".nii.gz")
-    monkeypatch.setenv("VERSEMI_PLANS", str(tmp_path / "plans"))
-    monkeypatch.setenv("VERSEMI_RESULTS", str(tmp_path / "results"))
-    plan_and_preprocess(ExperimentRequest(["Heads"], raw, tmp_path / "plans", num_processes=1, show_progress=False))
-    # long enough (Adam) to draw real boundaries, so that agreement is a real test
-    assert train_main(["2d", "all", "-tr", "SupervisedTrainer", *TINY_2D, "--optimizer", "adam", "--lr", "0.01",
-                       "--iterations-per-epoch", "40"]) == 0
+    folder = trained_native_2d_model(tmp_path, monkeypatch)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for case in (0, 5):

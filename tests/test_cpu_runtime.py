@@ -193,18 +193,9 @@ def test_a_model_with_patches_per_dataset_converts_each_window_shape(toy_raw_mas
 def test_a_2d_model_converts_and_agrees_with_torch(tmp_path, monkeypatch):
     """A 2d model's windows are one slice deep: the conversion and its agreement check take them,
     and ``--backend openvino`` writes the masks torch writes."""
-    from versemi.cli import train_main
+    from test_2d import trained_native_2d_model
 
-    from test_2d import TINY_2D, _native_2d_dataset
-
-    raw = tmp_path / "raw"
-    folder = _native_2d_dataset(raw, ".nii.gz")
-    monkeypatch.setenv("VERSEMI_PLANS", str(tmp_path / "plans"))
-    monkeypatch.setenv("VERSEMI_RESULTS", str(tmp_path / "results"))
-    plan_and_preprocess(ExperimentRequest(["Heads"], raw, tmp_path / "plans", num_processes=1, show_progress=False))
-    # long enough (Adam) to draw real boundaries, so that agreement is a real test
-    assert train_main(["2d", "all", "-tr", "SupervisedTrainer", *TINY_2D, "--optimizer", "adam", "--lr", "0.01",
-                       "--iterations-per-epoch", "40"]) == 0
+    folder = trained_native_2d_model(tmp_path, monkeypatch)
     masks = {}
     for backend in ("torch", "openvino"):
         assert predict_main(["-i", str(folder / "imagesTr"), "-o", str(tmp_path / backend), "-e", "Heads", "-c", "2d",
