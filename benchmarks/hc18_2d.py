@@ -8,8 +8,8 @@ subjects holding 10 % (24) and 20 % (48) of the images are labeled, the 10 % set
 set, and the rest is used without labels. The converter (``convert_hc18`` with ``test_ids``)
 writes ``<work>/raw/HC18`` (labels to the centre of the drawn outline, where the challenge's
 ellipse runs; a work folder converted by an earlier version, whose labels filled the whole line
-and measured 1.1 mm more on average, is refused); its ``case_order`` lists the 10 % set first, then the rest of the 20 %
-set, so ``--labeled HC18=24`` and ``HC18=48`` plan the two experiments ``HC18_10pct`` and
+and measured 1.1 mm more on average, is refused); its ``case_order`` lists the 10 % set first,
+then the rest of the 20 % set, so ``--labeled HC18=24`` and ``HC18=48`` plan the two experiments ``HC18_10pct`` and
 ``HC18_20pct`` (``-c 2d``). The split is written to ``<work>/split.json`` once and checked on
 every later start.
 

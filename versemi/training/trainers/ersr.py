@@ -27,8 +27,9 @@ warm-up, or ``--init-from``). Per step, beside the supervised loss:
 
 Ablation: ``keep_start=1`` keeps every teacher output (no filtering), ``ellipse_refinement=false``
 takes the teacher map above ``threshold`` as the pseudo-label (the ellipse is still fitted for
-the symmetry axis), ``symmetry=false`` drops the symmetric images and their two terms (a step of
-one forward pass fewer images, so more steps in the same time).
+the symmetry axis), ``symmetry=false`` drops the symmetric images and their two terms (the
+student then sees n labeled + n unlabeled images a step instead of n + 3n, so more steps fit the
+same time).
 
 Choices the text leaves open, decided here:
 - the supervised loss is the shared Dice + CE of the labeled batch (the public code: DiceFocal +
