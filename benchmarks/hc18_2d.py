@@ -9,9 +9,9 @@ set, and the rest is used without labels. The converter (``convert_hc18`` with `
 writes ``<work>/raw/HC18`` (labels to the centre of the drawn outline, where the challenge's
 ellipse runs; a work folder converted by an earlier version, whose labels filled the whole line
 and measured 1.1 mm more on average, is refused); its ``case_order`` lists the 10 % set first,
-then the rest of the 20 % set, so ``--labeled HC18=24`` and ``HC18=48`` plan the two experiments ``HC18_10pct`` and
-``HC18_20pct`` (``-c 2d``). The split is written to ``<work>/split.json`` once and checked on
-every later start.
+then the rest of the 20 % set, so ``--labeled HC18=24`` and ``HC18=48`` plan the two experiments
+``HC18_10pct`` and ``HC18_20pct`` (``-c 2d``). The split is written to ``<work>/split.json`` once
+and checked on every later start.
 
     python benchmarks/hc18_2d.py --work WORK --prepare-only      # split, convert, plan, preprocess
     python benchmarks/hc18_2d.py --work WORK --budget 30 --seeds 0 1 \\
