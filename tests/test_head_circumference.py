@@ -77,13 +77,16 @@ def test_evaluate_reports_the_circumference_difference(tmp_path, capsys):
     expected = ellipse_circumference(84 * spacing, 50 * spacing) - ellipse_circumference(80 * spacing, 50 * spacing)
     assert first["abs_difference"] == pytest.approx(expected, rel=0.05)
     assert first["reference"] == pytest.approx(ellipse_circumference(80 * spacing, 50 * spacing), rel=2e-3)
+    # no head found: a circumference of 0, off by the whole reference, never left out of the mean
     assert summary["cases"][1]["head_circumference"]["1"] == {"predicted": None, "reference": first["reference"],
-                                                              "abs_difference": None}
-    assert summary["head_circumference"]["1"]["undefined"] == 1
-    assert summary["head_circumference"]["1"]["mean_abs_difference"] == pytest.approx(first["abs_difference"])
+                                                              "abs_difference": first["reference"]}
+    figures = summary["head_circumference"]["1"]
+    assert figures["missed"] == 1 and figures["undefined"] == 0
+    assert figures["mean_abs_difference"] == pytest.approx((first["abs_difference"] + first["reference"]) / 2)
     assert evaluate_main(["-r", str(tmp_path / "labels"), "-p", str(tmp_path / "predictions"), "--no-overlays",
                           "--head-circumference", "-o", str(tmp_path / "summary")]) == 0
-    assert "head circumference |predicted - reference|" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "head circumference |predicted - reference|" in out and "1 with no head found" in out
     assert "head_circumference" not in evaluate_folders(tmp_path / "labels", tmp_path / "predictions", write=False)
 
 

@@ -252,7 +252,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                                                                           "both_empty") if counts[k])
         print(f"label {label}: {format_table_row(summary, label)}" + (f"   ({notes})" if notes else ""))
     for label, figures in (summary.get("head_circumference") or {}).items():
-        undefined = f" ({figures['undefined']} undefined: an empty mask)" if figures["undefined"] else ""
+        notes = ([f"{figures['missed']} with no head found, counted as circumference 0"] if figures["missed"] else []) \
+            + ([f"{figures['undefined']} unscored: no reference circumference"] if figures["undefined"] else [])
+        undefined = f" ({'; '.join(notes)})" if notes else ""
         mean = "n/a" if figures["mean_abs_difference"] is None else \
             f"{figures['mean_abs_difference']:.2f} ± {figures['std_abs_difference']:.2f} {summary['units']}"
         print(f"label {label}: head circumference |predicted - reference| {mean} over {figures['cases']} "
