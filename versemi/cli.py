@@ -254,11 +254,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     for label, figures in (summary.get("head_circumference") or {}).items():
         notes = ([f"{figures['missed']} with no head found, counted as circumference 0"] if figures["missed"] else []) \
             + ([f"{figures['undefined']} unscored: no reference circumference"] if figures["undefined"] else [])
-        undefined = f" ({'; '.join(notes)})" if notes else ""
+        counted = f" ({'; '.join(notes)})" if notes else ""
         mean = "n/a" if figures["mean_abs_difference"] is None else \
             f"{figures['mean_abs_difference']:.2f} ± {figures['std_abs_difference']:.2f} {summary['units']}"
         print(f"label {label}: head circumference |predicted - reference| {mean} over {figures['cases']} "
-              f"case(s){undefined}")
+              f"case(s){counted}")
     claims = summary["foreign_claims"]
     if claims is not None:
         for name, figures in claims["structures"].items():

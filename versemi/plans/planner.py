@@ -311,9 +311,11 @@ def plan_experiment(experiment: str, fingerprints: dict[str, dict], ct_flags: di
         configurations[CONFIGURATION] = plan_3d_configuration(datasets, in_channels, settings)
     configurations[CONFIGURATION_2D] = plan_2d_configuration(datasets, in_channels, settings)
     for name, configuration in configurations.items():
-        beyond = {d: measured for d, measured in ((d, structures_beyond_patch(fingerprints[d], datasets[d], name,
-                                                                            configuration["patch_size"]))
-                                                  for d in datasets) if measured}
+        beyond = {}
+        for dataset in datasets:
+            measured = structures_beyond_patch(fingerprints[dataset], datasets[dataset], name, configuration["patch_size"])
+            if measured:
+                beyond[dataset] = measured
         if beyond:
             configuration["structures_beyond_patch"] = beyond
     prompts = prompt_table(datasets)
