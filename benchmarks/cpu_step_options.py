@@ -1,6 +1,7 @@
 """One U-Net training step on this CPU under the options that might make it faster: eager PyTorch
-at the default precision (``--precision auto``), fp32, channels-last memory format, and
-``torch.compile`` (inductor), each against the default in the same run.
+at the default precision (``--precision auto``), fp32, channels-last memory format,
+``torch.compile`` (inductor), and every core's thread instead of ``--threads``, each against the
+default in the same run.
 
     python benchmarks/cpu_step_options.py [--threads 1] [--steps 4] [--rounds 2] [--skip-compile]
 
@@ -10,12 +11,15 @@ same weights and trains on the same batch: their losses over the first steps are
 the default's (they must agree to bf16 rounding). Steps are timed interleaved, option after option
 in each round, so load from other processes hits them alike; the compile time (the first steps of
 the compiled option, before the timed ones) is printed apart, with the number of steps it takes
-to pay back. Not a test.
+to pay back. Inter-op threads are not an option: an eager training step runs its operators one
+after another (autograd on the CPU uses the calling thread), so only the intra-op count matters.
+Not a test.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -32,8 +36,8 @@ class Option:
     """A way to run the step: its network copy, optimizer, autocast dtype and input layout."""
 
     def __init__(self, name: str, network: torch.nn.Module, dtype: torch.dtype | None, channels_last: bool = False,
-                 compiled: bool = False) -> None:
-        self.name, self.dtype, self.channels_last = name, dtype, channels_last
+                 compiled: bool = False, threads: int = 1) -> None:
+        self.name, self.dtype, self.channels_last, self.threads = name, dtype, channels_last, threads
         self.network = copy.deepcopy(network)
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last_3d)
@@ -47,6 +51,7 @@ class Option:
     def step(self, x: torch.Tensor, target: torch.Tensor, prompts: torch.Tensor) -> float:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        torch.set_num_threads(self.threads)
         started = time.perf_counter()
         with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
             value = self.loss(self.forward(x, prompts), target)
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--compile-steps", type=int, default=2, help="untimed first steps of the compiled option")
     parser.add_argument("--skip-compile", action="store_true")
     args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     network = build_network(PLAN, 1, 2)
@@ -73,12 +79,14 @@ def main() -> None:
     target = (torch.rand(2, 1, *PATCH) > 0.5).float()
     prompts = torch.tensor([0, 0])
     default = autocast_dtype("auto", True, torch.device("cpu"))
-    options = [Option(f"default ({'bf16' if default else 'fp32'})", network, default)]
+    options = [Option(f"default ({'bf16' if default else 'fp32'})", network, default, threads=args.threads)]
     if default is not None:
-        options.append(Option("fp32", network, None))
-    options.append(Option("channels-last", network, default, channels_last=True))
+        options.append(Option("fp32", network, None, threads=args.threads))
+    options.append(Option("channels-last", network, default, channels_last=True, threads=args.threads))
+    if cores > args.threads:  # what one run gets alone on this machine (torch's own default count)
+        options.append(Option(f"{cores} threads", network, default, threads=cores))
     if not args.skip_compile:
-        compiled = Option("torch.compile", network, default, compiled=True)
+        compiled = Option("torch.compile", network, default, compiled=True, threads=args.threads)
         started = time.perf_counter()
         for _ in range(args.compile_steps):
             compiled.step(x, target, prompts)
@@ -93,7 +101,7 @@ def main() -> None:
             option.times += [option.step(x, target, prompts) for _ in range(args.steps)]
 
     reference = statistics.median(options[0].times)
-    print(f"CPU with native bf16 units: {cpu_has_bf16()}; {args.threads} thread(s); torch {torch.__version__}; "
+    print(f"CPU with native bf16 units: {cpu_has_bf16()}; {args.threads} thread(s) of {cores} cores; torch {torch.__version__}; "
           f"DynUNet 16..128, patch {'x'.join(map(str, PATCH))}, batch 2")
     print("| option | median s/step | speed vs default | losses of the first steps | compile s | steps to pay back |")
     print("|---|---|---|---|---|---|")
