@@ -8,6 +8,13 @@ state back as they were. The supervised warm-up and the method then share the se
 (checkpoint, curves, validation) it fixes epochs x iterations per epoch, so the schedule ends
 within the budget on the hardware at hand. The choice is stored in the training settings (and so
 in every checkpoint): ``--continue`` keeps it exactly.
+
+The up-front timing sees a few steps. Load from another process during those seconds, or a slow
+start, can misjudge a step by 40 %, and the run then ends after 28 of its 40 minutes, or after 56.
+So the schedule is checked once against the clock after the first ``CLOCK_CHECK_EPOCH`` epochs
+(``check_against_clock``): where they took more than ``CLOCK_TOLERANCE`` more or less than timed,
+the method's epochs are refitted to the time left. The warm-up keeps its epochs, a stage that has
+started keeps its start, and the check is recorded in the settings like the rest of the schedule.
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ TIMED_STEPS = 4           # per phase; the median is used
 SAFETY = 0.97             # share of the remaining budget planned for
 TARGET_EPOCHS = 50        # enough epochs for a smooth LR decay and stage switch in short budgets
 MIN_ITERATIONS_PER_EPOCH = 10
+CLOCK_CHECK_EPOCH = 2     # the schedule is checked against the clock once, after this many epochs ...
+CLOCK_TOLERANCE = 0.10    # ... and refitted where they took more than this share more or less than timed
 
 
 def time_phase(trainer, epoch: int) -> float:
@@ -129,7 +138,80 @@ def fit_schedule(trainer) -> dict:
                + (f"; CPU load {load:.1f} on {os.cpu_count()} cores while timing" if load is not None else ""))
     return {"minutes": config.time_budget, "seconds_per_iteration": per_iteration, "phase_seconds": phase_seconds,
             "supervised_warm_up_seconds_per_iteration": warm_up_step and supervised,
-            "supervised_warm_up_epochs": warm_epochs,
+            "supervised_warm_up_epochs": warm_epochs, "alone_seconds_per_iteration": alone,
             "epoch_overhead_seconds": overhead, "warmup_seconds": elapsed, "epochs": epochs,
             "iterations_per_epoch": per_epoch, "iterations": epochs * per_epoch, "load_while_timing": load,
             "message": message}
+
+
+def planned_epoch_seconds(budget: dict, iterations_per_epoch: int, warm_up_epochs: int, epochs: int,
+                          epoch: int) -> float:
+    """What the timing expected epoch ``epoch`` to cost (its steps and the per-epoch overhead); a
+    method epoch at the mean method step, except the first phase's epochs, which the check measures."""
+    if warm_up_epochs >= epochs:  # supervised throughout: the main network alone
+        step = budget["alone_seconds_per_iteration"]
+    elif epoch < warm_up_epochs:
+        step = budget["supervised_warm_up_seconds_per_iteration"]
+    else:
+        step = budget["phase_seconds"][0]
+    return iterations_per_epoch * step + budget["epoch_overhead_seconds"]
+
+
+def check_against_clock(trainer, timed_here: bool) -> bool:
+    """After epoch ``CLOCK_CHECK_EPOCH`` of a time-budgeted run, refit the method's epochs to the time
+    left where the epochs so far ran off the timing (module docstring). ``timed_here``: this process
+    fitted the schedule (a resumed process's clock did not see the run's start, so it skips the
+    check). Returns True when ``config.epochs`` changed; every step is logged."""
+    config = trainer.config
+    budget = config.budget
+    if not budget or "clock_check" in budget or trainer.epoch != CLOCK_CHECK_EPOCH \
+            or "alone_seconds_per_iteration" not in budget:  # schedules fitted before the check existed
+        return False
+    epochs, per_epoch, warm = config.epochs, config.iterations_per_epoch, trainer.warm_up_epochs
+    if not timed_here:
+        budget["clock_check"] = {"after_epochs": trainer.epoch, "skipped": "resumed before the check"}
+        return False
+    spent = time.time() - trainer.started - budget["warmup_seconds"]
+    planned = sum(planned_epoch_seconds(budget, per_epoch, warm, epochs, e) for e in range(trainer.epoch))
+    ratio, spent = _agree([spent / planned, spent])
+    record = {"after_epochs": trainer.epoch, "ratio": round(ratio, 3), "epochs_before": epochs}
+    budget["clock_check"] = record
+    if abs(ratio - 1) <= CLOCK_TOLERANCE or epochs <= trainer.epoch:
+        record["epochs"] = epochs
+        _write(trainer, f"time budget: the first {trainer.epoch} epochs took {ratio:.2f}x the timing; "
+                        f"the schedule stays at {epochs} epochs")
+        return False
+    left = config.time_budget * 60 * SAFETY - budget["warmup_seconds"] - spent
+    overhead = budget["epoch_overhead_seconds"]
+    if warm >= epochs:  # supervised throughout, and so it stays
+        new_epochs = trainer.epoch + int(max(0.0, left) // (ratio * (per_epoch * budget["alone_seconds_per_iteration"]
+                                                                     + overhead)))
+    else:
+        warm_left = max(0, warm - trainer.epoch) * ratio * planned_epoch_seconds(budget, per_epoch, warm, epochs, 0)
+        method_epoch = ratio * (per_epoch * budget["seconds_per_iteration"] + overhead)
+        new_epochs = max(warm + 1, max(warm, trainer.epoch) + int(max(0.0, left - warm_left) // method_epoch))
+    new_epochs = max(trainer.epoch + 1, new_epochs)
+    stages_before, warm_setting = trainer.method_stage_epochs(), config.warm_up_epochs
+    config.epochs = new_epochs
+    if warm >= epochs:
+        config.warm_up_epochs = new_epochs
+    moved = [(old, new) for old, new in zip(stages_before, trainer.method_stage_epochs())
+             if old != new and min(old, new) < trainer.epoch]
+    if moved:  # a stage that has started (or would now have) keeps the schedule it started under
+        config.epochs, config.warm_up_epochs = epochs, warm_setting
+        record["epochs"] = epochs
+        _write(trainer, f"time budget: the first {trainer.epoch} epochs took {ratio:.2f}x the timing, but a "
+                        f"refit would move a stage that has started (epoch {moved[0][0]} -> {moved[0][1]}); "
+                        f"the schedule stays at {epochs} epochs")
+        return False
+    record["epochs"] = new_epochs
+    budget["epochs"], budget["iterations"] = new_epochs, new_epochs * per_epoch
+    _write(trainer, f"time budget: the first {trainer.epoch} epochs took {ratio:.2f}x the timing; the schedule "
+                    f"now ends after {new_epochs} epochs ({new_epochs * per_epoch} iterations) instead of {epochs}")
+    return True
+
+
+def _write(trainer, line: str) -> None:
+    if trainer.is_main:
+        trainer.log.write(line)
+        print(line, flush=True)

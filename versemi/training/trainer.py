@@ -38,7 +38,7 @@ from ..model.layout import checkpoint_file
 from ..model.plans_view import PlansView
 from ..model.precision import autocast_dtype
 from ..nets import build_network
-from .budget import fit_schedule
+from .budget import check_against_clock, fit_schedule
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader, sub_batch_pairs
 from .losses import DiceCE, exclusion_loss, finest, multiscale, prompt_columns
 from .method_settings import resolve_method_settings
@@ -534,7 +534,8 @@ class Trainer:
         resuming = resume and self.saved_checkpoint() is not None
         self.setup(warm_start=not resuming)  # a resumed run is not warm-started again
         resumed = resuming and self.resume()
-        if not resumed and self.config.time_budget and not self.config.budget:
+        timed_here = not resumed and bool(self.config.time_budget) and not self.config.budget
+        if timed_here:
             self.config.budget = fit_schedule(self)
             if self.is_main:
                 self.log.write(self.config.budget["message"])
@@ -578,6 +579,9 @@ class Trainer:
             val_loss, dice = self.validate_epoch()
             lr = self.optimizer.param_groups[0]["lr"]
             self.epoch += 1
+            if check_against_clock(self, timed_here):  # before the next epoch's LR, which reads the epochs
+                self.training_batches = self.batch_stream(self.epoch * self.config.iterations_per_epoch,
+                                                           self.config.epochs * self.config.iterations_per_epoch)
             self.scheduler.step()
             for extra in self.extra_networks.values():
                 extra.scheduler.step()
