@@ -109,6 +109,14 @@ def test_ersr_terms_and_pseudo_labels(planned_2d, tmp_path):  # noqa: F811
     fit_fixed_batch(trainer, 1)
     labeled = len(trainer.labeled_source[0]["prompt"])
     assert seen["full"][-1] - labeled == 3 * (seen["plain"][-1] - labeled) > 0
+    # a time budget times the step where the filter keeps more and more of the unlabeled batch
+    phases = trainer.budget_phases()
+    assert len(phases) == 3 and math.isclose(sum(share for _, share in phases), 1.0)
+    kept = []
+    for epoch, _ in phases:
+        trainer.epoch = epoch
+        kept.append(trainer.kept_share())
+    assert 0.5 <= kept[0] < kept[1] < kept[2] <= 1
 
 
 @pytest.mark.slow
