@@ -146,8 +146,9 @@ def fit_schedule(trainer) -> dict:
 
 def planned_epoch_seconds(budget: dict, iterations_per_epoch: int, warm_up_epochs: int, epochs: int,
                           epoch: int) -> float:
-    """What the timing expected epoch ``epoch`` to cost (its steps and the per-epoch overhead); a
-    method epoch at the mean method step, except the first phase's epochs, which the check measures."""
+    """What the timing expected one of the first epochs, ``epoch``, to cost (its steps and the
+    per-epoch overhead): a warm-up epoch at the supervised step, a method epoch at the step of the
+    method's first phase, the one the check measures."""
     if warm_up_epochs >= epochs:  # supervised throughout: the main network alone
         step = budget["alone_seconds_per_iteration"]
     elif epoch < warm_up_epochs:
