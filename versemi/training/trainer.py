@@ -566,8 +566,7 @@ class Trainer:
             if self.uses_unlabeled:
                 self.log.write(describe_warm_up(self.config.supervised_warm_up, self.warm_up_epochs, self.config.epochs,
                                                 self.config.iterations_per_epoch, self.warm_start is not None))
-        self.training_batches = self.batch_stream(self.epoch * self.config.iterations_per_epoch,
-                                                   self.config.epochs * self.config.iterations_per_epoch)
+        self.training_batches = self.batches_left()
         while self.epoch < self.config.epochs:
             started = time.time()
             if self.warm_up_epochs and self.epoch == self.warm_up_epochs:
@@ -580,8 +579,7 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             self.epoch += 1
             if check_against_clock(self, timed_here):  # before the next epoch's LR, which reads the epochs
-                self.training_batches = self.batch_stream(self.epoch * self.config.iterations_per_epoch,
-                                                           self.config.epochs * self.config.iterations_per_epoch)
+                self.training_batches = self.batches_left()
             self.scheduler.step()
             for extra in self.extra_networks.values():
                 extra.scheduler.step()
@@ -592,6 +590,11 @@ class Trainer:
             self.log.write(f"validation summary: mean Dice {summary['mean_dice']}")
         if self.is_main:
             self.log.write("training done")
+
+    def batches_left(self):
+        """The batches of the schedule from the current epoch to its end."""
+        per_epoch = self.config.iterations_per_epoch
+        return self.batch_stream(self.epoch * per_epoch, self.config.epochs * per_epoch)
 
     def batch_stream(self, start: int, stop: int):
         """(labeled, unlabeled or None) batches ``start`` .. ``stop - 1``.
