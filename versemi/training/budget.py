@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -145,17 +146,40 @@ def fit_schedule(trainer) -> dict:
 
 
 def planned_epoch_seconds(budget: dict, iterations_per_epoch: int, warm_up_epochs: int, epochs: int,
-                          epoch: int) -> float:
-    """What the timing expected one of the first epochs, ``epoch``, to cost (its steps and the
-    per-epoch overhead): a warm-up epoch at the supervised step, a method epoch at the step of the
-    method's first phase, the one the check measures."""
+                          epoch: int, phase_starts: Sequence[int] = (0,)) -> float:
+    """What the timing expected epoch ``epoch`` to cost (its steps and the per-epoch overhead): a
+    warm-up epoch at the supervised step, a method epoch at the step of its phase, the phases
+    starting at the method epochs ``phase_starts`` (the default, one phase, is the first phase's
+    step: the one the clock check measures)."""
     if warm_up_epochs >= epochs:  # supervised throughout: the main network alone
         step = budget["alone_seconds_per_iteration"]
     elif epoch < warm_up_epochs:
         step = budget["supervised_warm_up_seconds_per_iteration"]
     else:
-        step = budget["phase_seconds"][0]
+        phase = sum(1 for start in phase_starts[1:] if start <= epoch - warm_up_epochs)
+        step = budget["phase_seconds"][phase]
     return iterations_per_epoch * step + budget["epoch_overhead_seconds"]
+
+
+def seconds_left(trainer, last_epoch_seconds: float) -> float:
+    """The ETA of the epochs left after the one just finished (``trainer.epoch`` counts it). A
+    time-budgeted run knows what each phase's epoch costs (the supervised warm-up's epochs are
+    cheaper than the method's, a later stage may cost more), so every epoch left counts at its
+    planned cost, scaled by how the last epoch ran against its own plan; without those timings,
+    every epoch left costs what the last one did."""
+    config, budget = trainer.config, trainer.config.budget
+    left = max(0, config.epochs - trainer.epoch)
+    starts = [start for start, _ in trainer.budget_phases()]
+    if not budget or "alone_seconds_per_iteration" not in budget or len(starts) != len(budget["phase_seconds"]) \
+            or trainer.epoch < 1:
+        return last_epoch_seconds * left
+
+    def planned(epoch: int) -> float:
+        return planned_epoch_seconds(budget, config.iterations_per_epoch, trainer.warm_up_epochs, config.epochs,
+                                     epoch, starts)
+
+    pace = last_epoch_seconds / planned(trainer.epoch - 1)
+    return pace * sum(planned(epoch) for epoch in range(trainer.epoch, config.epochs))
 
 
 def check_against_clock(trainer, timed_here: bool) -> bool:

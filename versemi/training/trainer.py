@@ -38,7 +38,7 @@ from ..model.layout import checkpoint_file
 from ..model.plans_view import PlansView
 from ..model.precision import autocast_dtype
 from ..nets import build_network
-from .budget import check_against_clock, fit_schedule
+from .budget import check_against_clock, fit_schedule, seconds_left
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader, sub_batch_pairs
 from .losses import DiceCE, exclusion_loss, finest, multiscale, prompt_columns
 from .method_settings import resolve_method_settings
@@ -709,7 +709,7 @@ class Trainer:
         self.log.record(epoch=self.epoch, train_loss=train_loss, val_loss=val_loss, dice=dice, ema_dice=ema,
                         lr=lr, epoch_seconds=seconds, iteration_losses=iteration_losses, terms=terms,
                         data_wait_seconds=self.data_wait)
-        remaining = seconds * (self.config.epochs - self.epoch)
+        remaining = seconds_left(self, seconds)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "loss")
         shown = f" ({shown})" if shown else ""
         memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
