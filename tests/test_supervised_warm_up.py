@@ -4,6 +4,7 @@ SupervisedTrainer's run, weight for weight); a warm start needs none; a time bud
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -49,15 +50,20 @@ def test_auto_warms_up_only_where_the_method_keeps_enough_iterations():
     enough = WARM_UP_ITERATIONS + MIN_METHOD_ITERATIONS
     assert split_iterations("auto", enough, warm_started=False) == WARM_UP_ITERATIONS
     assert split_iterations("auto", enough - 1, warm_started=False) == enough - 1  # supervised throughout
+    # a longer schedule warms up for half of it
+    assert split_iterations("auto", 3 * enough + 1, warm_started=False) == math.ceil((3 * enough + 1) / 2)
     assert split_iterations("auto", enough, warm_started=True) == 0
     assert split_iterations("0.25", 400, warm_started=True) == 100 and split_iterations("0", 400, False) == 0
 
 
 def test_a_time_budget_is_split_in_epochs_that_fit():
     # 100 iterations per epoch; a supervised epoch costs 10 s, a method epoch 20 s
+    # auto: half the seconds supervised (500 s, 50 epochs), the method in the rest (25 epochs)
     warm, method = split_epochs("auto", 1000.0, 100, 10.0, 20.0, warm_started=False)
-    assert (warm, method) == (10, 45) and warm * 10 + method * 20 <= 1000
-    # 30 s: the method would get 10 epochs = 1000 iterations after the warm-up only with 300 s
+    assert (warm, method) == (50, 25) and warm * 10 + method * 20 <= 1000
+    # 400 s: 20 epochs supervised, 10 = 1000 iterations of the method
+    assert split_epochs("auto", 400.0, 100, 10.0, 20.0, warm_started=False) == (20, 10)
+    # 250 s: the method would get 10 epochs = 1000 iterations after the warm-up only with 300 s
     assert split_epochs("auto", 250.0, 100, 10.0, 20.0, warm_started=False) == (25, 0)
     assert split_epochs("auto", 1000.0, 100, 10.0, 20.0, warm_started=True) == (0, 50)
     assert split_epochs("0.5", 1000.0, 100, 10.0, 20.0, warm_started=False) == (50, 25)
@@ -184,7 +190,7 @@ def test_a_warm_start_and_supervised_trainer_get_no_warm_up(planned, tmp_path):
     assert trainer.warm_up_epochs == 0
     fresh = new_trainer("MeanTeacherTrainer", planned, tmp_path / "fresh", epochs=1000, iterations_per_epoch=250)
     fresh.resolve_warm_up()
-    assert fresh.warm_up_epochs == 4  # 1000 iterations
+    assert fresh.warm_up_epochs == 500  # half the schedule
     supervised = new_trainer("SupervisedTrainer", planned, tmp_path / "sup", supervised_warm_up="0.5")
     supervised.resolve_warm_up()
     assert supervised.warm_up_epochs == 0 and not supervised.in_warm_up
@@ -201,7 +207,9 @@ def test_the_time_budget_times_the_warm_up_step_and_splits_the_seconds(planned, 
     warm, per_epoch = trainer.config.warm_up_epochs, trainer.config.iterations_per_epoch
     method = trainer.config.epochs - warm
     assert record["supervised_warm_up_epochs"] == warm and record["supervised_warm_up_seconds_per_iteration"] == 0.004
-    assert WARM_UP_ITERATIONS <= warm * per_epoch < WARM_UP_ITERATIONS + per_epoch
+    # auto: half the budget's seconds at the supervised step, the method in the rest
+    assert WARM_UP_ITERATIONS <= warm * per_epoch
+    assert warm * per_epoch * 0.004 <= 30 * budget.SAFETY < (warm + 1) * per_epoch * 0.004 + 0.5
     assert method * per_epoch >= MIN_METHOD_ITERATIONS
     assert warm * per_epoch * 0.004 + method * per_epoch * 0.01 <= 60 * budget.SAFETY
     assert "the first" in record["message"] and "epochs supervised" in record["message"]

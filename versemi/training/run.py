@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "warm-up times real steps, then fixes epochs x iterations (stored for --continue)")
     p.add_argument("--supervised-warm-up", metavar="auto|SHARE",
                    help="a semi-supervised trainer first trains supervised, then its method starts (default auto: "
-                        f"{WARM_UP_ITERATIONS} iterations, where {MIN_METHOD_ITERATIONS} are left for the method; "
+                        f"half the schedule and at least {WARM_UP_ITERATIONS} iterations, where "
+                        f"{MIN_METHOD_ITERATIONS} are left for the method; "
                         "a shorter schedule stays supervised, a warm start gets none); a share in [0, 1] of the "
                         "schedule instead, 0 to start the method at once")
     p.add_argument("--dataset-batches", choices=("each", "one"),

@@ -7,10 +7,13 @@ unlabeled data first trains supervised, as SupervisedTrainer does (each segmente
 own labeled loss), and its method, with every stage and ramp-up the method has, starts after that
 on the rest of the schedule, its teachers copied from the warmed-up network.
 
-``auto`` (the default): ``WARM_UP_ITERATIONS`` supervised iterations, then the method, but only
-where the method still gets ``MIN_METHOD_ITERATIONS``; a shorter schedule stays supervised from the
-first step to the last, so at short budgets a semi-supervised trainer is the supervised one, never
-worse. A warm start (``--init-from``) has been trained already: no warm-up. A number in [0, 1]
+``auto`` (the default): half the schedule (its seconds under a time budget), and at least
+``WARM_UP_ITERATIONS`` iterations, supervised, then the method, but only where the method still gets
+``MIN_METHOD_ITERATIONS``; a shorter schedule stays supervised from the first step to the last, so at
+short budgets a semi-supervised trainer is the supervised one, never worse. Why half: a method pays
+on a model near its supervised plateau (hippocampus MRI at the 40-minute plateau budget, from
+scratch: SelfTraining after 1,000 supervised iterations, about a quarter of the schedule, ended
+further below SupervisedTrainer than after half of it; benchmarks/RESULTS.md). A warm start (``--init-from``) has been trained already: no warm-up. A number in [0, 1]
 gives the share of the schedule (iterations, or seconds under a time budget) spent warming up; 0
 starts the method at once, as before this setting existed.
 """
@@ -25,6 +28,7 @@ AUTO = "auto"
 # still far from converged before about a thousand, and a method needs as many to act on top of it.
 WARM_UP_ITERATIONS = 1000
 MIN_METHOD_ITERATIONS = 1000
+AUTO_WARM_UP_SHARE = 0.5  # of the schedule, where that is more than WARM_UP_ITERATIONS
 
 
 def parse_request(text: str) -> str:
@@ -47,7 +51,8 @@ def split_iterations(request: str, total: int, warm_started: bool) -> int:
     if request == AUTO:
         if warm_started:
             return 0
-        return WARM_UP_ITERATIONS if total - WARM_UP_ITERATIONS >= MIN_METHOD_ITERATIONS else total
+        warm = max(WARM_UP_ITERATIONS, math.ceil(AUTO_WARM_UP_SHARE * total))
+        return warm if total - warm >= MIN_METHOD_ITERATIONS else total
     return min(total, round(float(request) * total))
 
 
@@ -61,7 +66,8 @@ def split_epochs(request: str, seconds: float, iterations_per_epoch: int, superv
     if request == AUTO and warm_started:
         request = "0"
     if request == AUTO:
-        warm = math.ceil(WARM_UP_ITERATIONS / iterations_per_epoch)
+        warm = max(math.ceil(WARM_UP_ITERATIONS / iterations_per_epoch),
+                   int(AUTO_WARM_UP_SHARE * seconds // supervised_epoch))
         method = int(max(0.0, seconds - warm * supervised_epoch) // method_epoch)
         if method * iterations_per_epoch >= MIN_METHOD_ITERATIONS:
             return warm, method
