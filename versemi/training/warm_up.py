@@ -13,9 +13,10 @@ on the rest of the schedule, its teachers copied from the warmed-up network.
 short budgets a semi-supervised trainer is the supervised one, never worse. Why half: a method pays
 on a model near its supervised plateau (hippocampus MRI at the 40-minute plateau budget, from
 scratch: SelfTraining after 1,000 supervised iterations, about a quarter of the schedule, ended
-further below SupervisedTrainer than after half of it; benchmarks/RESULTS.md). A warm start (``--init-from``) has been trained already: no warm-up. A number in [0, 1]
-gives the share of the schedule (iterations, or seconds under a time budget) spent warming up; 0
-starts the method at once, as before this setting existed.
+further below SupervisedTrainer than after half of it; benchmarks/RESULTS.md). A warm start
+(``--init-from``) has been trained already: no warm-up. A number in [0, 1] gives the share of the
+schedule (iterations, or seconds under a time budget) spent warming up; 0 starts the method at once,
+as before this setting existed.
 """
 from __future__ import annotations
 
