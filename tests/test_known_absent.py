@@ -145,7 +145,9 @@ def test_a_declaration_adds_the_loss_and_teaches_the_absence(name, planned, tmp_
     torch.manual_seed(0)
     plain = make_trainer(name, planned, tmp_path / "plain")
     torch.manual_seed(0)
-    declared = make_trainer(name, planned, tmp_path / "declared", plans=_plans_with(planned, BOTH_WAYS))
+    # the declaration added to a plan whose cache holds no other views: the own view only
+    declared = make_trainer(name, planned, tmp_path / "declared", plans=_plans_with(planned, BOTH_WAYS),
+                            absent_views=False)
     assert not plain.declares_absence and declared.declares_absence
     batch = declared.labeled_source[0]
     before = _claims_of_absent_structures(declared, batch, declared)
@@ -163,7 +165,8 @@ def test_a_declaration_adds_the_loss_and_teaches_the_absence(name, planned, tmp_
 def test_the_absences_ramp_up_over_the_first_iterations_of_a_run_from_scratch(planned, tmp_path):
     from versemi.training.trainer import KNOWN_ABSENT_RAMP_ITERATIONS
 
-    trainer = make_trainer("SupervisedTrainer", planned, tmp_path, plans=_plans_with(planned, BOTH_WAYS))
+    trainer = make_trainer("SupervisedTrainer", planned, tmp_path, plans=_plans_with(planned, BOTH_WAYS),
+                           absent_views=False)
     batch = trainer.labeled_source[0]
 
     def absent_term(iteration):
@@ -182,7 +185,7 @@ def test_the_absences_ramp_up_over_the_first_iterations_of_a_run_from_scratch(pl
 
 def test_one_sided_declaration_leaves_the_other_dataset_unknown(planned, tmp_path):
     trainer = make_trainer("SupervisedTrainer", planned, tmp_path,
-                           plans=_plans_with(planned, {"DemoLA": ["DemoPancreas/pancreas"]}))
+                           plans=_plans_with(planned, {"DemoLA": ["DemoPancreas/pancreas"]}), absent_views=False)
     prompts = {p["dataset"]: p["index"] for p in trainer.plans["prompts"] if p["dataset"]}
     datasets = trainer.plans["dataset_names"]
     absent = trainer.absent_prompts(torch.tensor([datasets.index("DemoLA"), datasets.index("DemoPancreas")]))

@@ -54,6 +54,9 @@ class TrainingConfig:
     # --dataset-batches: where datasets have patches of their own, "each" step trains a sub-batch of
     # every dataset (gradients accumulated), or "one" dataset per step (versemi.training.data)
     dataset_batches: str = "each"
+    # --absent-views: where a dataset declares another's structures absent, also learn the absence on
+    # the view prediction shows their prompts (that dataset's preparation and patch; plans.absent_views)
+    absent_views: bool = True
     # method settings read by the trainer subclasses
     method: dict = field(default_factory=dict)
 
@@ -72,6 +75,7 @@ class TrainingConfig:
         if "supervised_warm_up" not in d:  # saved before the warm-up existed: the method started at once
             d.update(supervised_warm_up="0", warm_up_epochs=0)
         d.setdefault("dataset_batches", "one")  # saved before sub-batches existed: one dataset per step
+        d.setdefault("absent_views", False)  # saved before views existed: the own view only
         d["augmentation"] = AugmentationSettings(**d.get("augmentation", {}))
         return cls(**d)
 

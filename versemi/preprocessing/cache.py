@@ -5,6 +5,12 @@ Layout, per experiment and configuration::
     <plans root>/<experiment>/<configuration>/<Dataset>/<case>_data.b2nd   float32 (c, z, y, x)
                                                       /<case>_seg.b2nd    int8 (1, z, y, x), labeled cases only
                                                       /<case>.json        properties (written last)
+                                             /<Dataset>@<Other>/...       the dataset's cases prepared by
+                                                                          another dataset's plan (no labels)
+
+The ``Dataset@Other`` folders exist where a dataset declares another's structures absent and
+the two plans prepare images differently (``plans.absent_views``): training learns the absence on
+the view prediction shows that structure's prompt.
 
 Arrays are blosc2 (zstd) files, which the data loader can read patch by patch without
 decompressing the whole case. The JSON is written last and records the size and CRC32 of each
@@ -29,6 +35,7 @@ from ..datasets.layout import RawCase, RawDataset
 from ..locks import folder_lock
 from ..model.plans_view import DEFAULT_CONFIGURATION, PlansView
 from ..parallel import map_with_progress
+from ..plans.absent_views import cached_view_pairs, plan_of_folder, view_folder
 from .cropping import crop
 from .pipeline import to_network_input
 from .resampling import concrete_target, resample_segmentation
@@ -44,6 +51,11 @@ class CaseJob:
     case: RawCase
     labeled: bool
     seed: int
+    shown_as: str | None = None  # another dataset whose plan prepares the case (a view, ``Dataset@Other``)
+
+    @property
+    def folder(self) -> str:
+        return view_folder(self.dataset, self.shown_as) if self.shown_as else self.dataset
 
 
 def cache_folder(plans_root: Path, experiment: str, configuration: str) -> Path:
@@ -118,6 +130,7 @@ def preprocess_case(job: CaseJob, dataset_plan: dict, folder: Path, digest: str)
     files = {"data": write_array(image, folder / f"{case.case_id}_data.b2nd")}
     props = {
         "dataset": job.dataset,
+        **({"shown_as": job.shown_as} if job.shown_as else {}),
         "case_id": case.case_id,
         "labeled": job.labeled,
         "original_shape": list(cropped.full_shape),
@@ -137,12 +150,12 @@ def preprocess_case(job: CaseJob, dataset_plan: dict, folder: Path, digest: str)
     props["settings_digest"] = digest
     props["source_stamp"] = source_stamp(case)
     write_json(props, folder / f"{case.case_id}.json")
-    return {"case": f"{job.dataset}/{case.case_id}", "shape": props["shape"]}
+    return {"case": f"{job.folder}/{case.case_id}", "shape": props["shape"]}
 
 
 def _run_job(job: CaseJob, plans: dict, configuration: str, root: Path, digests: dict[str, str]) -> dict:
-    return preprocess_case(job, PlansView(plans).dataset_plan(job.dataset, configuration), root / job.dataset,
-                           digests[job.dataset])
+    return preprocess_case(job, PlansView(plans).dataset_plan(plan_of_folder(job.folder), configuration),
+                           root / job.folder, digests[job.folder])
 
 
 def remove_partial_files(root: Path) -> int:
@@ -164,9 +177,11 @@ def preprocess_experiment(plans: dict, datasets: dict[str, RawDataset], plans_ro
 
 
 def configuration_digests(plans: dict, configuration: str) -> dict[str, str]:
-    """Per dataset, the digest its cached cases of ``configuration`` must carry."""
+    """Per cache folder (each dataset, each view ``Dataset@Other``), the digest its cached cases of
+    ``configuration`` must carry: that of the plan that prepared them."""
     view = PlansView(plans)
-    return {name: settings_digest(view.dataset_plan(name, configuration)) for name in plans["datasets"]}
+    own = {name: settings_digest(view.dataset_plan(name, configuration)) for name in plans["datasets"]}
+    return {**own, **{view_folder(d, e): own[e] for d, e in cached_view_pairs(plans, configuration)}}
 
 
 def _fill_cache(plans: dict, datasets: dict[str, RawDataset], configuration: str, root: Path, num_processes: int,
@@ -178,12 +193,16 @@ def _fill_cache(plans: dict, datasets: dict[str, RawDataset], configuration: str
         raw = datasets[name]
         by_id = {c.case_id: c for c in raw.labeled_cases() + raw.unlabeled_cases()}
         labeled = set(plan["labeled_cases"])
+        views = [other for d, other in cached_view_pairs(plans, configuration) if d == name]
         for index, case_id in enumerate(plan["labeled_cases"] + plan["unlabeled_cases"]):
             case = by_id[case_id] if case_id in labeled else RawCase(case_id, by_id[case_id].images)
-            if case_is_complete(root / name / f"{case_id}.json", digests[name], case):
-                skipped += 1
-                continue
-            jobs.append(CaseJob(name, case, case_id in labeled, seed=index))
+            # the case itself, then its views: the image only, as another dataset's plan prepares it
+            for job in [CaseJob(name, case, case_id in labeled, seed=index)] + \
+                       [CaseJob(name, RawCase(case_id, case.images), False, index, other) for other in views]:
+                if case_is_complete(root / job.folder / f"{case_id}.json", digests[job.folder], job.case):
+                    skipped += 1
+                    continue
+                jobs.append(job)
     work = partial(_run_job, plans=plans, configuration=configuration, root=root, digests=digests)
     done = map_with_progress(work, jobs, num_processes, f"preprocess {plans['experiment']}", show_progress)
     return {"preprocessed": len(done), "already_cached": skipped, "folder": str(root)}

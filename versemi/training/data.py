@@ -15,8 +15,10 @@ to its patch). Two ways to step with them (``dataset_batches``):
   batches of step ``i`` come from the same dataset and every step costs about the same.
 In both, a batch holds one dataset; SGD stalled on such batches where mixed batches learnt, and
 Adam learnt, a little faster per sample with ``"each"`` (benchmarks/RESULTS.md).
-Because a batch
-depends only on its number, the loader can run in background workers in any order and a resumed
+Where a dataset declares another's structures absent and that dataset shows images another way
+(``plans.absent_views``), each labeled item also holds ``"absent_views"``: per view, a few random
+patches of the dataset's images as the other dataset's plan and patch show them, unlabeled.
+Because a batch depends only on its number, the loader can run in background workers in any order and a resumed
 run continues with exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..atomic import read_json
 from ..errors import InputError, Problem
 from ..model.augmentation_settings import AugmentationSettings
 from ..model.plans_view import PlansView
+from ..plans.absent_views import AbsentView
 from ..preprocessing.cache import cache_folder, configuration_digests
 from .augmentation import augment, build_transforms, source_patch_size
 
@@ -49,20 +52,24 @@ class CaseStore:
         self.properties: dict[str, dict] = {}
         self._open: dict[str, tuple] = {}
         problems = []
+        missing: dict[str, list[Path]] = {}  # per cache folder
         digests = configuration_digests(plans, configuration)
         for key in keys:
             dataset, case_id = key.split("/", 1)
             path = self.root / dataset / f"{case_id}.json"
             if not path.is_file():
-                problems.append(Problem(str(path), "cached case missing",
-                                        f"run versemi_plan_and_preprocess -d {' '.join(plans['dataset_names'])} "
-                                        f"-e {plans['experiment']} -c {configuration} to fill the cache"))
+                missing.setdefault(dataset, []).append(path)
                 continue
             props = read_json(path)
             if props.get("settings_digest") != digests[dataset]:
                 problems.append(Problem(str(path), "cached case was made with other settings than plans.json",
                                         f"rerun versemi_plan_and_preprocess -e {plans['experiment']} to update it"))
             self.properties[key] = props
+        for paths in missing.values():
+            more = f" and {len(paths) - 1} more case(s) of {paths[0].parent.name}" if len(paths) > 1 else ""
+            problems.append(Problem(f"{paths[0]}{more}", "cached case missing",
+                                    f"run versemi_plan_and_preprocess -d {' '.join(plans['dataset_names'])} "
+                                    f"-e {plans['experiment']} -c {configuration} to fill the cache"))
         if problems:
             raise InputError(problems)
 
@@ -113,10 +120,13 @@ class BatchSource(Dataset):
     """Map-style dataset whose item ``i`` is the whole batch number ``i`` of one stream."""
 
     def __init__(self, store: CaseStore, keys: list[str], plans: dict, settings: StreamSettings,
-                 seed: int, stream: str):
+                 seed: int, stream: str, absent_views: list[tuple[AbsentView, list[str]]] = (),
+                 patches_per_view: int = 1):
+        """``absent_views``: (view, the store keys of its cases) whose patches each item adds."""
         if not keys:
             raise ValueError(f"stream {stream!r} has no cases")
         self.store, self.settings, self.seed, self.stream = store, settings, seed, stream
+        self.absent_views, self.patches_per_view = list(absent_views), patches_per_view
         self.by_dataset: dict[str, list[str]] = {}
         for key in sorted(keys):
             self.by_dataset.setdefault(key.split("/", 1)[0], []).append(key)
@@ -129,7 +139,8 @@ class BatchSource(Dataset):
         # per patch: the larger region cropped before spatial augmentation, and the transforms
         self.geometry = {tuple(patch): (source_patch_size(patch, settings.augmentation, settings.spatial_dims),
                                         build_transforms(patch, settings.augmentation, settings.spatial_dims))
-                         for patch in [settings.patch_size, *(settings.dataset_patch_sizes or {}).values()]}
+                         for patch in [settings.patch_size, *(settings.dataset_patch_sizes or {}).values(),
+                                       *(view.patch for view, _ in self.absent_views)]}
 
     def __len__(self) -> int:  # batches are made on demand; the sampler decides how many
         return 2 ** 62
@@ -172,9 +183,28 @@ class BatchSource(Dataset):
     def __getitem__(self, iteration: int) -> dict:
         if self.settings.dataset_patch_sizes and self.settings.dataset_batches == "each":
             # one batch per dataset of the plan, so that the labeled and unlabeled items pair by position
-            return {"sub_batches": [self._batch(_stream_seed(self.seed, f"{self.stream}/{name}", iteration), iteration,
+            item = {"sub_batches": [self._batch(_stream_seed(self.seed, f"{self.stream}/{name}", iteration), iteration,
                                                 *self._own_batch(name)) for name in self.plan_datasets]}
-        return self._batch(_stream_seed(self.seed, self.stream, iteration), iteration, *self._batch_datasets(iteration))
+        else:
+            item = self._batch(_stream_seed(self.seed, self.stream, iteration), iteration,
+                               *self._batch_datasets(iteration))
+        if self.absent_views:
+            item["absent_views"] = [self._view_batch(view, keys, iteration) for view, keys in self.absent_views]
+        return item
+
+    def _view_batch(self, view: AbsentView, keys: list[str], iteration: int) -> dict:
+        """Random patches (no foreground to centre on) of a view's cases, augmented as that patch's batches are."""
+        seed = _stream_seed(self.seed, f"{self.stream}/{view.name}", iteration)
+        rng = np.random.default_rng(seed)
+        source_size, transforms = self.geometry[tuple(view.patch)]
+        data = []
+        for _ in range(self.patches_per_view):
+            key = keys[rng.integers(len(keys))]
+            data.append(crop_with_padding(self.store.arrays(key)[0], self._center(key, rng, False, list(view.patch)),
+                                          source_size))
+        batch = self._augment({"data": np.stack(data).astype(np.float32)}, seed, transforms)
+        return {"data": torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32)),
+                "dataset": torch.full((len(data),), self.dataset_index[view.dataset])}
 
     def _batch(self, seed: int, iteration: int, candidates: list[str], patch: list[int]) -> dict:
         rng = np.random.default_rng(seed)

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "planning): each (default) step trains a sub-batch of every dataset at its own patch, their "
                         "gradients accumulated into one optimizer step; one: one dataset per step. With either, "
                         "SGD stalled where Adam learnt: use --optimizer adam --lr 3e-3 (benchmarks/RESULTS.md)")
+    p.add_argument("--absent-views", choices=("on", "off"),
+                   help="where a dataset declares another dataset's structures absent (--known-absent at planning) "
+                        "and that dataset prepares images another way or with another patch: on (default) also "
+                        "learns the absence on the dataset's images as that dataset shows them to its prompts, which "
+                        "is how versemi_predict -p all shows them (one patch per view per step; the views are cached "
+                        "by versemi_plan_and_preprocess); off: on the dataset's own view only")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="mixed precision (default auto: bf16 on CPUs with bf16 units and on CUDA)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (same as --precision fp32)")
@@ -127,6 +133,13 @@ def make_config(args, saved: dict | None) -> TrainingConfig:
                               f"this run was started with --dataset-batches {config.dataset_batches}",
                               "continue it without the option, or start a new run in another folder")
         config.dataset_batches = args.dataset_batches
+    if args.absent_views is not None:
+        wanted = args.absent_views == "on"
+        if saved and wanted != config.absent_views:
+            raise input_error(f"--absent-views {args.absent_views}",
+                              f"this run was started with --absent-views {'on' if config.absent_views else 'off'}",
+                              "continue it without the option, or start a new run in another folder")
+        config.absent_views = wanted
     if config.time_budget is not None and config.time_budget <= 0:
         raise input_error(f"--time-budget {config.time_budget:g}", "is not a positive number of minutes",
                           "give the minutes the whole training may take, e.g. --time-budget 20")

@@ -38,6 +38,7 @@ from ..model.layout import checkpoint_file
 from ..model.plans_view import PlansView
 from ..model.precision import autocast_dtype
 from ..nets import build_network
+from ..plans.absent_views import AbsentView, trained_views
 from .budget import check_against_clock, fit_schedule, seconds_left
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader, sub_batch_pairs
 from .losses import DiceCE, exclusion_loss, finest, multiscale, prompt_columns
@@ -168,7 +169,10 @@ class Trainer:
             f"the supervised warm-up only ({type(self).__name__}'s method losses do not use them)"
         ramp = "" if self.warm_start is not None else \
             f", ramped up over the first {KNOWN_ABSENT_RAMP_ITERATIONS} iterations in the supervised step"
-        return f"structures declared absent from a dataset's images (known_absent), learnt absent in {where}{ramp}: {declared}"
+        views = "".join(f"; also on {view.dataset}'s images as {view.shown_as}'s plan and patch {list(view.patch)} "
+                        f"show them ({self.labeled_source.patches_per_view} patch a step)" for view, _ in self.absent_views)
+        return (f"structures declared absent from a dataset's images (known_absent), learnt absent in {where}{ramp}: "
+                f"{declared}{views}")
 
     def supervised_terms(self, network: torch.nn.Module, labeled: dict) -> dict[str, torch.Tensor]:
         """Dice + CE of each labeled sample's own prompt; where the plan declares structures absent
@@ -370,8 +374,10 @@ class Trainer:
         the run's own checkpoint is resumed instead)."""
         torch.manual_seed(self.config.seed)
         self.output_folder.mkdir(parents=True, exist_ok=True)
-        keys = self.split["train_labeled"] + self.split["val"] + (self.split["train_unlabeled"] if self.uses_unlabeled else [])
-        self.store = CaseStore(self.plans, self.plans_root, self.configuration, keys)
+        train = self.split["train_labeled"] + (self.split["train_unlabeled"] if self.uses_unlabeled else [])
+        self.absent_views = self._absent_views(train)
+        view_keys = [key for view, keys in self.absent_views if view.cached for key in keys]
+        self.store = CaseStore(self.plans, self.plans_root, self.configuration, train + self.split["val"] + view_keys)
         self.model = self.build_network().to(self.device)
         divisor = getattr(self.model, "divisor", (1, 1, 1))
         for patch in self.effective.all_patch_sizes:
@@ -389,7 +395,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         seed = self.config.seed * 1000 + self.rank
         self.labeled_source = BatchSource(self.store, self.split["train_labeled"], self.plans,
-                                          self._stream(True, augment=True), seed, "labeled")
+                                          self._stream(True, augment=True), seed, "labeled", self.absent_views)
         self.unlabeled_source = BatchSource(self.store, self.split["train_unlabeled"], self.plans,
                                             self._stream(False, augment=True, batch_size=self.unlabeled_batch_size),
                                             seed, "unlabeled") \
@@ -425,6 +431,18 @@ class Trainer:
             self.log.write(f"warm start: stage 1 skipped ({skipped} 0), training starts in stage {self.stage}")
         elif self.warm_up_setting and self.stage == 1:
             self.log.write(f"warm start: stage 1 kept, it trains {', '.join(source.left)} first")
+
+    def _absent_views(self, train: list[str]) -> list[tuple[AbsentView, list[str]]]:
+        """The other datasets' views of the training images where declared absences are learnt too
+        (``plans.absent_views``), each with the store keys of its cases: the dataset's training cases."""
+        if not (self.config.absent_views and self.declares_absence):
+            return []
+        views = []
+        for view in trained_views(self.plans, self.configuration, self.effective.patch_for):
+            cases = [key.split("/", 1)[1] for key in train if key.split("/", 1)[0] == view.dataset]
+            if cases:
+                views.append((view, [f"{view.folder}/{case}" for case in cases]))
+        return views
 
     def _stream(self, labeled: bool, augment: bool, batch_size: int | None = None) -> StreamSettings:
         augmentation = self.config.augmentation if augment else type(self.config.augmentation)(enabled=False)
@@ -654,7 +672,31 @@ class Trainer:
                 terms[name] = terms.get(name, 0) + value.detach() / len(pairs)
             if len(pairs) > 1:
                 terms[f"loss_{names[int(own['dataset'][0])]}"] = part["loss"].detach()
+        if labeled.get("absent_views"):
+            views = self.absent_view_loss([self._to_device(view) for view in labeled["absent_views"]])
+            terms["known_absent_views"] = views
+            terms["loss"] = terms["loss"] + views
         return terms
+
+    def absent_view_loss(self, views: list[dict]) -> torch.Tensor:
+        """The declared absences on the other datasets' views of the images (``plans.absent_views``):
+        the exclusion loss of every predicting network (only the main one in the warm-up), mean over
+        views and networks, ramped up as in the supervised step. Each view's backward runs at once,
+        so only one view's activations are held; returns the loss, already backpropagated."""
+        networks = [self.network] if self.in_warm_up or self.supervised_throughout else \
+            [self.network] + [e.network for e in self.extra_networks.values() if e.network_plan is not None]
+        total = torch.zeros((), device=self.device)
+        for network in networks:
+            for view in views:
+                x = view["data"]
+                prompts = torch.arange(self.num_prompts, device=x.device).expand(x.shape[0], -1)
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    loss = self.known_absent_ramp() * exclusion_loss(finest(network(x, prompts)),
+                                                                     self.absent_prompts(view["dataset"]))
+                loss = loss / (len(views) * len(networks))
+                self.scaler.scale(loss).backward()
+                total = total + loss.detach()
+        return total
 
     def train_epoch(self) -> tuple[float, list[float], dict[str, float]]:
         """Mean loss, the loss of each iteration, and the mean of every term of the epoch."""
