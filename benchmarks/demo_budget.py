@@ -65,7 +65,8 @@ def start(args, work: Path, trainer: str, seed: int) -> subprocess.Popen | None:
     command = [str(BIN / "versemi_train"), "3d_fullres", "0", "-e", EXPERIMENT, "-tr", trainer, "--time-budget",
                str(args.minutes), "--seed", str(seed), "--patch-size", "32", "48", "48", "--batch-size", "2",
                "--features", "8", "16", "32", "64", "--optimizer", "adam", "--lr", "3e-3", "--num-workers", "1",
-               "--val-iterations", "2", "--supervised-warm-up", args.supervised_warm_up] \
+               "--val-iterations", "2", "--supervised-warm-up", args.supervised_warm_up,
+               "--absent-views", args.absent_views] \
         + (["--method", args.method] if args.method else [])
     return subprocess.Popen(command, env=env, stdout=open(folder / "train.log", "w"), stderr=subprocess.STDOUT)
 
@@ -124,6 +125,9 @@ def main() -> None:
                              "method from the first step)")
     parser.add_argument("--known-absent", action="store_true",
                         help="plan with --known-absent all: each dataset declares the other's structure absent")
+    parser.add_argument("--absent-views", choices=("on", "off"), default="on",
+                        help="versemi_train --absent-views (with --known-absent: also learn the absence on the view "
+                             "prediction shows the other structure's prompt)")
     args = parser.parse_args()
     work = args.work.absolute()
     raw = prepare(work, args.known_absent)
@@ -150,7 +154,8 @@ def main() -> None:
     title = (f"Demo pair (DemoLA + DemoPancreas, synthetic), fold 0, --time-budget {args.minutes:g} min, 2 runs side "
              "by side x 1 thread; patch 32x48x48, features 8-16-32-64, batch 2, adam 3e-3; final checkpoint; every "
              "prompt into one label map, no mirroring"
-             + ("; planned with --known-absent all" if args.known_absent else "; nothing declared absent")
+             + (f"; planned with --known-absent all, --absent-views {args.absent_views}" if args.known_absent
+                else "; nothing declared absent")
              + f"; --supervised-warm-up {args.supervised_warm_up}")
     (work / "demo_budget.md").write_text(title + "\n\n" + "\n".join(rows) + "\n")
     (work / "demo_budget.json").write_text(json.dumps({"settings": vars(args) | {"work": str(work)},
