@@ -151,6 +151,21 @@ def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = 
     return trainer
 
 
+def claims_of_absent_structures(trainer, batch: dict, declared=None) -> float:
+    """Mean foreground probability, over a batch, of the prompts that ``declared`` (a trainer; by
+    default ``trainer``) declares absent from each sample's dataset."""
+    import torch
+
+    from versemi.training.losses import foreground_probability
+
+    with torch.no_grad():
+        prompts = torch.arange(trainer.num_prompts).expand(batch["data"].shape[0], -1)
+        out = trainer.network(batch["data"], prompts)
+        probability = foreground_probability(out if torch.is_tensor(out) else out[0])
+    absent = (declared or trainer).absent_prompts(batch["dataset"])[(...,) + (None,) * 3]
+    return float((probability * absent).sum() / (absent.sum() * probability[0, 0].numel()))
+
+
 def fit_fixed_batch(trainer, steps: int) -> tuple[list[float], dict]:
     """Optimize ``steps`` times on the trainer's first batch(es) (every network of the trainer);
     returns the losses and the last terms."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOY_EXPERIMENT, make_trainer
+from conftest import TOY_EXPERIMENT, claims_of_absent_structures, make_trainer
 from versemi.datasets.io import read_image
 from versemi.datasets.layout import load_dataset
 from versemi.errors import InputError
@@ -20,7 +20,6 @@ from versemi.plans.absent_views import cached_view_pairs, trained_views, view_pa
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
 from versemi.preprocessing.cache import read_array
 from versemi.preprocessing.pipeline import to_network_input
-from versemi.training.losses import foreground_probability
 
 
 def _plans(la_absent=(), hippo_absent=(), hippo_spacing=(1.0, 1.0, 1.0)) -> dict:
@@ -92,16 +91,6 @@ def test_the_cache_holds_each_dataset_prepared_as_the_other_plan_prepares_it(dec
     assert [cache["preprocessed"] for cache in again["caches"]] == [0] * len(again["caches"])
 
 
-def _claims(trainer, view: dict) -> float:
-    """Mean foreground probability of the prompts declared absent from a view's images."""
-    with torch.no_grad():
-        prompts = torch.arange(trainer.num_prompts).expand(view["data"].shape[0], -1)
-        out = trainer.network(view["data"], prompts)
-        probability = foreground_probability(out if torch.is_tensor(out) else out[0])
-    absent = trainer.absent_prompts(view["dataset"])[(...,) + (None,) * 3]
-    return float((probability * absent).sum() / (absent.sum() * probability[0, 0].numel()))
-
-
 def test_labeled_batches_carry_the_views_and_the_step_learns_the_absence_there(declared, tmp_path, one_thread):
     torch.manual_seed(0)
     trainer = make_trainer("SupervisedTrainer", declared, tmp_path, plans=_plans_of(declared))
@@ -114,13 +103,13 @@ def test_labeled_batches_carry_the_views_and_the_step_learns_the_absence_there(d
     again = trainer.labeled_source[0]["absent_views"]  # a pure function of the batch number
     assert all(torch.equal(a["data"], b["data"]) for a, b in zip(views, again))
     assert "DemoLA's images as DemoPancreas's plan" in trainer.known_absent_note()
-    before = [_claims(trainer, v) for v in views]
+    before = [claims_of_absent_structures(trainer, v) for v in views]
     for iteration in range(15):
         terms = trainer.optimize(iteration, batch, None)
     assert terms["known_absent_views"] > 0
     assert terms["loss"] == pytest.approx(terms["supervised"] + terms["known_absent"] + terms["known_absent_views"],
                                           rel=1e-5)
-    after = [_claims(trainer, v) for v in views]
+    after = [claims_of_absent_structures(trainer, v) for v in views]
     assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAINING, TOY_EXPERIMENT, fit_fixed_batch, make_trainer, toy_experiment
+from conftest import (TINY_TRAINING, TOY_EXPERIMENT, claims_of_absent_structures, fit_fixed_batch, make_trainer,
+                      toy_experiment)
 from versemi.cli import plan_and_preprocess_main, predict_main
 from versemi.errors import InputError
 from versemi.plans import known_absent
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
-from versemi.training.losses import exclusion_loss, foreground_probability
+from versemi.training.losses import exclusion_loss
 
 LABELS = {"LA": {"background": 0, "left_atrium": 1},
           "Hippocampus": {"background": 0, "Anterior": 1, "Posterior": 2}}
@@ -130,16 +131,6 @@ def _plans_with(planned: Path, declared: dict) -> dict:
 BOTH_WAYS = {"DemoLA": ["DemoPancreas/pancreas"], "DemoPancreas": ["DemoLA/left_atrium"]}
 
 
-def _claims_of_absent_structures(trainer, batch: dict, declared) -> float:
-    """Mean foreground probability of the prompts ``declared`` (a trainer) absent from each sample's dataset."""
-    with torch.no_grad():
-        prompts = torch.arange(trainer.num_prompts).expand(batch["data"].shape[0], -1)
-        out = trainer.network(batch["data"], prompts)
-        probability = foreground_probability(out if torch.is_tensor(out) else out[0])
-    absent = declared.absent_prompts(batch["dataset"])[(...,) + (None,) * 3]
-    return float((probability * absent).sum() / (absent.sum() * probability[0, 0].numel()))
-
-
 @pytest.mark.parametrize("name", ["SupervisedTrainer", "VerSemiTrainer", "MutualLearningTrainer"])
 def test_a_declaration_adds_the_loss_and_teaches_the_absence(name, planned, tmp_path, one_thread):
     torch.manual_seed(0)
@@ -150,16 +141,16 @@ def test_a_declaration_adds_the_loss_and_teaches_the_absence(name, planned, tmp_
                             absent_views=False)
     assert not plain.declares_absence and declared.declares_absence
     batch = declared.labeled_source[0]
-    before = _claims_of_absent_structures(declared, batch, declared)
-    assert before == pytest.approx(_claims_of_absent_structures(plain, batch, declared))  # same start
+    before = claims_of_absent_structures(declared, batch, declared)
+    assert before == pytest.approx(claims_of_absent_structures(plain, batch, declared))  # same start
     _, plain_terms = fit_fixed_batch(plain, 12)
     _, terms = fit_fixed_batch(declared, 12)
     assert "known_absent" not in plain_terms and float(terms["known_absent"].detach()) > 0
     # the declared run learns "nothing here" for the absent prompts; the plain one leaves them unknown
     # (MutualLearning's own exclusion only where the image's labels hold)
-    after = _claims_of_absent_structures(declared, batch, declared)
+    after = claims_of_absent_structures(declared, batch, declared)
     assert after < 0.5 * before
-    assert after < _claims_of_absent_structures(plain, batch, declared)
+    assert after < claims_of_absent_structures(plain, batch, declared)
 
 
 def test_the_absences_ramp_up_over_the_first_iterations_of_a_run_from_scratch(planned, tmp_path):
