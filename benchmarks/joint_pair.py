@@ -203,12 +203,13 @@ def table(results: dict[str, dict[int, dict]], rows: list[Row], minutes: float) 
 
 
 def figure(results: dict[str, dict[int, dict]], rows: list[Row], path: Path) -> None:
+    """Each dataset's test Dice per row, and the cross-dataset claims against the 0.5 % target."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [row for row in rows if results.get(row.label)]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(shown), 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(6 + 1.8 * len(shown), 4.5))
     for ax, dataset, labels in ((axes[0], "LA", (1,)), (axes[1], "Hippocampus", (1, 2))):
         for i, row in enumerate(shown):
             dices = [100 * np.mean([r["datasets"][dataset]["per_label"][str(v)]["dice"] for v in labels])
@@ -217,7 +218,21 @@ def figure(results: dict[str, dict[int, dict]], rows: list[Row], path: Path) -> 
                 ax.bar(i, np.mean(dices), color="C0" if row.experiment.startswith("joint") else "C1", alpha=0.6)
                 ax.plot([i] * len(dices), dices, "ko", ms=4)
         ax.set_xticks(range(len(shown)), [row.label for row in shown], rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{dataset} test Dice % (dots: seeds; blue: joint model)", fontsize=9)
+        ax.set_title(f"{dataset} test Dice % (dots: seeds;\nblue: joint model)", fontsize=9)
+    claims = axes[2]
+    for offset, dataset, name in ((-0.2, "LA", "hippocampus claimed in LA scans"),
+                                  (0.2, "Hippocampus", "atrium claimed in hippocampus scans")):
+        for i, row in enumerate(shown):
+            values = [sum(r["datasets"][dataset]["claims_percent"].values()) for r in results[row.label].values()
+                      if dataset in r["datasets"] and r["datasets"][dataset]["claims_percent"] is not None]
+            if values:
+                claims.bar(i + offset, np.mean(values), width=0.4, color="C2" if offset < 0 else "C3", alpha=0.6,
+                           label=name if i == 0 else None)
+                claims.plot([i + offset] * len(values), values, "ko", ms=4)
+    claims.axhline(0.5, color="k", ls="--", lw=1, label="target 0.5 %")
+    claims.set_xticks(range(len(shown)), [row.label for row in shown], rotation=30, ha="right", fontsize=7)
+    claims.set_title("cross-dataset claims,\n% of a scan's voxels", fontsize=9)
+    claims.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
