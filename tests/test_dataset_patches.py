@@ -247,3 +247,23 @@ def test_structures_wider_than_the_patch_are_counted_and_warned(toy_raw_master, 
     large = plan(tmp_path / "large", "--patch-size", "2d=512x512")
     assert large["configurations"]["2d"]["structures_beyond_patch"]["DemoLA"]["cases"] == 0
     assert "DemoLA (2d patch)" not in capsys.readouterr().err
+
+
+def test_a_plan_with_patches_per_dataset_trains_with_adam_unless_told(own_planned, planned):
+    from versemi.training.run import build_parser, choose_optimizer, make_config
+
+    def chosen(plans_root, options, saved=None):
+        args = build_parser().parse_args(["3d_fullres", "0", *options])
+        config = make_config(args, saved)
+        plans = json.loads((plans_root / TOY_EXPERIMENT / "plans.json").read_text(encoding="utf-8"))
+        note = choose_optimizer(args, config, plans, "3d_fullres", saved)
+        return config.optimizer, config.learning_rate, note
+
+    optimizer, lr, note = chosen(own_planned, [])
+    assert (optimizer, lr) == ("adam", 3e-3) and "--optimizer sgd" in note  # SGD stalled on one-dataset batches
+    assert chosen(own_planned, ["--lr", "1e-3"])[:2] == ("adam", 1e-3)
+    assert chosen(own_planned, ["--optimizer", "sgd"]) == ("sgd", 1e-2, None)  # told otherwise
+    assert chosen(own_planned, ["--patch-size", "16", "32", "32"])[::2] == ("sgd", None)  # one patch for all
+    assert chosen(planned, []) == ("sgd", 1e-2, None)  # one shared patch: nnU-Net's SGD
+    saved = make_config(build_parser().parse_args(["3d_fullres", "0"]), None).to_dict()
+    assert chosen(own_planned, [], saved)[0] == "sgd"  # a run continues with what it started with

@@ -16,7 +16,7 @@ from ..console import add_quiet_option
 from ..errors import input_error
 from ..locks import folder_lock
 from ..model.augmentation_settings import AugmentationSettings
-from ..model.config import NETWORK_SIZES, TrainingConfig
+from ..model.config import NETWORK_SIZES, TrainingConfig, effective_configuration
 from ..model.layout import find_experiment, output_folder, parse_fold
 from ..model.plans_view import PlansView
 from ..model.precision import PRECISIONS
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the datasets of a joint plan have patches of their own (--patch-per-dataset at "
                         "planning): each (default) step trains a sub-batch of every dataset at its own patch, their "
                         "gradients accumulated into one optimizer step; one: one dataset per step. With either, "
-                        "SGD stalled where Adam learnt: use --optimizer adam --lr 3e-3 (benchmarks/RESULTS.md)")
+                        "SGD stalled where Adam learnt, so such plans train with Adam 3e-3 unless --optimizer is "
+                        "given (benchmarks/RESULTS.md)")
     p.add_argument("--absent-views", choices=("on", "off"),
                    help="where a dataset declares another dataset's structures absent (--known-absent at planning) "
                         "and that dataset prepares images another way or with another patch: on (default) also "
@@ -159,6 +160,24 @@ def parse_method(text: str) -> dict:
     return method
 
 
+# Plans with a patch per dataset train on one-dataset batches, where SGD (lr 1e-2, Nesterov 0.99)
+# stalled and Adam learnt both datasets of the real LA + hippocampus pair (benchmarks/RESULTS.md)
+PER_DATASET_PATCH_OPTIMIZER = ("adam", 3e-3)
+
+
+def choose_optimizer(args, config: TrainingConfig, plans: dict, configuration: str, saved: dict | None) -> str | None:
+    """A new run of a plan whose datasets have patches of their own trains with Adam 3e-3 unless
+    ``--optimizer`` says otherwise; returns the note that says so (None where nothing changed)."""
+    if saved or args.optimizer is not None \
+            or not effective_configuration(plans, configuration, config).dataset_patch_sizes:
+        return None
+    config.optimizer, default_lr = PER_DATASET_PATCH_OPTIMIZER
+    if config.lr is None:
+        config.lr = default_lr
+    return (f"the plan gives datasets patches of their own: optimizer {config.optimizer}, lr {config.lr:g} "
+            "(SGD stalled on such batches; --optimizer sgd to use it anyway)")
+
+
 def train(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_gpus > 1 and "WORLD_SIZE" not in os.environ:
@@ -187,6 +206,9 @@ def train(argv: list[str] | None = None) -> int:
                           "resume it with --continue, or move the folder away to start over")
     device = distributed_device(args.device)
     config = make_config(args, saved)
+    optimizer_note = choose_optimizer(args, config, plans, args.configuration, saved)
+    if optimizer_note and os.environ.get("RANK", "0") == "0":
+        print(f"versemi_train: {optimizer_note}", flush=True)
     # one run per fold at a time; under DDP the first process holds the lock for all of them
     with folder_lock(folder, "versemi_train") if os.environ.get("RANK", "0") == "0" else nullcontext():
         trainer = trainer_class(plans, plans_root, args.configuration, fold, folder, config, device)

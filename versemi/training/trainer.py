@@ -579,6 +579,9 @@ class Trainer:
             if self.effective.dataset_patch_sizes and self.config.optimizer == "sgd":
                 self.log.write("note: with batches of one dataset (patches per dataset), SGD stalled at the start of "
                                "joint runs where Adam learnt (benchmarks/RESULTS.md): consider --optimizer adam --lr 3e-3")
+            elif self.effective.dataset_patch_sizes:
+                self.log.write(f"optimizer {self.config.optimizer}, lr {self.config.learning_rate:g} (a plan with patches "
+                               "per dataset trains with Adam 3e-3 unless --optimizer is given)")
             if self.declares_absence:
                 self.log.write(self.known_absent_note())
             if self.uses_unlabeled:
