@@ -18,8 +18,8 @@ Adam learnt, a little faster per sample with ``"each"`` (benchmarks/RESULTS.md).
 Where a dataset declares another's structures absent and that dataset shows images another way
 (``plans.absent_views``), each labeled item also holds ``"absent_views"``: per view, a few random
 patches of the dataset's images as the other dataset's plan and patch show them, unlabeled.
-Because a batch depends only on its number, the loader can run in background workers in any order and a resumed
-run continues with exactly the batches an uninterrupted run would have seen.
+Because a batch depends only on its number, the loader can run in background workers in any order
+and a resumed run continues with exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
