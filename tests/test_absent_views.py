@@ -1,4 +1,4 @@
-"""Declared absences learnt on the view prediction shows a structure's prompt (``plans.absent_views``):
+"""Declared absences learnt on the view prediction shows a structure's prompt (``model.absent_views``):
 which views a plan needs, their place in the preprocessing cache, their patches in the labeled
 batches, and the loss that teaches them."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from versemi.datasets.io import read_image
 from versemi.datasets.layout import load_dataset
 from versemi.errors import InputError
 from versemi.model.config import TrainingConfig
-from versemi.plans.absent_views import cached_view_pairs, trained_views, view_pairs
+from versemi.model.absent_views import cached_view_pairs, trained_views, view_pairs
 from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
 from versemi.preprocessing.cache import read_array
 from versemi.preprocessing.pipeline import to_network_input

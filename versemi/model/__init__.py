@@ -2,6 +2,7 @@
 and the benchmark read.
 
     plans_view             PlansView: the typed view of plans.json and its configurations
+    absent_views           the other datasets' views of a dataset's images where its declared absences are learnt
     config                 TrainingConfig, and effective_configuration: the patch and network after overrides
     augmentation_settings  AugmentationSettings (part of TrainingConfig)
     precision              PRECISIONS, autocast_dtype: the mixed precision a network computes in

@@ -55,7 +55,7 @@ class TrainingConfig:
     # every dataset (gradients accumulated), or "one" dataset per step (versemi.training.data)
     dataset_batches: str = "each"
     # --absent-views: where a dataset declares another's structures absent, also learn the absence on
-    # the view prediction shows their prompts (that dataset's preparation and patch; plans.absent_views)
+    # the view prediction shows their prompts (that dataset's preparation and patch; model.absent_views)
     absent_views: bool = True
     # method settings read by the trainer subclasses
     method: dict = field(default_factory=dict)

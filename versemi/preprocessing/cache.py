@@ -9,7 +9,7 @@ Layout, per experiment and configuration::
                                                                           another dataset's plan (no labels)
 
 The ``Dataset@Other`` folders exist where a dataset declares another's structures absent and
-the two plans prepare images differently (``plans.absent_views``): training learns the absence on
+the two plans prepare images differently (``model.absent_views``): training learns the absence on
 the view prediction shows that structure's prompt.
 
 Arrays are blosc2 (zstd) files, which the data loader can read patch by patch without
@@ -35,7 +35,7 @@ from ..datasets.layout import RawCase, RawDataset
 from ..locks import folder_lock
 from ..model.plans_view import DEFAULT_CONFIGURATION, PlansView
 from ..parallel import map_with_progress
-from ..plans.absent_views import cached_view_pairs, plan_of_folder, view_folder
+from ..model.absent_views import cached_view_pairs, plan_of_folder, view_folder
 from .cropping import crop
 from .pipeline import to_network_input
 from .resampling import concrete_target, resample_segmentation

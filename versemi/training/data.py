@@ -16,7 +16,7 @@ to its patch). Two ways to step with them (``dataset_batches``):
 In both, a batch holds one dataset; SGD stalled on such batches where mixed batches learnt, and
 Adam learnt, a little faster per sample with ``"each"`` (benchmarks/RESULTS.md).
 Where a dataset declares another's structures absent and that dataset shows images another way
-(``plans.absent_views``), each labeled item also holds ``"absent_views"``: per view, a few random
+(``model.absent_views``), each labeled item also holds ``"absent_views"``: per view, a few random
 patches of the dataset's images as the other dataset's plan and patch show them, unlabeled.
 Because a batch depends only on its number, the loader can run in background workers in any order
 and a resumed run continues with exactly the batches an uninterrupted run would have seen.
@@ -37,7 +37,7 @@ from ..atomic import read_json
 from ..errors import InputError, Problem
 from ..model.augmentation_settings import AugmentationSettings
 from ..model.plans_view import PlansView
-from ..plans.absent_views import AbsentView
+from ..model.absent_views import AbsentView
 from ..preprocessing.cache import cache_folder, configuration_digests
 from .augmentation import augment, build_transforms, source_patch_size
 

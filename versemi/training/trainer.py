@@ -38,7 +38,7 @@ from ..model.layout import checkpoint_file
 from ..model.plans_view import PlansView
 from ..model.precision import autocast_dtype
 from ..nets import build_network
-from ..plans.absent_views import AbsentView, trained_views
+from ..model.absent_views import AbsentView, trained_views
 from .budget import check_against_clock, fit_schedule, seconds_left
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader, sub_batch_pairs
 from .losses import DiceCE, exclusion_loss, finest, multiscale, prompt_columns
@@ -434,7 +434,7 @@ class Trainer:
 
     def _absent_views(self, train: list[str]) -> list[tuple[AbsentView, list[str]]]:
         """The other datasets' views of the training images where declared absences are learnt too
-        (``plans.absent_views``), each with the store keys of its cases: the dataset's training cases."""
+        (``model.absent_views``), each with the store keys of its cases: the dataset's training cases."""
         if not (self.config.absent_views and self.declares_absence):
             return []
         views = []
@@ -682,7 +682,7 @@ class Trainer:
         return terms
 
     def absent_view_loss(self, views: list[dict]) -> torch.Tensor:
-        """The declared absences on the other datasets' views of the images (``plans.absent_views``):
+        """The declared absences on the other datasets' views of the images (``model.absent_views``):
         the exclusion loss of every predicting network (only the main one in the warm-up), mean over
         views and networks, ramped up as in the supervised step. Each view's backward runs at once,
         so only one view's activations are held; returns the loss, already backpropagated."""

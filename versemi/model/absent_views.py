@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..model.plans_view import PlansView
+from .plans_view import PlansView
 
 SEPARATOR = "@"
 
