@@ -122,29 +122,29 @@ def make_config(args, saved: dict | None) -> TrainingConfig:
         if not saved:
             config.network_size = args.network_size
     if args.supervised_warm_up is not None:
-        request = parse_request(args.supervised_warm_up)
-        if saved and request != config.supervised_warm_up:
-            raise input_error(f"--supervised-warm-up {args.supervised_warm_up}",
-                              f"this run was started with --supervised-warm-up {config.supervised_warm_up}",
-                              "continue it without the option, or start a new run in another folder")
-        config.supervised_warm_up = request
+        config.supervised_warm_up = _kept_on_continue("--supervised-warm-up", args.supervised_warm_up,
+                                                      parse_request(args.supervised_warm_up),
+                                                      config.supervised_warm_up, saved)
     if args.dataset_batches is not None:
-        if saved and args.dataset_batches != config.dataset_batches:
-            raise input_error(f"--dataset-batches {args.dataset_batches}",
-                              f"this run was started with --dataset-batches {config.dataset_batches}",
-                              "continue it without the option, or start a new run in another folder")
-        config.dataset_batches = args.dataset_batches
+        config.dataset_batches = _kept_on_continue("--dataset-batches", args.dataset_batches, args.dataset_batches,
+                                                   config.dataset_batches, saved)
     if args.absent_views is not None:
-        wanted = args.absent_views == "on"
-        if saved and wanted != config.absent_views:
-            raise input_error(f"--absent-views {args.absent_views}",
-                              f"this run was started with --absent-views {'on' if config.absent_views else 'off'}",
-                              "continue it without the option, or start a new run in another folder")
-        config.absent_views = wanted
+        config.absent_views = _kept_on_continue("--absent-views", args.absent_views, args.absent_views == "on",
+                                                config.absent_views, saved,
+                                                "on" if config.absent_views else "off")
     if config.time_budget is not None and config.time_budget <= 0:
         raise input_error(f"--time-budget {config.time_budget:g}", "is not a positive number of minutes",
                           "give the minutes the whole training may take, e.g. --time-budget 20")
     return config
+
+
+def _kept_on_continue(flag: str, given: str, value, started_with, saved: dict | None, shown: str | None = None):
+    """``value`` (what ``flag given`` asks for), refused on --continue where the run started with
+    another (``shown``: how that one is written on the command line)."""
+    if saved and value != started_with:
+        raise input_error(f"{flag} {given}", f"this run was started with {flag} {shown or started_with}",
+                          "continue it without the option, or start a new run in another folder")
+    return value
 
 
 def parse_method(text: str) -> dict:
