@@ -113,6 +113,19 @@ def test_labeled_batches_carry_the_views_and_the_step_learns_the_absence_there(d
     assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
 
 
+def test_the_views_weigh_as_the_method_weighs_the_absences(declared, tmp_path, one_thread):
+    """Once a method runs, its weight of the declared absences (VerSemi's ``weight_known_absent``)
+    applies to the views too; 0 switches them off without computing them."""
+    views = {}
+    for weight in (1.0, 0.0):
+        torch.manual_seed(0)
+        trainer = make_trainer("VerSemiTrainer", declared, tmp_path / str(weight), plans=_plans_of(declared),
+                               method={"weight_known_absent": weight})
+        assert not trainer.in_warm_up
+        views[weight] = trainer.optimize(0, trainer.labeled_source[0], None)["known_absent_views"]
+    assert views[1.0] > 0 and views[0.0] == 0
+
+
 def test_without_views_or_without_a_declaration_batches_carry_none(declared, planned, tmp_path):
     off = make_trainer("SupervisedTrainer", declared, tmp_path / "off", plans=_plans_of(declared), absent_views=False)
     assert off.absent_views == [] and "absent_views" not in off.labeled_source[0]

@@ -684,18 +684,23 @@ class Trainer:
     def absent_view_loss(self, views: list[dict]) -> torch.Tensor:
         """The declared absences on the other datasets' views of the images (``model.absent_views``):
         the exclusion loss of every predicting network (only the main one in the warm-up), mean over
-        views and networks, ramped up as in the supervised step. Each view's backward runs at once,
-        so only one view's activations are held; returns the loss, already backpropagated."""
-        networks = [self.network] if self.in_warm_up or self.supervised_throughout else \
+        views and networks, ramped up as in the supervised step and, once the method runs, weighted as
+        the method weighs the absences on its own images (``weight_known_absent``, where it has one).
+        Each view's backward runs at once, so only one view's activations are held; returns the loss,
+        already backpropagated."""
+        supervised = self.in_warm_up or self.supervised_throughout
+        networks = [self.network] if supervised else \
             [self.network] + [e.network for e in self.extra_networks.values() if e.network_plan is not None]
+        weight = self.known_absent_ramp() * (1.0 if supervised else self.settings.get("weight_known_absent", 1.0))
         total = torch.zeros((), device=self.device)
+        if not weight:
+            return total
         for network in networks:
             for view in views:
                 x = view["data"]
                 prompts = torch.arange(self.num_prompts, device=x.device).expand(x.shape[0], -1)
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                    loss = self.known_absent_ramp() * exclusion_loss(finest(network(x, prompts)),
-                                                                     self.absent_prompts(view["dataset"]))
+                    loss = weight * exclusion_loss(finest(network(x, prompts)), self.absent_prompts(view["dataset"]))
                 loss = loss / (len(views) * len(networks))
                 self.scaler.scale(loss).backward()
                 total = total + loss.detach()
