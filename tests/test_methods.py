@@ -17,7 +17,7 @@ from versemi.nets.prompt_head import TaskController
 from versemi.training import data as data_module
 from versemi.training.budget import fit_schedule
 from versemi.training.losses import SMOOTH, DiceCE, deep_supervision_weights
-from versemi.training.method_settings import resolve_method_settings
+from versemi.training.method_settings import resolve_method_settings, unsaved
 from versemi.model.precision import autocast_dtype, cpu_has_bf16
 from versemi.training.run import parse_method
 from versemi.training.trainers.versemi import DEFAULTS, PRESETS
@@ -201,6 +201,30 @@ def test_stage2_task_mix_switch_and_paper_preset(planned, tmp_path):
     kept = _versemi(planned, tmp_path / "kept", stage2_task_mix=True)  # the default drops it, as the paper
     kept.epoch = 9
     assert "task_mix" in kept.train_step(labeled, unlabeled)
+
+
+def test_every_resolved_setting_is_saved_so_continue_keeps_it(planned, results):
+    """A run stores all its method settings, not only those given: a later default change must not
+    change a resumed run's loss. Runs saved before (only the given settings) say which they take
+    from this version's defaults."""
+    args = ["3d_fullres", "0", "--plans-root", str(planned), *TINY, "--iterations-per-epoch", "1",
+            "--method", '{"preset": "paper", "weight_consistency": 0.5}']
+    assert train_main([*args, "--epochs", "1"]) == 0
+    folder = results / TOY_EXPERIMENT / "VerSemiTrainer__3d_fullres" / "fold_0"
+    latest = folder / "checkpoint_latest.pth"
+    state = torch.load(latest, weights_only=False)
+    assert state["config"]["method"] == {"preset": "paper", **DEFAULTS, **PRESETS["paper"], "weight_consistency": 0.5}
+    # as an earlier version saved it: only the settings given
+    state["config"]["method"] = {"weight_consistency": 0.5}
+    torch.save(state, latest)
+    assert train_main(["3d_fullres", "0", "--plans-root", str(planned), "--continue", "--epochs", "2"]) == 0
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
+    line = next(line for line in log.splitlines() if "not saved with this run" in line)
+    assert "stage2_task_mix=False" in line and "weight_consistency" not in line
+    final = torch.load(folder / "checkpoint_final.pth", weights_only=False)["config"]["method"]
+    assert final == {**DEFAULTS, "weight_consistency": 0.5}  # pinned from now on
+    assert unsaved(DEFAULTS, PRESETS, {"preset": "paper"}) == sorted(set(DEFAULTS) - set(PRESETS["paper"]))
+    assert unsaved(DEFAULTS, PRESETS, {}) == sorted(DEFAULTS)
 
 
 def test_unknown_or_mistyped_method_settings_are_refused(planned, results, capsys):

@@ -44,3 +44,19 @@ def resolve_method_settings(trainer: str, defaults: dict, presets: dict[str, dic
                                           f"(default {defaults[key]!r})", f"give {key} a value like its default")
         settings[key] = tuple(value) if isinstance(defaults[key], tuple) else value
     return settings
+
+
+def pinned(settings: dict, given: dict) -> dict:
+    """What a run stores as its method settings: every resolved setting, and the preset it named.
+
+    A run that stored only the settings it was given would take a later version's defaults for the
+    others on ``--continue``, and change its loss half-way through when a default changes."""
+    preset = given.get(PRESET_KEY)
+    return {**({PRESET_KEY: preset} if preset is not None else {}), **settings}
+
+
+def unsaved(defaults: dict, presets: dict[str, dict], saved: dict) -> list[str]:
+    """The settings a saved run holds neither itself nor through its preset (runs saved before
+    settings were pinned): they take this version's defaults."""
+    covered = set(saved) | set(presets.get(saved.get(PRESET_KEY), {}))
+    return sorted(set(defaults) - covered)

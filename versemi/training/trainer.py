@@ -42,7 +42,7 @@ from ..model.absent_views import AbsentView, trained_views
 from .budget import check_against_clock, fit_schedule, seconds_left
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader, sub_batch_pairs
 from .losses import DiceCE, exclusion_loss, finest, multiscale, prompt_columns
-from .method_settings import resolve_method_settings
+from .method_settings import pinned, resolve_method_settings, unsaved
 from .progress import TrainingLog
 from .prompts import known_absent_matrix
 from .schedules import sigmoid_rampup
@@ -548,6 +548,15 @@ class Trainer:
         np.random.seed(seed)
         random.seed(seed)
 
+    def _log_unsaved_settings(self) -> None:
+        """A resumed run saved before method settings were stored in full: say which settings it
+        takes from this version's defaults (a default may have changed since it started)."""
+        missing = unsaved(self.method_defaults, self.method_presets, self.config.method)
+        if missing:
+            self.log.write("method settings not saved with this run (an earlier version stored only those given) "
+                           "take this version's defaults: "
+                           + ", ".join(f"{key}={self.settings[key]!r}" for key in missing))
+
     def run(self, resume: bool = False) -> None:
         resuming = resume and self.saved_checkpoint() is not None
         self.setup(warm_start=not resuming)  # a resumed run is not warm-started again
@@ -561,6 +570,7 @@ class Trainer:
         self.resolve_warm_up()
         if resumed and self.is_main:
             self.log.write(f"resumed at epoch {self.epoch}")
+            self._log_unsaved_settings()
         elif self.is_main:
             precision = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "float32"
             own = "".join(f", {name} its own {patch} x {self.labeled_source.batch_size_for(patch)}"
@@ -587,6 +597,7 @@ class Trainer:
             if self.uses_unlabeled:
                 self.log.write(describe_warm_up(self.config.supervised_warm_up, self.warm_up_epochs, self.config.epochs,
                                                 self.config.iterations_per_epoch, self.warm_start is not None))
+        self.config.method = pinned(self.settings, self.config.method)  # so --continue keeps them
         self.training_batches = self.batches_left()
         while self.epoch < self.config.epochs:
             started = time.time()
