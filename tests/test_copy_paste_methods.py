@@ -232,8 +232,11 @@ def test_cad_moves_the_partners_confident_box_onto_the_largest_uncertain_region(
     moved = trainer.displace(target, source)
     assert torch.equal(moved.images[..., 2:6, 4:12, 4:12], source.images[..., 10:14, 20:28, 20:28])
     assert moved.images[..., 6:, :, :].abs().sum() == 0  # nothing else replaced
-    assert moved.prompts.tolist() == [[0, 1]] and moved.scales == (1.0, 0.5)
+    # the moved box weighs as many voxels as it holds (4 x 8 x 8 of 16 x 32 x 32), at its kind's weight
+    assert moved.prompts.tolist() == [[0, 1]] and moved.scales == pytest.approx((1.0, 0.5 * 256 / 16384))
     assert torch.equal(moved.masks[:, 1:2], (moved.images != 0).float() + (moved.images == 0).float() * moved.masks[:, 1:2])
+    trainer.settings["displaced_weight"] = "slot"  # a slot of its own at its kind's full weight
+    assert trainer.displace(target, source).scales == (1.0, 0.5)
 
 
 def test_bad_copy_paste_settings_get_clear_errors(planned, tmp_path):
@@ -243,6 +246,8 @@ def test_bad_copy_paste_settings_get_clear_errors(planned, tmp_path):
         make_trainer("M3HLTrainer", planned, tmp_path, method={"mask_ratio": 1.0})
     with pytest.raises(InputError, match="threshold_end 0"):
         make_trainer("CADTrainer", planned, tmp_path, method={"threshold_end": 0.0})
+    with pytest.raises(InputError, match="displaced_weight 'voxels'"):
+        make_trainer("CADTrainer", planned, tmp_path, method={"displaced_weight": "voxels"})
     with pytest.raises(InputError, match="at least 2 unlabeled"):
         make_trainer("BCPTrainer", planned, tmp_path, unlabeled_batch_size=1)
     with pytest.raises(InputError, match="at least 2 per process"):

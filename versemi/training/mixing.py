@@ -104,6 +104,11 @@ class Regions:
                        torch.cat([self.masks * (1 - inside), other.masks * inside], 1), self.scales + other.scales,
                        mix(self.confidence, other.confidence, inside))
 
+    def weighted(self, factor: float) -> "Regions":
+        """The same slots with their loss weights multiplied by ``factor``."""
+        return Regions(self.images, self.prompts, self.targets, self.masks,
+                       tuple(factor * scale for scale in self.scales), self.confidence)
+
     def shifted(self, offsets: list[tuple[int, int, int]]) -> "Regions":
         """Every tensor of row b rolled by ``offsets[b]`` voxels (to move a box to another place)."""
         def roll(tensor):

@@ -15,9 +15,15 @@ following are this implementation's choices, each a setting:
   ``threshold_start`` 0.75 -> ``threshold_end`` 0.95, maximal box side ``size_start`` 0.5 ->
   ``size_end`` 0.25 of the patch per axis;
 - the displaced images replace BCP's pasted ones (the same number of images per step);
-- the moved box keeps its own targets, prompts and loss weights (the regions' slots), so a moved
-  labeled piece is still supervised by its label and a moved pseudo-labeled piece by its
-  pseudo-label, each with the prompt of its dataset;
+- the moved box keeps its own targets and prompts (the regions' slots), so a moved labeled piece
+  is still supervised by its label and a moved pseudo-labeled piece by its pseudo-label, each with
+  the prompt of its dataset;
+- the moved box's slots weigh as many voxels as they hold (``displaced_weight`` "size": their
+  kind's weight times the share of the images' voxels moved), as the voxels of a mixed image do in
+  BCP's loss, which scores the image as a whole. Scored as slots of their own at their kind's full
+  weight ("slot"), a box of 0.5 to 5 % of the patch weighed as much as the rest of the image: its
+  Dice and cross-entropy, normalised over a few hundred voxels at the structure's uncertain border,
+  tripled the loss of a converged model and cost 20 Dice on the hippocampus (benchmarks/RESULTS.md);
 - otherwise as BCPTrainer (stages, pseudo-labels, losses, weights).
 """
 from __future__ import annotations
@@ -32,7 +38,9 @@ from ..schedules import linear
 from .bcp import DEFAULTS as BCP_DEFAULTS
 from .bcp import BCPTrainer
 
-DEFAULTS = {**BCP_DEFAULTS, "threshold_start": 0.75, "threshold_end": 0.95, "size_start": 0.5, "size_end": 0.25}
+DEFAULTS = {**BCP_DEFAULTS, "threshold_start": 0.75, "threshold_end": 0.95, "size_start": 0.5, "size_end": 0.25,
+            "displaced_weight": "size"}
+DISPLACED_WEIGHTS = ("size", "slot")
 PRESETS = {"paper": dict(DEFAULTS)}
 
 
@@ -77,6 +85,9 @@ class CADTrainer(BCPTrainer):
             if not 0 < s[key] <= 1:
                 raise input_error("--method", f"{key} {s[key]} is not in (0, 1]",
                                   f"give {key} as a share (default {DEFAULTS[key]})")
+        if s["displaced_weight"] not in DISPLACED_WEIGHTS:
+            raise input_error("--method", f"displaced_weight {s['displaced_weight']!r} is unknown",
+                              f"give one of {', '.join(DISPLACED_WEIGHTS)}")
 
     def schedule(self) -> tuple[float, float]:
         """(confidence threshold, maximal box side as a share of the patch) now."""
@@ -111,4 +122,7 @@ class CADTrainer(BCPTrainer):
 
     def displace(self, target: Regions, source: Regions) -> Regions:
         inside, offsets = self.displacement(target, source)
-        return target.paste(source.shifted(offsets), inside)
+        moved = source.shifted(offsets)
+        if self.settings["displaced_weight"] == "size":
+            moved = moved.weighted(float(inside.mean()))
+        return target.paste(moved, inside)
