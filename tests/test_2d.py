@@ -174,7 +174,7 @@ def _train_2d(plans_root: Path, results: Path, trainer: str, *extra: str) -> Pat
     from versemi.cli import train_main
 
     os.environ["VERSEMI_PLANS"] = str(plans_root)
-    assert train_main(["2d", "0", "-tr", trainer, *TINY_2D, *extra]) == 0
+    assert train_main(["2d", "0", "-tr", trainer, *TINY_2D]) == 0
     return results / TOY_EXPERIMENT / f"{trainer}__2d" / "fold_0" / "checkpoint_final.pth"
 
 
@@ -190,15 +190,13 @@ def test_every_trainer_trains_in_2d_or_says_why_not(trainer, planned_2d, results
     from versemi.model.checkpoint import load_checkpoint
 
     monkeypatch.setenv("VERSEMI_PLANS", str(planned_2d))
-    extra = []
     if trainer == "MNTrainer":  # a 2d network beside the plan's 3d one: trains the 3d configuration
         assert train_main(["2d", "0", "-tr", trainer, *TINY_2D]) != 0
         return
     if trainer in ("C3S3Trainer", "MEDLTrainer"):
-        # their second network is the 3d V-Net by default: refused with the way out, which then trains
-        assert train_main(["2d", "0", "-tr", trainer, *TINY_2D]) != 0
-        extra = ["--method", '{"second_architecture": "unet"}']
-    assert train_main(["2d", "0", "-tr", trainer, *TINY_2D, *extra]) == 0
+        # their V-Net is 3d only: asked for, it is refused with the way out; by default a second 2d U-Net trains
+        assert train_main(["2d", "0", "-tr", trainer, *TINY_2D, "--method", '{"second_architecture": "vnet"}']) != 0
+    assert train_main(["2d", "0", "-tr", trainer, *TINY_2D]) == 0
     state = load_checkpoint(results / TOY_EXPERIMENT / f"{trainer}__2d" / "fold_0" / "checkpoint_final.pth")
     assert state["configuration"] == "2d" and state["patch_size"][0] == 1
     if state.get("network_plan"):
@@ -209,7 +207,7 @@ def test_c3s3_in_2d_names_the_way_out(planned_2d, results, monkeypatch, capsys):
     from versemi.cli import train_main
 
     monkeypatch.setenv("VERSEMI_PLANS", str(planned_2d))
-    assert train_main(["2d", "0", "-tr", "C3S3Trainer", *TINY_2D]) != 0
+    assert train_main(["2d", "0", "-tr", "C3S3Trainer", *TINY_2D, "--method", '{"second_architecture": "vnet"}']) != 0
     err = capsys.readouterr().err
     assert "3d only" in err and "second_architecture" in err
 

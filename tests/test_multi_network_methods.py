@@ -314,7 +314,11 @@ def test_bad_c3s3_settings_get_clear_errors(planned, tmp_path):
     with pytest.raises(InputError, match="temperature 0 is not positive"):
         make_trainer("C3S3Trainer", planned, tmp_path, method={"temperature": 0})
     with pytest.raises(InputError, match="not a multiple of 16"):
-        make_trainer("C3S3Trainer", planned, tmp_path, patch_size=[8, 32, 32], method=C3S3)
+        make_trainer("C3S3Trainer", planned, tmp_path, patch_size=[8, 32, 32],
+                     method={**C3S3, "second_architecture": "vnet"})
+    # by default the V-Net where the patch allows it, and a second U-Net where it does not
+    assert make_trainer("C3S3Trainer", planned, tmp_path / "fits", method=C3S3).second_name == "vnet"
+    assert make_trainer("MEDLTrainer", planned, tmp_path / "not", patch_size=[8, 32, 32]).second_name == "unet2"
     with pytest.raises(InputError, match="known: .*weight_contrastive"):
         make_trainer("C3S3Trainer", planned, tmp_path, method={"weight_contrast": 1.0})
     # the V-Net's fallback: a second U-Net; without the contrastive term there are no projection heads
@@ -441,7 +445,7 @@ def test_bad_medl_settings_get_clear_errors(planned, tmp_path):
     with pytest.raises(InputError, match="rampup_fraction 0 is not positive"):
         make_trainer("MEDLTrainer", planned, tmp_path, method={"rampup_fraction": 0})
     with pytest.raises(InputError, match="not a multiple of 16"):
-        make_trainer("MEDLTrainer", planned, tmp_path, patch_size=[8, 32, 32])
+        make_trainer("MEDLTrainer", planned, tmp_path, patch_size=[8, 32, 32], method={"second_architecture": "vnet"})
     trainer = make_trainer("MEDLTrainer", planned, tmp_path, method={"preset": "paper", "evidence": "exp"})
     assert trainer.settings["evidence"] == "exp"
     assert torch.isfinite(trainer.train_step(trainer.labeled_source[0], trainer.unlabeled_source[0])["loss"])

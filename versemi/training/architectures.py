@@ -5,13 +5,16 @@ anisotropic, kernels and strides, concatenating skips at every resolution) and t
 VerSemi public code (isotropic 2x steps, additive skips, more convolutions per stage, no
 full-resolution skip). Their errors differ, which is what two-network methods feed on. The V-Net
 halves the patch four times, so it needs multiples of 16; ``unet`` (a second U-Net of the plan's
-topology, another initialisation) serves patches it cannot take.
+topology, another initialisation) serves patches it cannot take. ``auto`` (the trainers' default)
+takes the V-Net where it can (3d, every patch a multiple of 16) and the second U-Net elsewhere (the
+hippocampus' 40 x 56 x 40, any 2d configuration), so the trainers run on any plan; ``vnet`` asks for
+the V-Net and refuses a plan it cannot take.
 """
 from __future__ import annotations
 
 from ..errors import input_error
 
-SECOND_ARCHITECTURES = ("vnet", "unet")
+SECOND_ARCHITECTURES = ("auto", "vnet", "unet")
 VNET_DIVISOR = 16
 
 
@@ -31,11 +34,13 @@ def second_network(trainer: str, plan: dict, patch_sizes, architecture: str, bas
     if not (isinstance(base_features, int) and not isinstance(base_features, bool) and base_features >= 1):
         raise input_error("--method", f"second_base_features {base_features!r} is not a positive whole number",
                           "give the V-Net's first-stage width, e.g. 16")
+    if architecture == "auto":
+        architecture = "vnet" if vnet_fits(plan, patch_sizes) else "unet"
     if architecture == "unet":
         return "unet2", dict(plan)
     if plan.get("spatial_dims", 3) == 2:
-        raise input_error("--method", f"{trainer}'s second network is the V-Net by default, which is 3d only; this "
-                                      "is a 2d configuration",
+        raise input_error("--method", f"{trainer}'s second network is the V-Net here (second_architecture vnet), which "
+                                      "is 3d only; this is a 2d configuration",
                           "train a second 2d U-Net instead: --method '{\"second_architecture\": \"unet\"}'")
     for patch_size in patch_sizes:
         if any(side % VNET_DIVISOR for side in patch_size):
@@ -44,3 +49,8 @@ def second_network(trainer: str, plan: dict, patch_sizes, architecture: str, bas
                               f"choose multiples of {VNET_DIVISOR} (--patch-size), or --method "
                               "'{\"second_architecture\": \"unet\"}'")
     return "vnet", {**plan, "architecture": "vnet", "features": [min(base_features, plan["features"][0])]}
+
+
+def vnet_fits(plan: dict, patch_sizes) -> bool:
+    """Whether the V-Net can take this plan: 3d, and every patch a multiple of 16 on every axis."""
+    return plan.get("spatial_dims", 3) == 3 and not any(side % VNET_DIVISOR for patch in patch_sizes for side in patch)

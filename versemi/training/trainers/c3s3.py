@@ -24,7 +24,8 @@ architectures ``versemi.nets`` offers, and they differ where it matters for comp
 the U-Net has the plan's (possibly anisotropic) kernels and strides and concatenating skips at
 every resolution, the V-Net isotropic 2x steps, additive skips, more convolutions per stage and
 no full-resolution skip. ``second_architecture: "unet"`` gives a second U-Net of the plan's
-topology (another initialisation) for patches that the V-Net cannot take (it needs multiples of 16).
+topology (another initialisation) for patches that the V-Net cannot take (it needs multiples of 16);
+``auto``, the default, takes the V-Net where it fits and the second U-Net elsewhere.
 
 Deliberate differences from the public code:
 - the public sub-networks are a V-Net and a ResNet-34-encoder network (batch norm, dropout 0.5);
@@ -89,7 +90,7 @@ DEFAULTS = {
     "contrast_voxels": 8192,      # voxel positions contrasted per step; 0: every voxel (the public code)
     "two_views": True,
     "view_noise": 0.1,            # std of the Gaussian noise of the second view (clipped to +-2 std)
-    "second_architecture": "vnet",  # or "unet": a second U-Net of the plan's topology
+    "second_architecture": "auto",  # the V-Net where the patch allows, else "unet" (training.architectures)
     "second_base_features": 16,   # the V-Net's first-stage width
 }
 PRESETS = {"paper": {**DEFAULTS, "contrast_voxels": 0}}
@@ -153,6 +154,8 @@ class C3S3Trainer(Trainer):
         self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.effective.all_patch_sizes,
                                                 s["second_architecture"], s["second_base_features"])
         self.second = self.add_network(self.second_name, plan)
+        if self.is_main:
+            self.log.write(f"second network: {self.second_name} (second_architecture {s['second_architecture']})")
         self.dataset_prompts = DatasetPrompts(self.plans, self.device)
         self.projectors = {}
         if s["weight_contrastive"] > 0:  # a head that gets no gradient would stall DDP

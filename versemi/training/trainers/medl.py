@@ -61,7 +61,7 @@ DEFAULTS = {
     "weight_evidential": 1.0,      # labeled Fisher evidential term (besides Dice + CE)
     "weight_unlabeled": 1.0,       # unlabeled Fisher evidential term towards the fused pseudo-labels
     "rampup_fraction": 0.25,       # sigmoid ramp-up of weight_unlabeled over this share of the epochs
-    "second_architecture": "vnet",  # or "unet": a second U-Net of the plan's topology
+    "second_architecture": "auto",  # the V-Net where the patch allows, else "unet" (training.architectures)
     "second_base_features": 16,    # the V-Net's first-stage width
 }
 PRESETS = {"paper": dict(DEFAULTS)}
@@ -105,6 +105,8 @@ class MEDLTrainer(Trainer):
         self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.effective.all_patch_sizes,
                                                 s["second_architecture"], s["second_base_features"])
         self.second = self.add_network(self.second_name, plan)
+        if self.is_main:
+            self.log.write(f"second network: {self.second_name} (second_architecture {s['second_architecture']})")
         self.dataset_prompts = DatasetPrompts(self.plans, self.device)
 
     @property
