@@ -21,7 +21,7 @@ following are this implementation's choices, each a setting:
 - the moved box's slots weigh as many voxels as they hold (``displaced_weight`` "size": their
   kind's weight times the share of the images' voxels moved), as the voxels of a mixed image do in
   BCP's loss, which scores the image as a whole. Scored as slots of their own at their kind's full
-  weight ("slot"), a box of 0.5 to 5 % of the patch weighed as much as the rest of the image: its
+  weight ("slot"), a box of 0.3 to 5 % of the patch weighed as much as the rest of the image: its
   Dice and cross-entropy, normalised over a few hundred voxels at the structure's uncertain border,
   tripled the loss of a converged model and cost 20 Dice on the hippocampus (benchmarks/RESULTS.md);
 - otherwise as BCPTrainer (stages, pseudo-labels, losses, weights).
