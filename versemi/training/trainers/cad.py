@@ -19,8 +19,9 @@ following are this implementation's choices, each a setting:
   is still supervised by its label and a moved pseudo-labeled piece by its pseudo-label, each with
   the prompt of its dataset;
 - the moved box's slots weigh as many voxels as they hold (``displaced_weight`` "size": their
-  kind's weight times the share of the images' voxels moved), as the voxels of a mixed image do in
-  BCP's loss, which scores the image as a whole. Scored as slots of their own at their kind's full
+  kind's weight times the share of the images' voxels moved), about as they would inside the
+  region they land in: BCP's loss scores a mixed image in two regions (its box, 30 % of the patch,
+  and the rest), each normalised over its voxels. Scored as slots of their own at their kind's full
   weight ("slot"), a box of 0.3 to 5 % of the patch weighed as much as the rest of the image: its
   Dice and cross-entropy, normalised over a few hundred voxels at the structure's uncertain border,
   tripled the loss of a converged model and cost 20 Dice on the hippocampus (benchmarks/RESULTS.md);
