@@ -192,6 +192,22 @@ def test_unlabeled_pieces_ask_the_teacher_and_the_student_with_their_own_dataset
         assert {prompts[0, 0].item(), prompts[1, 1].item()} <= set(labeled["prompt"].tolist())
 
 
+@pytest.mark.parametrize("name", FAMILY)
+def test_labeled_weight_adds_the_plain_supervised_loss_beside_the_mixed_images(planned, tmp_path, name):
+    labeled_weight = 0.7
+    plain = make_trainer(name, planned, tmp_path / "plain")
+    plain.epoch = 5
+    assert "supervised" not in plain.train_step(plain.labeled_source[0], plain.unlabeled_source[0])  # the paper's loss
+    trainer = make_trainer(name, planned, tmp_path / "weighted", method={"labeled_weight": labeled_weight})
+    trainer.epoch = 5
+    labeled = trainer.labeled_source[0]
+    terms = trainer.train_step(labeled, trainer.unlabeled_source[0])
+    with torch.no_grad():
+        expected = labeled_weight * trainer.supervised_terms(trainer.network, labeled)["supervised"]
+    assert torch.allclose(terms["supervised"].detach(), expected, rtol=1e-4)
+    assert torch.allclose(terms["loss"].detach(), sum(v.detach() for k, v in terms.items() if k != "loss"))
+
+
 def test_m3hl_feature_terms_compare_each_mixed_image_with_its_own_unlabeled_image(planned, tmp_path):
     trainer = make_trainer("M3HLTrainer", planned, tmp_path)
     trainer.epoch = 5
@@ -248,6 +264,8 @@ def test_bad_copy_paste_settings_get_clear_errors(planned, tmp_path):
         make_trainer("CADTrainer", planned, tmp_path, method={"threshold_end": 0.0})
     with pytest.raises(InputError, match="displaced_weight 'voxels'"):
         make_trainer("CADTrainer", planned, tmp_path, method={"displaced_weight": "voxels"})
+    with pytest.raises(InputError, match="labeled_weight -1.0 is negative"):
+        make_trainer("M3HLTrainer", planned, tmp_path, method={"labeled_weight": -1.0})
     with pytest.raises(InputError, match="at least 2 unlabeled"):
         make_trainer("BCPTrainer", planned, tmp_path, unlabeled_batch_size=1)
     with pytest.raises(InputError, match="at least 2 per process"):

@@ -22,7 +22,10 @@ Deliberate differences from the public code:
 - one box per sample, not one for the whole batch; boxes sized from the actual patch;
 - several datasets: each piece of a pasted image is scored with the prompt of the dataset it came
   from (the unlabeled sample's prompt drawn among its dataset's, the teacher asked for the same);
-- with deep supervision, every term is nnU-Net's weighted sum over the output resolutions.
+- with deep supervision, every term is nnU-Net's weighted sum over the output resolutions;
+- ``labeled_weight`` (0 by default, the paper's loss) adds the shared supervised loss of the
+  labeled images as they are, unpasted, to self-training: the paper's stage 2 sees labeled voxels
+  only inside mixed images.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ DEFAULTS = {
     "u_weight": 0.5,             # loss weight of pseudo-labeled voxels
     "ema_decay": 0.99,
     "largest_component": True,   # keep only the pseudo-label's largest connected component
+    "labeled_weight": 0.0,       # weight of the plain labeled images' supervised loss in self-training
 }
 PRESETS = {"paper": dict(DEFAULTS)}
 
@@ -65,6 +69,9 @@ class BCPTrainer(Trainer):
             raise input_error("--unlabeled-batch-size", f"{type(self).__name__} pastes in both directions and needs "
                                                         f"at least 2 unlabeled samples per process "
                                                         f"(got {self.unlabeled_batch_size})", "use 2 or more")
+        if s["labeled_weight"] < 0:
+            raise input_error("--method", f"labeled_weight {s['labeled_weight']} is negative",
+                              "give 0 (mixed images only, the paper's loss) or a positive weight, e.g. 1")
         for key in ("pretrain_fraction", "u_weight", "ema_decay"):
             if not 0 <= s[key] <= 1:
                 raise input_error("--method", f"{key} {s[key]} is not in [0, 1]",
@@ -147,5 +154,9 @@ class BCPTrainer(Trainer):
                                  guessed.rows(b).paste(known.rows(b), inside)])
         loss, _ = self.student_loss(groups)
         terms = {"copy_paste": loss, **self.extra_terms(groups, guessed.images[:2 * pairs])}
+        if self.settings["labeled_weight"] > 0:
+            # the shared supervised step on the labeled images as they are, beside their pastes
+            terms.update({name: self.settings["labeled_weight"] * term
+                          for name, term in self.supervised_terms(self.network, labeled).items()})
         terms["loss"] = sum(terms.values())
         return terms
