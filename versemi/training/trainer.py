@@ -38,6 +38,7 @@ from ..model.layout import checkpoint_file
 from ..model.plans_view import PlansView
 from ..model.precision import autocast_dtype
 from ..nets import build_network
+from .architectures import second_network
 from ..model.absent_views import AbsentView, trained_views
 from .budget import check_against_clock, fit_schedule, seconds_left
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader, sub_batch_pairs
@@ -336,6 +337,17 @@ class Trainer:
         network = self._wrap(model)
         chosen = (optimizer or self._make_optimizer)(model.parameters())
         self.extra_networks[name] = ExtraNetwork(model, network, chosen, self._make_scheduler(chosen), network_plan)
+        return network
+
+    def add_second_network(self, architecture: str, base_features: int) -> torch.nn.Module:
+        """The second segmenter of a two-network method, a member beside the main one: the
+        architecture ``architectures.second_network`` picks for this plan (``second_name``), named
+        in the training log."""
+        self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.effective.all_patch_sizes,
+                                                architecture, base_features)
+        network = self.add_network(self.second_name, plan)
+        if self.is_main:
+            self.log.write(f"second network: {self.second_name} (second_architecture {architecture})")
         return network
 
     def members(self) -> dict[str, torch.nn.Module]:

@@ -70,7 +70,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import input_error
-from ..architectures import second_network
 from ..feature_taps import BackboneTap
 from ..losses import finest, foreground_probability, multiscale, voxel_contrast
 from ..prompts import DatasetPrompts
@@ -151,11 +150,7 @@ class C3S3Trainer(Trainer):
             raise input_error("--method", f"contrast_voxels {s['contrast_voxels']} is not a whole number >= 0",
                               f"give contrast_voxels as a count, or 0 for every voxel "
                               f"(default {DEFAULTS['contrast_voxels']})")
-        self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.effective.all_patch_sizes,
-                                                s["second_architecture"], s["second_base_features"])
-        self.second = self.add_network(self.second_name, plan)
-        if self.is_main:
-            self.log.write(f"second network: {self.second_name} (second_architecture {s['second_architecture']})")
+        self.second = self.add_second_network(s["second_architecture"], s["second_base_features"])
         self.dataset_prompts = DatasetPrompts(self.plans, self.device)
         self.projectors = {}
         if s["weight_contrastive"] > 0:  # a head that gets no gradient would stall DDP

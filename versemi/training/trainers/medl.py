@@ -48,7 +48,6 @@ from __future__ import annotations
 import torch
 
 from ...errors import input_error
-from ..architectures import second_network
 from ..evidential import (EVIDENCE_FUNCTIONS, asymptotic_weight, dirichlet, discounted, expected_probability, fuse,
                           fisher_evidential_loss, opinion)
 from ..losses import SMOOTH, finest, multiscale
@@ -102,11 +101,7 @@ class MEDLTrainer(Trainer):
         if not s["rampup_fraction"] > 0:
             raise input_error("--method", f"rampup_fraction {s['rampup_fraction']} is not positive",
                               f"give rampup_fraction > 0 (default {DEFAULTS['rampup_fraction']})")
-        self.second_name, plan = second_network(type(self).__name__, self.network_plan(), self.effective.all_patch_sizes,
-                                                s["second_architecture"], s["second_base_features"])
-        self.second = self.add_network(self.second_name, plan)
-        if self.is_main:
-            self.log.write(f"second network: {self.second_name} (second_architecture {s['second_architecture']})")
+        self.second = self.add_second_network(s["second_architecture"], s["second_base_features"])
         self.dataset_prompts = DatasetPrompts(self.plans, self.device)
 
     @property
