@@ -32,6 +32,27 @@ def test_pseudo_labels_count_only_own_dataset_prompts_and_confident_voxels(plann
     assert (strict_weights <= weights).all() and strict_weights.sum() < weights.sum()
 
 
+def test_a_mirrored_teacher_is_flip_equivariant(planned, tmp_path):
+    torch.manual_seed(0)
+    x = trainer_with(planned, tmp_path / "data").unlabeled_source[0]["data"]
+
+    def probabilities(trainer, images):
+        passes = []
+        forward = trainer.teacher.network.forward
+        trainer.teacher.network.forward = lambda x, prompts: passes.append(x) or forward(x, prompts)
+        return trainer.teacher_probability(images), len(passes)
+
+    mirrored = trainer_with(planned, tmp_path / "mirrored", teacher_mirroring=True)
+    probability, passes = probabilities(mirrored, x)
+    of_flipped, _ = probabilities(mirrored, x.flip(4))
+    assert passes == 8 and torch.allclose(of_flipped, probability.flip(4), atol=1e-6)  # the mean over every flip
+    plain = trainer_with(planned, tmp_path / "plain")
+    plain.teacher.network.load_state_dict(mirrored.teacher.network.state_dict())
+    probability, passes = probabilities(plain, x)
+    of_flipped, _ = probabilities(plain, x.flip(4))
+    assert passes == 1 and (of_flipped - probability.flip(4)).abs().max() > 1e-4
+
+
 def test_student_view_is_perturbed_and_the_zero_setting_keeps_the_image(planned, tmp_path):
     images = torch.randn(2, 1, 4, 8, 8)
     assert not torch.allclose(trainer_with(planned, tmp_path).student_view(images), images)

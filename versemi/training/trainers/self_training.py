@@ -15,6 +15,8 @@ Per step, beside the supervised loss on the clean labeled batch (the same as Sup
 - the teacher is a slow EMA of the student (``ema_decay`` 0.999, about the last 1,000 steps): in
   the same hippocampus continuation it reached 83.64 (3 seeds) against 83.55 with 0.99 and 83.56
   with a fixed teacher (1, one seed): a small gain, within two standard deviations of the seeds;
+- with ``teacher_mirroring``, the teacher's probabilities are the mean over the patch's mirror
+  flips (8 in 3d, 4 in 2d), as prediction with mirroring: a better teacher for 8x its passes;
 - masked Dice + CE of the student against the pseudo-labels, over the voxels where the teacher is
   at least ``confidence_threshold`` sure (0: every voxel), weighted ``weight_unlabeled`` with a
   sigmoid ramp-up over ``rampup_fraction`` of the method's epochs.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import input_error
+from ...inference.sliding_window import mirror_axes
 from ..losses import foreground_probability, masked_dice_ce
 from ..mixing import box_mask, mix
 from ..prompts import DatasetPrompts
@@ -47,6 +50,7 @@ DEFAULTS = {
     "student_contrast": 0.1,       # the student's view is scaled by 1 +- this and shifted by +- this
     "unlabeled_cutmix": True,      # paste a box of another unlabeled sample into the student's view
     "cutmix_ratio": 0.5,           # the box's side per axis, as a share of the patch
+    "teacher_mirroring": False,    # the teacher's probabilities averaged over the mirror flips of the patch
 }
 
 
@@ -89,11 +93,18 @@ class SelfTrainingTrainer(MeanTeacherTrainer):
         return view, labels, weights
 
     @torch.no_grad()
+    def teacher_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, real, *S) the teacher's foreground probability of every real prompt, the mean over
+        the mirror flips with ``teacher_mirroring``."""
+        prompts = self.every_real_prompt(x.shape[0])
+        flips = mirror_axes(self.settings["teacher_mirroring"], x.shape[2:])
+        return sum(foreground_probability(self.teacher(x.flip(axes), prompts)).flip(axes) for axes in flips) / len(flips)
+
+    @torch.no_grad()
     def pseudo_labels(self, unlabeled: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels, weights), each (B_u, real, *S): the teacher's hard labels for every real prompt
         and where they count (a prompt of the sample's own dataset, a confident voxel)."""
-        x = unlabeled["data"]
-        probability = foreground_probability(self.teacher(x, self.every_real_prompt(x.shape[0])))
+        probability = self.teacher_probability(unlabeled["data"])
         own = self.dataset_prompts.own(unlabeled["dataset"])  # (B_u, real)
         weights = own.view(*own.shape, *(1,) * (probability.dim() - 2)).expand_as(probability)
         weights = weights * (confidence(probability) >= self.settings["confidence_threshold"])
