@@ -38,8 +38,8 @@ from ..model.layout import checkpoint_file
 from ..model.plans_view import PlansView
 from ..model.precision import autocast_dtype
 from ..nets import build_network
-from .architectures import second_network
 from ..model.absent_views import AbsentView, trained_views
+from .architectures import second_network
 from .budget import check_against_clock, fit_schedule, seconds_left
 from .data import BatchSource, CaseStore, StreamSettings, batch_loader, sub_batch_pairs
 from .losses import DiceCE, exclusion_loss, finest, multiscale, prompt_columns
