@@ -25,8 +25,8 @@ Deliberate differences from the public code:
 - with deep supervision, every term is nnU-Net's weighted sum over the output resolutions;
 - ``labeled_weight`` (0 by default, the paper's loss) adds the shared supervised loss of the
   labeled images as they are, unpasted, to self-training: the paper's stage 2 sees labeled voxels
-  only inside mixed images. Continuing a converged hippocampus model, weight 1 gave +0.45 Dice and
-  still lost 2.81 to SupervisedTrainer: what costs there is the mixed image itself, which the
+  only inside mixed images. Continuing a converged hippocampus model, weight 1 gave +0.83 Dice and
+  still lost 2.48 to SupervisedTrainer: what costs there is the mixed image itself, which the
   converged model segments 3.3-3.6x worse than the same voxels unmixed (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
