@@ -153,7 +153,8 @@ def test_the_2d_configuration_trains(planned_2d, tmp_path):  # noqa: F811
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-@pytest.mark.parametrize("setting,value", [("lambda0", -0.1), ("memory_momentum", 0.0), ("memory_momentum", 1.5)])
+@pytest.mark.parametrize("setting,value", [("lambda0", -0.1), ("memory_momentum", 0.0), ("memory_momentum", 1.5),
+                                           ("teacher_mirroring", True)])
 def test_out_of_range_settings_are_refused(planned, tmp_path, setting, value):
     with pytest.raises(InputError, match=setting):
         _trainer(planned, tmp_path, **{setting: value})

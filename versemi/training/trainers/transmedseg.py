@@ -74,6 +74,10 @@ class TransMedSegTrainer(SelfTrainingTrainer):
         s = self.settings
         if s["lambda0"] < 0:
             raise input_error("--method", f"lambda0 {s['lambda0']} is negative", f"give lambda0 >= 0 (default {DEFAULTS['lambda0']})")
+        if s["teacher_mirroring"]:  # the memory takes the teacher's features of one pass, the unflipped patch's
+            raise input_error("--method", "teacher_mirroring is not available to TransMedSegTrainer: its memory "
+                                          "module reads the teacher's features of the patch as it is, one pass",
+                              "leave teacher_mirroring false (the default)")
         if not 0 < s["memory_momentum"] <= 1:
             raise input_error("--method", f"memory_momentum {s['memory_momentum']} is not in (0, 1]",
                               f"give memory_momentum in (0, 1] (default {DEFAULTS['memory_momentum']})")
