@@ -31,7 +31,8 @@ curve's SupervisedTrainer checkpoint of ``F`` minutes and seed ``--from-seed`` (
 Writes ``<work>/hippocampus_compare_<scratch|fromFmin>_<budget>min.md``, ``.json`` and ``.png``:
 mean ± std over seeds per trainer, its difference to SupervisedTrainer's mean, and how many test
 cases it improves. Two commands side by side (one seed each) write the same files; ``--report``
-trains nothing and rewrites them from every finished run of the listed trainers and seeds.
+trains nothing and rewrites them from every finished run of the listed trainers and seeds (in
+``curve``, of the listed budgets and seeds).
 
 Ablations: a ``--trainers`` entry may carry settings, ``MeanTeacherTrainer:weight_consistency=1`` (a
 ``--method`` setting, JSON value) or ``BCPTrainer:--unlabeled-batch-size=2`` (a versemi_train flag);
@@ -327,10 +328,13 @@ def curve(args) -> None:
     results: dict[float, dict[int, dict]] = {budget: {} for budget in args.budgets}
     for number, (budget, seed) in enumerate(jobs, 1):
         folder = folders[(budget, seed)]
+        name = f"[{number}/{len(jobs)}] {label} {budget:g} min seed {seed}"
+        if args.report and not (folder / "checkpoint.txt").is_file():
+            print(f"{time.strftime('%H:%M:%S')} {name}: not run yet, left out (--report)", flush=True)
+            continue
         process = budget_runs.start_training(train_command(args, trainer, budget, seed, spec=spec), folder,
                                              EXPERIMENT if spec is None else spec.experiment, trainer,
                                              work / "versemi_plans", args.threads, args.configuration)
-        name = f"[{number}/{len(jobs)}] {label} {budget:g} min seed {seed}"
         if process is None:
             print(f"{time.strftime('%H:%M:%S')} {name}: finished earlier, reused", flush=True)
         else:
@@ -545,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--configuration", default="3d_fullres", choices=["3d_fullres", "2d"],
                         help="train and predict this configuration (2d: slices, its own cache, runs and tables "
                              "named ..._2d)")
+    common.add_argument("--report", action="store_true", help="train nothing: the table of the runs that have "
+                                                              "finished")
     common.add_argument("--mirroring", action="store_true", help="mirroring at test time (8x slower on a CPU: "
                                                                  "5 min instead of 40 s for the 40 cases)")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -568,8 +574,6 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--from-budget", type=float, help="continue from the curve's SupervisedTrainer run "
                                                                   "of this many minutes (--init-from)")
     compare_parser.add_argument("--from-seed", type=int, default=0, help="the seed of that run")
-    compare_parser.add_argument("--report", action="store_true", help="train nothing: the table of the runs "
-                                                                      "that have finished")
     compare_parser.set_defaults(run=compare)
     return parser
 
