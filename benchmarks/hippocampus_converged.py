@@ -250,7 +250,7 @@ def table(results: dict[float, dict[int, dict]]) -> list[str]:
     return rows
 
 
-def figure(results: dict[float, dict[int, dict]], path: Path) -> None:
+def figure(results: dict[float, dict[int, dict]], path: Path, configuration: str = "3d_fullres") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -273,7 +273,7 @@ def figure(results: dict[float, dict[int, dict]], path: Path) -> None:
     ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
     ax.set_xlabel("time budget (min, log2)")
     ax.set_ylabel("test Dice % (40 cases)")
-    ax.set_title(f"SupervisedTrainer, {LABELED} labeled hippocampus cases", fontsize=10)
+    ax.set_title(f"SupervisedTrainer ({configuration}), {LABELED} labeled hippocampus cases", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -309,7 +309,7 @@ def write_outputs(args, work: Path, results: dict, host: dict) -> str:
         {"settings": vars(args) | {"work": str(work)}, "machine": host, "split": str(work / "split.json"),
          "results": {f"{b:g}": runs for b, runs in sorted(results.items()) if runs},
          "plateau_budget": found, "doublings": lines, "verdict": text}, indent=2, default=str), encoding="utf-8")
-    figure(results, work / f"{name}.png")
+    figure(results, work / f"{name}.png", args.configuration)
     print(settings)
     print("\n".join(rows))
     print(text, flush=True)
