@@ -135,8 +135,9 @@ def results(tmp_path, monkeypatch) -> Path:
 
 
 def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = None,
-                 configuration: str = "3d_fullres", **config):
-    """A set-up trainer of the planned toy experiment at tiny size (fold 0, 10 epochs, Adam)."""
+                 configuration: str = "3d_fullres", output: Path | None = None, **config):
+    """A set-up trainer of the planned toy experiment at tiny size (fold 0, 10 epochs, Adam), writing
+    to ``output`` (default ``tmp_path / name``)."""
     import json
 
     from versemi.model.config import TrainingConfig
@@ -146,7 +147,8 @@ def make_trainer(name: str, planned: Path, tmp_path: Path, plans: dict | None = 
     settings = dict(epochs=10, patch_size=[16, 32, 32], batch_size=2, features=[4, 8, 16], num_workers=0,
                     optimizer="adam", lr=3e-3, supervised_warm_up="0")
     settings.update(config)
-    trainer = find_trainer(name)(plans, planned, configuration, "0", tmp_path / name, TrainingConfig(**settings))
+    trainer = find_trainer(name)(plans, planned, configuration, "0", output or tmp_path / name,
+                                 TrainingConfig(**settings))
     trainer.setup()
     return trainer
 

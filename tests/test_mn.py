@@ -2,6 +2,8 @@
 learning-rate-guided share of unlabeled rows, user-supplied 2d weights, an exact resume."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,42 @@ def test_user_supplied_2d_weights_are_loaded_or_refused(planned, tmp_path):
         with pytest.raises(InputError, match=message) as raised:
             _trainer(planned, tmp_path / f"run_{name}", pretrained_2d=str(tmp_path / name))
         assert "state dict of this experiment's 2d network" in str(raised.value)
+
+
+def test_the_2d_network_starts_from_the_experiments_own_2d_run_where_it_has_finished(planned, tmp_path):
+    from versemi.model.plans_view import PlansView
+    from test_warm_start import saved_checkpoint
+
+    experiment = tmp_path / "results" / "Toy"
+    source_3d = saved_checkpoint("SupervisedTrainer", planned, tmp_path / "source")
+
+    def mn(name, **config):
+        return make_trainer("MNTrainer", planned, tmp_path, output=experiment / "MNTrainer__3d_fullres" / name,
+                            unlabeled_batch_size=2, **config)
+
+    alone = mn("fold_a")  # no 2d run yet: random weights, and the log says how to get one
+    assert alone.settings["pretrained_2d"] == "" == alone.config.method["pretrained_2d"]
+    log = (experiment / "MNTrainer__3d_fullres" / "fold_a" / "training_log.txt").read_text(encoding="utf-8")
+    assert "starts from random weights" in log and "versemi_train 2d 0 -tr SupervisedTrainer" in log
+    warm = mn("fold_b", init_from=str(source_3d))  # the 3d network warm, the 2d one not: stage 1 trains it
+    assert warm.stage == 1 and warm.settings["transition_fraction"] == 0.3
+    assert warm.warm_start["left_as_initialised"] == ["network_2d"] and warm.warm_start["skipped_stage"] is None
+
+    own = experiment / "SupervisedTrainer__2d" / "fold_c" / "checkpoint_final.pth"
+    own.parent.mkdir(parents=True)
+    weights = {k: v + 0.25 for k, v in alone.extra_networks["network_2d"].model.state_dict().items()}
+    torch.save({"configuration": "2d", "network_plan": alone.default_2d_plan(PlansView(alone.plans)),
+                "network": weights}, own)
+    found = mn("fold_c", init_from=str(source_3d))
+    for key, value in found.extra_networks["network_2d"].model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert found.settings["pretrained_2d"] == str(own) == found.config.method["pretrained_2d"]  # kept for --continue
+    assert found.stage == 2 and found.warm_start["skipped_stage"] == "transition_fraction"  # both networks given
+    (experiment / "SupervisedTrainer__2d" / "fold_d").mkdir()
+    shutil.copy(own, experiment / "SupervisedTrainer__2d" / "fold_d" / own.name)
+    random_2d = mn("fold_d", method={"pretrained_2d": ""})  # "": random weights even beside a 2d run
+    assert random_2d.settings["pretrained_2d"] == ""
+    assert not torch.equal(random_2d.extra_networks["network_2d"].model.state_dict()[key], weights[key])
 
 
 def test_pretrained_2d_is_refused_for_a_trainer_without_a_2d_network(planned, results, monkeypatch, capsys, tmp_path):

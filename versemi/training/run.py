@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompts and channels); a pre-training stage is skipped. --continue does not load it again")
     p.add_argument("--pretrained-2d", type=Path, metavar="PATH",
                    help="MNTrainer: weights of its 2d network (a state dict of the plan's 2d network, or a 2d "
-                        "checkpoint of this experiment); nothing is downloaded")
+                        "checkpoint of this experiment); nothing is downloaded. Default: this experiment's "
+                        "SupervisedTrainer 2d run of the same fold, where it has finished")
     p.add_argument("--epochs", type=int)
     p.add_argument("--iterations-per-epoch", type=int)
     p.add_argument("--val-iterations", type=int)

@@ -339,6 +339,13 @@ class Trainer:
         self.extra_networks[name] = ExtraNetwork(model, network, chosen, self._make_scheduler(chosen), network_plan)
         return network
 
+    def starts_untrained(self, name: str) -> None:
+        """Says that the further network ``name`` (added as a ``module``, which a warm start never
+        loads) starts untrained although the method needs it trained: under ``--init-from`` the
+        warm-up stage (``warm_up_setting``) is then kept to train it, and the log says so."""
+        if self._warm_source is not None:
+            self._warm_source.leave(name)
+
     def add_second_network(self, architecture: str, base_features: int) -> torch.nn.Module:
         """The second segmenter of a two-network method, a member beside the main one: the
         architecture ``architectures.second_network`` picks for this plan (``second_name``), named

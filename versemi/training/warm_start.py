@@ -96,6 +96,12 @@ class WarmStart:
         self._load(model, weights)
         self.loaded.append(name)
 
+    def leave(self, name: str) -> None:
+        """A further network the method trains from its own start, which no checkpoint gives (e.g.
+        M&N's 2d network without 2d weights): counted as left as initialised, so the stage that
+        trains it first is kept."""
+        self.left.append(name)
+
     def _load(self, model: torch.nn.Module, weights: dict) -> None:
         try:
             model.load_state_dict(weights)

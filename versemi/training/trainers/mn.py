@@ -7,9 +7,15 @@ other's pseudo-masks. Trains the 3d configuration; prediction uses the 3d networ
   the 3d network's. The paper starts it from a model pretrained on natural images (a SegFormer with
   LoRA); nothing is downloaded here: ``--pretrained-2d PATH`` takes such weights from the user (a
   state dict of the 2d network, or a versemi checkpoint of a 2d run of this experiment: its
-  network plan is then used). Without it, the 2d network starts from random weights and is
-  trained on the same labeled scans in stage 1: this project's own 2d configuration stands in for
-  the pretrained model.
+  network plan is then used). Without it (``pretrained_2d`` "auto"), this project's own 2d
+  configuration stands in for the pretrained model: the 2d network starts from this experiment's
+  SupervisedTrainer 2d run of the same fold, trained on the same labeled scans (``versemi_train 2d
+  FOLD -tr SupervisedTrainer``), where it has finished; otherwise (and with ``pretrained_2d`` "")
+  from random weights, trained in stage 1, also after a warm start of the 3d network. Measured on
+  the hippocampus (benchmarks/RESULTS.md, continuing a converged 3d model for 20 minutes): with a
+  2d partner from a converged 2d run M&N gained +0.08 Dice over SupervisedTrainer (2 seeds), and
+  its 2d network ended 0.66 Dice above SupervisedTrainer continuing that 2d run; with a 2d network
+  from random weights it lost 1.67.
 - **Stage 1** (``transition_fraction`` of the method's epochs): both networks learn the labeled
   patches (Dice + CE; the 2d network on their slices).
 - **Stage 2**: each network learns a batch of labeled patches and unlabeled patches whose targets
@@ -38,6 +44,7 @@ from pathlib import Path
 import torch
 
 from ...errors import input_error
+from ...model.layout import checkpoint_file, model_folder
 from ...model.plans_view import PlansView
 from ...nets import build_network
 from ..losses import foreground_probability, multiscale
@@ -47,11 +54,13 @@ from ..slices import through_slices
 from ..trainer import Trainer
 
 CONFIGURATION_2D = "2d"
+AUTO = "auto"
+OWN_2D_TRAINER = "SupervisedTrainer"  # the 2d run that stands in for the paper's pretrained 2d model
 SAMPLINGS = ("learning_rate", "linear")
 DEFAULTS = {
     "transition_fraction": 0.3,   # stage 1: both networks on labeled patches only
     "sampling": "learning_rate",  # the unlabeled share of a stage-2 batch: from the LR decay, or linear
-    "pretrained_2d": "",          # weights of the 2d network (--pretrained-2d); "": none
+    "pretrained_2d": AUTO,        # weights of the 2d network (--pretrained-2d); auto: the experiment's own 2d run; "": none
 }
 PRESETS = {"paper": {**DEFAULTS, "sampling": "linear"}}
 PRETRAINED_FORMAT = ("a PyTorch file holding the state dict of this experiment's 2d network (torch.save(network."
@@ -82,6 +91,8 @@ class MNTrainer(Trainer):
         plan, weights = self.network_2d_plan()
         self.network_2d = self.add_network("network_2d", module=build_network(plan, self.plans["in_channels"],
                                                                                self.num_prompts))
+        if weights is None:
+            self.starts_untrained("network_2d")  # a warm start of the 3d network keeps stage 1 to train it
         if weights is not None:
             try:
                 self.extra_networks["network_2d"].model.load_state_dict(weights)
@@ -95,9 +106,24 @@ class MNTrainer(Trainer):
     def network_2d_plan(self) -> tuple[dict, dict | None]:
         """(the 2d network's plan, its pretrained weights or None)."""
         view = PlansView(self.plans)
+        if self.settings["pretrained_2d"] == AUTO:
+            self.settings["pretrained_2d"] = self.config.method["pretrained_2d"] = self.own_2d_run()
         if self.settings["pretrained_2d"]:
             return load_pretrained_2d(Path(self.settings["pretrained_2d"]), self.default_2d_plan(view))
         return self.default_2d_plan(view), None
+
+    def own_2d_run(self) -> str:
+        """The final checkpoint of this experiment's SupervisedTrainer 2d run of the same fold, or ""
+        where there is none; resolved once and kept in the run's settings, so ``--continue`` and the
+        checkpoint name the file that was used."""
+        found = checkpoint_file(model_folder(self.output_folder.parent.parent, OWN_2D_TRAINER, CONFIGURATION_2D)
+                                / self.output_folder.name, "final")
+        if self.is_main:
+            self.log.write(f"M&N's 2d network starts from {found}, this experiment's own 2d run" if found.is_file()
+                           else f"M&N's 2d network starts from random weights: no 2d run at {found}; train one "
+                                f"first (versemi_train 2d {self.fold} -tr {OWN_2D_TRAINER}) to start from it, as "
+                                "the measured gain did")
+        return str(found) if found.is_file() else ""
 
     def default_2d_plan(self, view: PlansView) -> dict:
         if not view.has_configuration(CONFIGURATION_2D):
