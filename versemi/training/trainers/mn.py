@@ -13,9 +13,9 @@ other's pseudo-masks. Trains the 3d configuration; prediction uses the 3d networ
   FOLD -tr SupervisedTrainer``), where it has finished; otherwise (and with ``pretrained_2d`` "")
   from random weights, trained in stage 1, also after a warm start of the 3d network. Measured on
   the hippocampus (benchmarks/RESULTS.md, continuing a converged 3d model for 20 minutes): with a
-  2d partner from a converged 2d run M&N gained +0.08 Dice over SupervisedTrainer (2 seeds), and
-  its 2d network ended 0.66 Dice above SupervisedTrainer continuing that 2d run; with a 2d network
-  from random weights it lost 1.67.
+  2d partner from a converged 2d run M&N gained +0.07 Dice over SupervisedTrainer (3 seeds), and
+  its 2d network ended 0.71 Dice above SupervisedTrainer continuing that 2d run (3 seeds each);
+  with a 2d network from random weights it lost 1.67.
 - **Stage 1** (``transition_fraction`` of the method's epochs): both networks learn the labeled
   patches (Dice + CE; the 2d network on their slices).
 - **Stage 2**: each network learns a batch of labeled patches and unlabeled patches whose targets
