@@ -93,7 +93,7 @@ class MNTrainer(Trainer):
                                                                                self.num_prompts))
         if weights is None:
             self.starts_untrained("network_2d")  # a warm start of the 3d network keeps stage 1 to train it
-        if weights is not None:
+        else:
             try:
                 self.extra_networks["network_2d"].model.load_state_dict(weights)
             except RuntimeError as exc:
