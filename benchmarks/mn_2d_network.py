@@ -109,10 +109,9 @@ def main() -> None:
         scored, start = checkpoint_with_2d_network(checkpoint_3d, folder / "network_2d" / "checkpoint_2d.pth")
         mn.append(score(scored, raw, folder / "network_2d"))
         print(f"seed {seed}: M&N's 2d network {100 * mn[-1]['mean']['dice']:.2f} Dice", flush=True)
-    references = [json.loads((runs / args.reference / f"{args.budget:g}min_seed{seed}" / "evaluation.json")
-                             .read_text(encoding="utf-8"))
-                  for seed in args.seeds
-                  if (runs / args.reference / f"{args.budget:g}min_seed{seed}" / "evaluation.json").is_file()]
+    reference_files = [runs / args.reference / f"{args.budget:g}min_seed{seed}" / "evaluation.json"
+                       for seed in args.seeds]
+    references = [json.loads(f.read_text(encoding="utf-8")) for f in reference_files if f.is_file()]
     print(f"\nM&N runs {runs / args.run}; 2d network started from {start}\n")
     print("| model (2d, slice by slice) | seeds | Dice % (mean of 2 labels; per seed) | HD95 mm | ASD mm |")
     print("|---|---|---|---|---|")
