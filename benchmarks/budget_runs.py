@@ -8,17 +8,33 @@ killed run) is continued with ``--continue``.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 BIN = Path(sys.executable).parent
+
+
+@contextmanager
+def preparing(work: Path):
+    """Hold ``work``'s preparation lock while converting, planning and preprocessing: two commands
+    started at once on one work folder then prepare it one after the other (the second finds the
+    work done) instead of both writing the same plans, which failed one of them."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".prepare.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def parse_trainer_options(text: str) -> tuple[str, str, dict, tuple[str, ...]]:

@@ -251,20 +251,20 @@ def plan(work: Path, share: int, labeled: int, spacing_scale: float, patch_size:
 
 def prepare_data(args, work: Path) -> Path:
     """Write the split, convert, plan and preprocess every share; returns raw/HC18."""
-    split = make_split(args.data)
-    work.mkdir(parents=True, exist_ok=True)
-    write_split(work, split)
-    print(f"{time.strftime('%H:%M:%S')} split: {len(split['test'])} test images "
-          f"({split['subjects']['test']} subjects), {len(split['case_order'])} training images "
-          f"({split['subjects']['training']} subjects), labeled "
-          + ", ".join(f"{key} {len(ids)}" for key, ids in split["labeled"].items()), flush=True)
-    raw = convert(work, args.data, split, not args.quiet)
-    for share in args.shares:
-        print(f"{time.strftime('%H:%M:%S')} planning and preprocessing {experiment(share)} (-c {CONFIGURATION}, "
-              f"--spacing-scale {args.spacing_scale:g}"
-              + (f", --patch-size {'x'.join(map(str, args.patch_size))}" if args.patch_size else "") + ")", flush=True)
-        plan(work, share, len(split["labeled"][f"{share}pct"]), args.spacing_scale, args.patch_size, not args.quiet)
-    return raw
+    with budget_runs.preparing(work):
+        split = make_split(args.data)
+        write_split(work, split)
+        print(f"{time.strftime('%H:%M:%S')} split: {len(split['test'])} test images "
+              f"({split['subjects']['test']} subjects), {len(split['case_order'])} training images "
+              f"({split['subjects']['training']} subjects), labeled "
+              + ", ".join(f"{key} {len(ids)}" for key, ids in split["labeled"].items()), flush=True)
+        raw = convert(work, args.data, split, not args.quiet)
+        for share in args.shares:
+            print(f"{time.strftime('%H:%M:%S')} planning and preprocessing {experiment(share)} (-c {CONFIGURATION}, "
+                  f"--spacing-scale {args.spacing_scale:g}"
+                  + (f", --patch-size {'x'.join(map(str, args.patch_size))}" if args.patch_size else "") + ")", flush=True)
+            plan(work, share, len(split["labeled"][f"{share}pct"]), args.spacing_scale, args.patch_size, not args.quiet)
+        return raw
 
 
 def plan_summary(work: Path, share: int) -> dict:

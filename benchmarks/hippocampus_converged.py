@@ -96,24 +96,24 @@ def prepare_data(work: Path, source: Path, all_labeled: bool = False, configurat
     from versemi.benchmark_protocol import convert_split
     from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
 
-    split = split_ids(source)
-    work.mkdir(parents=True, exist_ok=True)
-    split_file = work / "split.json"
-    if split_file.is_file() and json.loads(split_file.read_text(encoding="utf-8")) != split:
-        sys.exit(f"{split_file} holds another split: use another --work")
-    split_file.write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
-    raw = work / "raw" / DATASET
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    convert_split(source, raw, split["labeled"] + split["unlabeled"], split["test"], show_progress=False, kind="msd")
-    plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
-                                          labeled_limits={DATASET: LABELED}, num_processes=1, show_progress=False,
-                                          configurations=[configuration]))
-    if all_labeled:
-        plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans",
-                                              experiment=EXPERIMENT_ALL_LABELED,
-                                              labeled_limits={DATASET: LABELED + UNLABELED}, num_processes=1,
-                                              show_progress=False, configurations=[configuration]))
-    return raw
+    with budget_runs.preparing(work):
+        split = split_ids(source)
+        split_file = work / "split.json"
+        if split_file.is_file() and json.loads(split_file.read_text(encoding="utf-8")) != split:
+            sys.exit(f"{split_file} holds another split: use another --work")
+        split_file.write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
+        raw = work / "raw" / DATASET
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        convert_split(source, raw, split["labeled"] + split["unlabeled"], split["test"], show_progress=False, kind="msd")
+        plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
+                                              labeled_limits={DATASET: LABELED}, num_processes=1, show_progress=False,
+                                              configurations=[configuration]))
+        if all_labeled:
+            plan_and_preprocess(ExperimentRequest([DATASET], work / "raw", work / "versemi_plans",
+                                                  experiment=EXPERIMENT_ALL_LABELED,
+                                                  labeled_limits={DATASET: LABELED + UNLABELED}, num_processes=1,
+                                                  show_progress=False, configurations=[configuration]))
+        return raw
 
 
 def machine() -> dict:

@@ -68,22 +68,22 @@ def prepare_data(work: Path, spacing_scale: float, source: Path = H5, test_cases
     from versemi.plans.experiment import ExperimentRequest, plan_and_preprocess
     from versemi.plans.planner import PlanSettings
 
-    ids = read_ids(source)
-    if len(ids) <= LABELED + test_cases:
-        sys.exit(f"{source / 'train.list'}: {len(ids)} ids, too few for {LABELED} labeled cases and "
-                 f"{test_cases} test cases; list more ids or lower --test-cases")
-    work.mkdir(parents=True, exist_ok=True)
-    test_file = work / "test_ids.txt"
-    test_file.write_text("\n".join(ids[-test_cases:]) + "\n")
-    train, test = split_source(source, test_file)
-    assert train == ids[:-test_cases] and test == ids[-test_cases:]
-    raw = work / "raw" / "LA"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    convert_split(source, raw, train, test, show_progress=False)
-    plan_and_preprocess(ExperimentRequest(["LA"], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
-                                          labeled_limits={"LA": LABELED}, num_processes=2,
-                                          settings=PlanSettings(spacing_scale=spacing_scale), show_progress=False))
-    return raw
+    with budget_runs.preparing(work):
+        ids = read_ids(source)
+        if len(ids) <= LABELED + test_cases:
+            sys.exit(f"{source / 'train.list'}: {len(ids)} ids, too few for {LABELED} labeled cases and "
+                     f"{test_cases} test cases; list more ids or lower --test-cases")
+        test_file = work / "test_ids.txt"
+        test_file.write_text("\n".join(ids[-test_cases:]) + "\n")
+        train, test = split_source(source, test_file)
+        assert train == ids[:-test_cases] and test == ids[-test_cases:]
+        raw = work / "raw" / "LA"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        convert_split(source, raw, train, test, show_progress=False)
+        plan_and_preprocess(ExperimentRequest(["LA"], work / "raw", work / "versemi_plans", experiment=EXPERIMENT,
+                                              labeled_limits={"LA": LABELED}, num_processes=2,
+                                              settings=PlanSettings(spacing_scale=spacing_scale), show_progress=False))
+        return raw
 
 
 def run_folder(work: Path, variant: dict, seed: int) -> Path:
