@@ -30,11 +30,8 @@ def preparing(work: Path):
     work done) instead of both writing the same plans, which failed one of them."""
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".prepare.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, on an error too
+        yield
 
 
 def parse_trainer_options(text: str) -> tuple[str, str, dict, tuple[str, ...]]:
